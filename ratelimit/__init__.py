@@ -1,0 +1,46 @@
+"""ratelimit: rate limiting and admission control for ASGI applications.
+
+Per-caller quotas (token buckets, windows), fleet-wide concurrency caps with
+leases that cannot leak, honest 429/503 refusals with `Retry-After` and the
+`RateLimit` header fields, on an in-process or Redis backend.
+"""
+
+from ._errors import BackendError as BackendError
+from ._errors import BackendUnavailable as BackendUnavailable
+from ._errors import ConfigError as ConfigError
+from ._errors import LeaseError as LeaseError
+from ._errors import RateLimitError as RateLimitError
+from .asgi.metrics import metrics_app as metrics_app
+from .asgi.middleware import RateLimitMiddleware as RateLimitMiddleware
+from .backends.base import Backend as Backend
+from .backends.memory import MemoryBackend as MemoryBackend
+from .backends.redis import RedisBackend as RedisBackend
+from .policy import keys as keys
+from .policy.engine import Decision as Decision
+from .policy.engine import LimitState as LimitState
+from .policy.limits import Concurrency as Concurrency
+from .policy.limits import TokenBucket as TokenBucket
+from .policy.limits import Window as Window
+from .policy.rules import Rule as Rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "Concurrency",
+    "ConfigError",
+    "Decision",
+    "LeaseError",
+    "LimitState",
+    "MemoryBackend",
+    "RateLimitError",
+    "RateLimitMiddleware",
+    "RedisBackend",
+    "Rule",
+    "TokenBucket",
+    "Window",
+    "keys",
+    "metrics_app",
+]

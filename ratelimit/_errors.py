@@ -1,0 +1,46 @@
+"""The exception tree of ratelimit.
+
+    RateLimitError                 root: catch this to catch anything we raise
+    ├── ConfigError (ValueError)   bad configuration, raised at construction
+    ├── BackendError               the store failed; the driver's error is __cause__
+    │   └── BackendUnavailable     the circuit breaker is open, no call was made
+    └── LeaseError                 misuse of a lease (released twice, unknown)
+
+A refused request is not an exception: it is a `Decision` value.
+"""
+
+from __future__ import annotations
+
+
+class RateLimitError(Exception):
+    """Root of every exception raised by ratelimit."""
+
+
+class ConfigError(RateLimitError, ValueError):
+    """A configuration value is wrong; the message names the field and what was expected."""
+
+    def __init__(self, field: str, expected: str, got: object = ...) -> None:
+        self.field = field
+        self.expected = expected
+        self.got = got
+        message = f"{field}: expected {expected}"
+        if got is not ...:
+            message += f", got {got!r}"
+        super().__init__(message)
+
+    def under(self, prefix: str) -> ConfigError:
+        """Return the same error with its field path placed under `prefix`."""
+        field = f"{prefix}.{self.field}" if not self.field.startswith("[") else prefix + self.field
+        return ConfigError(field, self.expected, self.got)
+
+
+class BackendError(RateLimitError):
+    """The backend could not answer; the driver's exception is kept as `__cause__`."""
+
+
+class BackendUnavailable(BackendError):
+    """The circuit breaker is open: the backend was not called at all."""
+
+
+class LeaseError(RateLimitError):
+    """A lease was misused: released twice, or never granted."""

@@ -1,0 +1,82 @@
+"""GCRA (generic cell rate algorithm): a token bucket stored as one number.
+
+The state is the *theoretical arrival time* `tat`: the instant at which the
+bucket would be full again. With `interval` seconds per unit (the emission
+interval, period / amount) and `burst` units of capacity, a request of
+`cost` units at `now` is admitted iff
+
+    max(tat, now) + cost * interval - now <= burst * interval
+
+i.e. `burst` unit-cost requests are admissible back-to-back from idle, and
+capacity comes back at one unit per `interval`. A refused request leaves the
+state untouched.
+
+Floating point: every step is a single IEEE double operation in a fixed
+order, so a Lua port doing the same operations gets bit-identical results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: Slack for comparisons, in seconds: absorbs float rounding in `tat` sums
+#: (1 ns, far below any rate anyone configures).
+EPSILON = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class BucketResult:
+    """The outcome of one GCRA step."""
+
+    admitted: bool
+    #: The new state (equal to the old one when refused).
+    tat: float
+    #: Whole units that could still be admitted right now, after this step.
+    remaining: int
+    #: Seconds until this request could be admitted (0 when admitted).
+    retry_after: float
+    #: Seconds until the bucket is full again (the key may be dropped then).
+    reset_after: float
+
+
+def gcra(tat: float | None, now: float, cost: int, interval: float, burst: int) -> BucketResult:
+    """Decide one request of `cost` units against a bucket whose state is `tat`.
+
+    `tat=None` means no state (a full bucket). `cost=0` peeks without consuming.
+    """
+    base = now if tat is None or tat < now else tat
+    capacity = burst * interval
+    new_tat = base + cost * interval
+    allow_at = new_tat - capacity
+    if cost > 0 and allow_at > now + EPSILON:
+        # Refused: nothing is consumed.
+        used = base - now
+        return BucketResult(
+            admitted=False,
+            tat=base if tat is not None else now,
+            remaining=_units(capacity - used, interval),
+            retry_after=allow_at - now,
+            reset_after=used,
+        )
+    used = new_tat - now
+    return BucketResult(
+        admitted=True,
+        tat=new_tat,
+        remaining=_units(capacity - used, interval),
+        retry_after=0.0,
+        reset_after=used,
+    )
+
+
+def refund(tat: float, now: float, cost: int, interval: float) -> float | None:
+    """Give back `cost` units taken earlier; None when the bucket is full again."""
+    new_tat = tat - cost * interval
+    return None if new_tat <= now else new_tat
+
+
+def _units(free_seconds: float, interval: float) -> int:
+    """Whole units in `free_seconds` of capacity, tolerant to float rounding."""
+    if free_seconds <= 0:
+        return 0
+    return max(0, math.floor(free_seconds / interval + EPSILON))

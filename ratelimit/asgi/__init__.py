@@ -1,0 +1,1 @@
+"""The ASGI face: the middleware, refusal responses and header fields, metrics."""

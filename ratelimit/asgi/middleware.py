@@ -1,0 +1,263 @@
+"""`RateLimitMiddleware`: a pure ASGI middleware in front of an app.
+
+Configuration is validated and precomputed in `__init__`. Per request: match
+a rule (no rule: hand the request straight to the app), decide, then either
+send a refusal or run the app with the rate-limit header fields added to its
+response. A concurrency grant is released exactly once: when the last body
+message goes out, when the client disconnects, or in a `finally` when the app
+fails or the task is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+from .._errors import ConfigError
+from .._types import ASGIApp, Message, Receive, Scope, Send
+from ..backends.base import Backend
+from ..backends.memory import MemoryBackend
+from ..policy.engine import Decision, Engine, Grant
+from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
+from . import responses
+
+logger = logging.getLogger("ratelimit")
+
+#: A refusal renderer: returns an ASGI app (e.g. a Starlette `Response`) to send.
+RefuseHook = Callable[[Scope, Decision], "ASGIApp | Awaitable[ASGIApp]"]
+
+
+class RateLimitMiddleware:
+    """Apply `rules` to requests; refuse with 429/503 and honest header fields.
+
+    `backend` defaults to a `MemoryBackend`. `on_refuse(scope, decision)` may
+    return an ASGI app to render refusals your way; `Retry-After` and the
+    `RateLimit` fields are added to it unless it sets them. `fail` is what
+    rules without their own `fail=` do when the backend errors: `"open"`
+    (admit) or `"closed"` (503).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        rules: Sequence[Rule] = (),
+        backend: Backend | None = None,
+        on_refuse: RefuseHook | None = None,
+        fail: FailPolicy = "open",
+        headers: bool = True,
+        config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    ) -> None:
+        self.app = app
+        if config is not None:
+            from ..policy.config import load_config
+
+            settings = load_config(config)
+            rules = [*settings.rules, *rules]
+            if backend is None:
+                backend = _build_backend(settings.backend)
+        if backend is None:
+            backend = MemoryBackend()
+        elif not isinstance(backend, Backend):
+            raise ConfigError("backend", "a Backend such as MemoryBackend() or RedisBackend(url)", backend)
+        if fail not in FAIL_POLICIES:
+            raise ConfigError("fail", '"open" or "closed"', fail)
+        if on_refuse is not None and not callable(on_refuse):
+            raise ConfigError("on_refuse", "a callable (scope, decision) -> ASGI app", on_refuse)
+        self.engine = Engine(rules, backend)
+        self.backend = backend
+        self.fail = fail
+        self.on_refuse = on_refuse
+        self.headers = headers
+        self._policy = {r.name: responses.policy_header(r) for r in self.engine.rules}
+        self._failing = False
+
+    @classmethod
+    def from_config(
+        cls, source: str | os.PathLike[str] | Mapping[str, Any], **kwargs: Any
+    ) -> Callable[[ASGIApp], RateLimitMiddleware]:
+        """Read a TOML file (or dict) now, failing fast; return a factory for `add_middleware`.
+
+        `app.add_middleware(RateLimitMiddleware.from_config("ratelimit.toml"))`
+        or, for a raw ASGI app, `RateLimitMiddleware.from_config(path)(app)`.
+        """
+        from ..policy.config import load_config
+
+        settings = load_config(source)
+        backend = kwargs.pop("backend", None) or _build_backend(settings.backend)
+        rules = [*settings.rules, *kwargs.pop("rules", ())]
+        return partial(cls, rules=rules, backend=backend, **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        rule = self.engine.match(scope)
+        if rule is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            decision = await self.engine.decide(rule, scope)
+        except Exception as exc:
+            await self._on_backend_failure(rule, exc, scope, receive, send)
+            return
+        if self._failing:
+            self._failing = False
+            logger.warning("ratelimit backend answers again")
+        if not decision.allowed:
+            await self._refuse(decision, scope, receive, send)
+            return
+        extra: responses.Headers = []
+        if self.headers:
+            policy = self._policy[rule.name]
+            extra = [(b"ratelimit-policy", policy), (b"ratelimit", responses.ratelimit_header(decision))]
+        grant = decision.grant
+        if grant is None:
+            if extra:
+                send = _with_headers(send, extra)
+            await self.app(scope, receive, send)
+            return
+        await _Holder(self.engine, grant, extra).run(self.app, scope, receive, send)
+
+    async def _on_backend_failure(
+        self, rule: Rule, exc: Exception, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        policy = rule.fail or self.fail
+        if not self._failing:
+            self._failing = True
+            logger.error("ratelimit backend failed (%r); failing %s until it answers", exc, policy)
+        if policy == "closed":
+            await _send_plain(scope, receive, send, 503, [(b"retry-after", b"1")])
+            return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, decision: Decision, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = responses.refusal_headers(decision, self._policy[decision.rule.name])
+        if self.on_refuse is not None:
+            result = self.on_refuse(scope, decision)
+            app = await result if isinstance(result, Awaitable) else result
+            await app(scope, receive, _with_headers(send, headers, only_missing=True))
+            return
+        body = responses.problem_body(decision)
+        headers.append((b"content-type", b"application/problem+json"))
+        await _send_plain(scope, receive, send, decision.status, headers, body)
+
+    async def aclose(self) -> None:
+        """Stop background work and close the backend."""
+        await self.engine.aclose()
+        await self.backend.aclose()
+
+
+class _Holder:
+    """Per-request state of an admitted request holding concurrency leases."""
+
+    __slots__ = ("engine", "extra", "grant")
+
+    def __init__(self, engine: Engine, grant: Grant, extra: responses.Headers) -> None:
+        self.engine = engine
+        self.grant = grant
+        self.extra = extra
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await app(scope, self.receive_factory(receive), self.send_factory(send))
+        finally:
+            # Error, cancellation or an app that never finished its body: don't
+            # await here (a cancelled scope would cancel the await too).
+            self.engine.release_soon(self.grant)
+
+    def receive_factory(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] in ("http.disconnect", "websocket.disconnect"):
+                await self._release()
+            return message
+
+        return wrapped
+
+    def send_factory(self, send: Send) -> Send:
+        extra = self.extra
+
+        async def wrapped(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start" and extra:
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+            if (kind == "http.response.body" and not message.get("more_body", False)) or (
+                kind == "websocket.close"
+            ):
+                await self._release()
+
+        return wrapped
+
+    async def _release(self) -> None:
+        if not self.grant.released:
+            await self.engine.release(self.grant)
+
+
+def _with_headers(send: Send, extra: responses.Headers, *, only_missing: bool = False) -> Send:
+    """Wrap `send` to add `extra` to the response start message."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if only_missing:
+                present = {k.lower() for k, _ in headers}
+                headers.extend(h for h in extra if h[0] not in present)
+            else:
+                headers.extend(extra)
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return wrapped
+
+
+async def _send_plain(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    headers: responses.Headers,
+    body: bytes = b"",
+) -> None:
+    """Send a refusal over HTTP, or deny a websocket handshake."""
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    if scope["type"] == "websocket":
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return  # the client is already gone
+        if "websocket.http.response" in scope.get("extensions") or {}:
+            start = {"type": "websocket.http.response.start", "status": status, "headers": headers}
+            await send(start)
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            # No denial response extension: close with 1008 "policy violation".
+            await send({"type": "websocket.close", "code": 1008})
+        return
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _build_backend(spec: Mapping[str, Any] | None) -> Backend:
+    """A backend from the `[backend]` table of a config file."""
+    if not spec:
+        return MemoryBackend()
+    kind = spec.get("type", "memory")
+    options = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "memory":
+        try:
+            return MemoryBackend(**options)
+        except TypeError as exc:
+            raise ConfigError("backend", f"options of MemoryBackend ({exc})", options) from None
+    if kind == "redis":
+        from ..backends.redis import RedisBackend
+
+        try:
+            return RedisBackend(**options)
+        except TypeError as exc:
+            raise ConfigError("backend", f"options of RedisBackend ({exc})", options) from None
+    raise ConfigError("backend.type", '"memory" or "redis"', kind)

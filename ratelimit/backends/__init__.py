@@ -1,0 +1,1 @@
+"""Backends store limiter state: the protocol, the in-process store and Redis."""

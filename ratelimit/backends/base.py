@@ -1,0 +1,117 @@
+"""The `Backend` protocol: the seam between policy and storage.
+
+A backend stores state for two native kinds of check, tokens (GCRA buckets)
+and leases (concurrency slots), and decides a rule's checks together: all of
+them admit and consume, or none does. Keys arrive already safe (config names
+plus a digest of the caller's text), so a backend never sees raw request data.
+A Redis implementation decides one rule in one script call per hash slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias, runtime_checkable
+
+if TYPE_CHECKING:
+    from limits.aio.storage import Storage
+
+
+class StoreKey(NamedTuple):
+    """Where one limit's state for one caller lives.
+
+    `rule` and `limit` are configuration names (a safe character set, checked
+    at start-up); `caller` is a hex digest of the caller's key, or `"*"` for a
+    shared (global) key. Keys with the same `(rule, caller)` may be stored
+    together (one Redis hash slot). A tuple: hashing it is cheap on the hot path.
+    """
+
+    rule: str
+    limit: str
+    caller: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}:{self.limit}:{self.caller}"
+
+
+@dataclass(frozen=True, slots=True)
+class BucketCheck:
+    """Take `cost` units from a GCRA bucket of `burst` units refilling one per `interval` s."""
+
+    key: StoreKey
+    interval: float
+    burst: int
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseCheck:
+    """Hold one of `limit` concurrency slots as lease `lease_id`, expiring `ttl` s after last renewal."""
+
+    key: StoreKey
+    limit: int
+    ttl: float
+    lease_id: str
+
+
+Check: TypeAlias = "BucketCheck | LeaseCheck"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What one check said. For a lease, `remaining` is free slots."""
+
+    admitted: bool
+    remaining: int
+    #: Seconds until the check could admit (0 when admitted). Backends answer 0 for a
+    #: refused lease: when a slot frees is not stored state; the policy layer estimates it.
+    retry_after: float
+    #: Seconds until the state is back to full (for headers); 0 for leases.
+    reset_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The answer to `Backend.decide`: `results[i]` answers `checks[i]`."""
+
+    admitted: bool
+    results: tuple[CheckResult, ...]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Storage for limiter state. Every method is safe under concurrent use."""
+
+    async def decide(self, checks: Sequence[Check]) -> Verdict:
+        """Evaluate every check; if all admit, consume all, else consume none.
+
+        Every result is filled in either way, so a refusal can say how long to
+        wait for each limit. When the verdict refuses, nothing is consumed and
+        the results of checks that would have admitted describe the untouched
+        state (their `remaining` counts no cost and no new lease).
+        """
+        ...
+
+    async def refund(self, checks: Sequence[Check]) -> None:
+        """Undo an admitted `decide`: give bucket units back, release leases."""
+        ...
+
+    async def renew(self, leases: Sequence[LeaseCheck]) -> list[bool]:
+        """Extend live leases by their ttl; False for a lease that was already gone."""
+        ...
+
+    async def release(self, lease: LeaseCheck) -> bool:
+        """Free a lease's slot; False if it was not held (expired or released)."""
+        ...
+
+    async def in_use(self, key: StoreKey) -> int:
+        """Live leases under `key` (for statistics, metrics and the CLI)."""
+        ...
+
+    def window_storage(self) -> Storage:
+        """The `limits` async storage that `Window` limits run on."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and background tasks."""
+        ...

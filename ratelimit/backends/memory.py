@@ -1,0 +1,173 @@
+"""The in-process backend: the pure algorithms over dicts, on a monotonic clock.
+
+Safe under asyncio concurrency without a lock: `decide` never awaits between
+reading and writing state, so each decision is atomic on the event loop and
+concurrent decisions are never serialised behind a lock held across an await.
+
+Memory is bounded. A bucket whose state is back to full carries no
+information and is dropped by an incremental sweep; past `max_keys` the (approximately)
+least recently used bucket is dropped even if not full (its caller gets a fresh
+bucket: memory stays bounded at the price of occasionally forgiving the
+oldest idle caller). Lease tables are dropped when their last lease goes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ..algorithms import gcra, leases
+from .._errors import ConfigError
+from .._types import Clock
+from .base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey, Verdict
+
+if TYPE_CHECKING:
+    from limits.aio.storage import Storage
+
+#: Buckets examined per sweep step; a sweep step runs every `_SWEEP_EVERY` writes.
+_SWEEP_BATCH = 64
+_SWEEP_EVERY = 256
+
+
+class MemoryBackend:
+    """Limiter state in this process: the default, and the `local` fallback for Redis."""
+
+    def __init__(self, *, max_keys: int = 100_000, clock: Clock = time.monotonic) -> None:
+        if not isinstance(max_keys, int) or isinstance(max_keys, bool) or max_keys < 1:
+            raise ConfigError("max_keys", "a positive integer", max_keys)
+        self.max_keys = max_keys
+        self._clock = clock
+        self._buckets: OrderedDict[StoreKey, float] = OrderedDict()
+        self._leases: dict[StoreKey, dict[str, float]] = {}
+        self._writes = 0
+        self._storage: Storage | None = None
+        #: Buckets dropped before they were full because of `max_keys`.
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        """Keys held right now (buckets plus lease tables)."""
+        return len(self._buckets) + len(self._leases)
+
+    async def decide(self, checks: Sequence[Check]) -> Verdict:
+        """All-or-nothing over `checks`, atomically (no await inside)."""
+        now = self._clock()
+        results: list[CheckResult] = []
+        admitted = True
+        for check in checks:
+            if isinstance(check, BucketCheck):
+                r = gcra.gcra(
+                    self._buckets.get(check.key), now, check.cost, check.interval, check.burst
+                )
+                results.append(CheckResult(r.admitted, r.remaining, r.retry_after, r.reset_after))
+                admitted = admitted and r.admitted
+            else:
+                table = self._leases.get(check.key)
+                if table:
+                    leases.prune(table, now)
+                in_use = len(table) if table else 0
+                ok = in_use < check.limit
+                results.append(CheckResult(ok, max(0, check.limit - in_use - ok), 0.0, 0.0))
+                admitted = admitted and ok
+        if not admitted:
+            # Nothing is consumed: report the untouched state of the checks that would admit.
+            for i, check in enumerate(checks):
+                if not results[i].admitted:
+                    continue
+                if isinstance(check, BucketCheck):
+                    r = gcra.gcra(self._buckets.get(check.key), now, 0, check.interval, check.burst)
+                    results[i] = CheckResult(True, r.remaining, 0.0, r.reset_after)
+                else:
+                    results[i] = CheckResult(True, results[i].remaining + 1, 0.0, 0.0)
+        else:
+            for check in checks:
+                if isinstance(check, BucketCheck):
+                    r = gcra.gcra(
+                        self._buckets.get(check.key), now, check.cost, check.interval, check.burst
+                    )
+                    self._store_bucket(check.key, r.tat, now)
+                else:
+                    table = self._leases.setdefault(check.key, {})
+                    leases.acquire(table, check.lease_id, now, check.limit, check.ttl)
+        return Verdict(admitted, tuple(results))
+
+    async def refund(self, checks: Sequence[Check]) -> None:
+        """Give back what an admitted `decide` of `checks` took."""
+        now = self._clock()
+        for check in checks:
+            if isinstance(check, BucketCheck):
+                tat = self._buckets.get(check.key)
+                if tat is None:
+                    continue
+                new_tat = gcra.refund(tat, now, check.cost, check.interval)
+                if new_tat is None:
+                    del self._buckets[check.key]
+                else:
+                    self._buckets[check.key] = new_tat
+            else:
+                await self.release(check)
+
+    async def renew(self, leases_: Sequence[LeaseCheck]) -> list[bool]:
+        """Extend each live lease to now + its ttl."""
+        now = self._clock()
+        out = []
+        for lease in leases_:
+            table = self._leases.get(lease.key)
+            out.append(table is not None and leases.renew(table, lease.lease_id, now, lease.ttl))
+        return out
+
+    async def release(self, lease: LeaseCheck) -> bool:
+        """Free a slot; False if it was not held."""
+        table = self._leases.get(lease.key)
+        if table is None:
+            return False
+        held = leases.release(table, lease.lease_id)
+        if not table:
+            del self._leases[lease.key]
+        return held
+
+    async def in_use(self, key: StoreKey) -> int:
+        """Live leases under `key`."""
+        table = self._leases.get(key)
+        return leases.live(table, self._clock()) if table else 0
+
+    def window_storage(self) -> Storage:
+        """The `limits` package's async memory storage, created on first use."""
+        if self._storage is None:
+            from limits.aio.storage import MemoryStorage
+
+            self._storage = MemoryStorage()
+        return self._storage
+
+    async def aclose(self) -> None:
+        """Drop all state."""
+        self._buckets.clear()
+        self._leases.clear()
+        if self._storage is not None:
+            await self._storage.reset()
+
+    def _store_bucket(self, key: StoreKey, tat: float, now: float) -> None:
+        buckets = self._buckets
+        if key in buckets:
+            buckets.move_to_end(key)
+        buckets[key] = tat
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY == 0:
+            self._sweep(now)
+        while len(buckets) > self.max_keys:
+            _, old_tat = buckets.popitem(last=False)
+            if old_tat > now:
+                self.evictions += 1
+
+    def _sweep(self, now: float) -> None:
+        """Drop full buckets from the least recently used end, a batch at a time."""
+        buckets = self._buckets
+        for _ in range(min(_SWEEP_BATCH, len(buckets))):
+            key, tat = next(iter(buckets.items()))
+            if tat > now:
+                # Not full yet: rotate it so the next step looks at others. This
+                # makes the eviction order only approximately least-recently-used.
+                buckets.move_to_end(key)
+            else:
+                del buckets[key]

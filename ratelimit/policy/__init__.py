@@ -1,0 +1,1 @@
+"""Policy: rules, limit types, keys, configuration; what to limit and how."""

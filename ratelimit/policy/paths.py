@@ -1,0 +1,70 @@
+"""Path patterns for rules: exact paths, prefix globs and templates.
+
+- `/v1/models`: exactly that path.
+- `/v1/*`: `/v1` and everything below it.
+- `/users/{id}`: one non-empty path segment per `{name}`; `{name:path}` takes the rest.
+
+A trailing slash is ignored on both sides, so `/v1/models/` cannot slip past
+a rule for `/v1/models`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .._errors import ConfigError
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(:path)?\}")
+
+
+def _strip(path: str) -> str:
+    return path.rstrip("/") or "/"
+
+
+class PathPattern:
+    """A compiled path pattern; `matches(path)` is the hot-path call."""
+
+    __slots__ = ("_exact", "_regex", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        if not isinstance(pattern, str) or not pattern.startswith("/"):
+            raise ConfigError("path", 'a path starting with "/", like "/v1/*"', pattern)
+        if "*" in pattern[:-1] or (pattern.endswith("*") and not pattern.endswith("/*")):
+            raise ConfigError("path", 'a glob only as a final "/*", like "/v1/*"', pattern)
+        self.pattern = pattern
+        self._exact: str | None = None
+        self._regex: re.Pattern[str] | None = None
+        body = pattern[:-2] if pattern.endswith("/*") else pattern
+        has_params = "{" in body or "}" in body
+        if not has_params and not pattern.endswith("/*"):
+            self._exact = _strip(pattern)
+            return
+        parts = []
+        pos = 0
+        for m in _PARAM.finditer(body):
+            literal = body[pos : m.start()]
+            if "{" in literal or "}" in literal:
+                raise ConfigError("path", 'parameters written as "{name}"', pattern)
+            parts.append(re.escape(literal))
+            parts.append(".+" if m.group(2) else "[^/]+")
+            pos = m.end()
+        tail = body[pos:]
+        if "{" in tail or "}" in tail:
+            raise ConfigError("path", 'parameters written as "{name}"', pattern)
+        parts.append(re.escape(_strip(tail) if tail else ""))
+        regex = "".join(parts).rstrip("/") if body != "/" else ""
+        if pattern.endswith("/*"):
+            regex += "(?:/.*)?"
+        self._regex = re.compile(regex or "/")
+
+    def matches(self, path: str) -> bool:
+        """Whether request path `path` falls under this pattern."""
+        if self._exact is not None:
+            return self._exact == path or self._exact == _strip(path)
+        assert self._regex is not None  # set whenever _exact is None
+        return self._regex.fullmatch(_strip(path)) is not None or (
+            self._regex.fullmatch(path) is not None
+        )
+
+    def __repr__(self) -> str:
+        return f"PathPattern({self.pattern!r})"

@@ -1,0 +1,118 @@
+"""`Rule`: which requests a set of limits applies to, and what each costs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+from .._errors import ConfigError
+from .._types import CostFunc
+from .limits import Concurrency, Limit, TokenBucket, Window, check_name
+from .paths import PathPattern
+
+FailPolicy = Literal["open", "closed", "local"]
+FAIL_POLICIES = ("open", "closed", "local")
+_HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+class Rule:
+    """Limits applied together (all or nothing) to requests matching `path` and `methods`.
+
+    `path` is exact (`/v1/models`), a prefix glob (`/v1/*`) or a template
+    (`/users/{id}`). `methods=None` matches every method (and websockets).
+    `cost` is units taken from each token bucket and window: an int, or a
+    callable of the scope (sync or async). `fail` says what to do when the
+    backend cannot answer (None: the middleware's default).
+    """
+
+    __slots__ = ("cost", "fail", "limits", "methods", "name", "path", "pattern")
+
+    def __init__(
+        self,
+        path: str,
+        methods: Iterable[str] | None = None,
+        limits: Sequence[Limit] = (),
+        cost: int | CostFunc = 1,
+        *,
+        name: str | None = None,
+        fail: FailPolicy | None = None,
+    ) -> None:
+        self.path = path
+        self.pattern = PathPattern(path)
+        if methods is None:
+            self.methods: frozenset[str] | None = None
+        else:
+            if isinstance(methods, str):
+                raise ConfigError("methods", 'a list of HTTP methods like ["POST"]', methods)
+            upper = []
+            for i, m in enumerate(methods):
+                if not isinstance(m, str) or m.upper() not in _HTTP_METHODS:
+                    raise ConfigError(f"methods[{i}]", "an HTTP method like POST", m)
+                upper.append(m.upper())
+            self.methods = frozenset(upper)
+        if isinstance(limits, Limit) or not isinstance(limits, Sequence) or not limits:
+            raise ConfigError("limits", "a non-empty list of TokenBucket, Concurrency, Window", limits)
+        for i, lim in enumerate(limits):
+            if not isinstance(lim, Limit):
+                raise ConfigError(f"limits[{i}]", "a TokenBucket, Concurrency or Window", lim)
+        if sum(isinstance(lim, Window) for lim in limits) > 1:
+            raise ConfigError(
+                "limits",
+                "at most one Window per rule (a window hit cannot be undone, so it is "
+                "decided last); use TokenBucket limits for several rates",
+                [repr(lim) for lim in limits],
+            )
+        self.limits = tuple(limits)
+        if callable(cost):
+            self.cost: int | CostFunc = cost
+        elif isinstance(cost, int) and not isinstance(cost, bool) and cost >= 0:
+            self.cost = cost
+            for i, lim in enumerate(self.limits):
+                if isinstance(lim, TokenBucket) and cost > lim.burst:
+                    raise ConfigError(
+                        f"limits[{i}].burst",
+                        f"at least the rule's cost {cost} (else no request is ever admitted)",
+                        lim.burst,
+                    )
+        else:
+            raise ConfigError("cost", "an integer >= 0 or a callable (scope) -> int", cost)
+        self.name = derive_name(path) if name is None else check_name("name", name)
+        if fail is not None and fail not in FAIL_POLICIES:
+            raise ConfigError("fail", '"open", "closed" or "local"', fail)
+        self.fail = fail
+
+    def limit_names(self) -> list[str]:
+        """Each limit's policy name: its own, or its kind numbered when repeated."""
+        names: list[str] = []
+        for lim in self.limits:
+            base = lim.name or lim.default_name()
+            name, n = base, 1
+            while name in names:
+                n += 1
+                name = f"{base}-{n}"
+            names.append(name)
+        return names
+
+    def __repr__(self) -> str:
+        methods = sorted(self.methods) if self.methods else None
+        return f"Rule({self.path!r}, methods={methods}, limits={list(self.limits)!r})"
+
+
+def derive_name(path: str) -> str:
+    """A stable rule name from its path: `/v1/images/*` -> `v1.images`."""
+    text = re.sub(r"[{}*:]", "", path).strip("/").replace("/", ".")
+    text = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+    text = re.sub(r"\.+", ".", text).strip(".") or "root"
+    if not text[0].isalnum():
+        text = "r" + text
+    return text[:64]
+
+
+def has_leases(rule: Rule) -> bool:
+    """Whether the rule holds concurrency slots while requests run."""
+    return any(isinstance(lim, Concurrency) for lim in rule.limits)
+
+
