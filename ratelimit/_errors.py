@@ -29,8 +29,17 @@ class ConfigError(RateLimitError, ValueError):
         super().__init__(message)
 
     def under(self, prefix: str) -> ConfigError:
-        """Return the same error with its field path placed under `prefix`."""
-        field = f"{prefix}.{self.field}" if not self.field.startswith("[") else prefix + self.field
+        """Return the same error with its field path placed under `prefix`.
+
+        `"rate"` under `"rules[2].limits[0]"` is `rules[2].limits[0].rate`; an
+        index (`"[3]"`) joins without a dot; an empty side adds nothing.
+        """
+        if not prefix or not self.field:
+            field = prefix or self.field
+        elif self.field.startswith("["):
+            field = prefix + self.field
+        else:
+            field = f"{prefix}.{self.field}"
         return ConfigError(field, self.expected, self.got)
 
 
