@@ -12,7 +12,7 @@ Send: TypeAlias = Callable[[Message], Awaitable[None]]
 ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: A key function: maps a request scope to the caller's key, or None to exempt it.
-KeyFunc: TypeAlias = Callable[[Scope], "str | None | Awaitable[str | None]"]
+KeyFunc: TypeAlias = Callable[[Scope], "str | Awaitable[str | None] | None"]
 #: A cost: a constant, or a function of the scope (sync or async).
 CostFunc: TypeAlias = Callable[[Scope], "int | Awaitable[int]"]
 Clock: TypeAlias = Callable[[], float]

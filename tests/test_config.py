@@ -474,9 +474,6 @@ def test_from_config_fails_before_the_app_is_built() -> None:
         RateLimitMiddleware.from_config(patched("rules[0].limits[0].brust", 5))
 
 
-@pytest.mark.xfail(
-    reason="RateLimitMiddleware.from_config does not pass Settings.headers on yet", strict=True
-)
 async def test_headers_false_turns_off_header_fields_on_allowed_responses() -> None:
     """`headers = false` in the file leaves allowed responses without RateLimit fields."""
     app = starlette_app()

@@ -54,7 +54,7 @@ def gcra(tat: float | None, now: float, cost: int, interval: float, burst: int) 
         used = base - now
         return BucketResult(
             admitted=False,
-            tat=base if tat is not None else now,
+            tat=tat if tat is not None else now,
             remaining=_units(capacity - used, interval),
             retry_after=allow_at - now,
             reset_after=used,

@@ -11,7 +11,6 @@ fails or the task is cancelled.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -20,6 +19,7 @@ from .._errors import ConfigError
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
+from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.engine import Decision, Engine, Grant
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from . import responses
@@ -47,49 +47,51 @@ class RateLimitMiddleware:
         rules: Sequence[Rule] = (),
         backend: Backend | None = None,
         on_refuse: RefuseHook | None = None,
-        fail: FailPolicy = "open",
-        headers: bool = True,
-        config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        fail: FailPolicy | None = None,
+        headers: bool | None = None,
+        config: ConfigSource | Settings | None = None,
     ) -> None:
         self.app = app
         if config is not None:
-            from ..policy.config import load_config
-
-            settings = load_config(config)
+            settings = config if isinstance(config, Settings) else load_config(config)
             rules = [*settings.rules, *rules]
             if backend is None:
                 backend = _build_backend(settings.backend)
+            fail = fail or settings.fail
+            headers = settings.headers if headers is None else headers
+        fail = fail or "open"
         if backend is None:
             backend = MemoryBackend()
         elif not isinstance(backend, Backend):
-            raise ConfigError("backend", "a Backend such as MemoryBackend() or RedisBackend(url)", backend)
+            raise ConfigError(
+                "backend", "a Backend such as MemoryBackend() or RedisBackend(url)", backend
+            )
         if fail not in FAIL_POLICIES:
-            raise ConfigError("fail", '"open" or "closed"', fail)
+            raise ConfigError("fail", '"open", "closed" or "local"', fail)
         if on_refuse is not None and not callable(on_refuse):
             raise ConfigError("on_refuse", "a callable (scope, decision) -> ASGI app", on_refuse)
         self.engine = Engine(rules, backend)
         self.backend = backend
         self.fail = fail
         self.on_refuse = on_refuse
-        self.headers = headers
+        self.headers = True if headers is None else bool(headers)
         self._policy = {r.name: responses.policy_header(r) for r in self.engine.rules}
         self._failing = False
 
     @classmethod
     def from_config(
-        cls, source: str | os.PathLike[str] | Mapping[str, Any], **kwargs: Any
+        cls, source: ConfigSource, **kwargs: Any
     ) -> Callable[[ASGIApp], RateLimitMiddleware]:
         """Read a TOML file (or dict) now, failing fast; return a factory for `add_middleware`.
 
         `app.add_middleware(RateLimitMiddleware.from_config("ratelimit.toml"))`
         or, for a raw ASGI app, `RateLimitMiddleware.from_config(path)(app)`.
+        Keyword arguments are passed on (e.g. `backend=` to override the file's).
         """
-        from ..policy.config import load_config
-
         settings = load_config(source)
-        backend = kwargs.pop("backend", None) or _build_backend(settings.backend)
-        rules = [*settings.rules, *kwargs.pop("rules", ())]
-        return partial(cls, rules=rules, backend=backend, **kwargs)
+        if kwargs.get("backend") is None:
+            kwargs["backend"] = _build_backend(settings.backend)
+        return partial(cls, config=settings, **kwargs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -114,7 +116,10 @@ class RateLimitMiddleware:
         extra: responses.Headers = []
         if self.headers:
             policy = self._policy[rule.name]
-            extra = [(b"ratelimit-policy", policy), (b"ratelimit", responses.ratelimit_header(decision))]
+            extra = [
+                (b"ratelimit-policy", policy),
+                (b"ratelimit", responses.ratelimit_header(decision)),
+            ]
         grant = decision.grant
         if grant is None:
             if extra:
@@ -230,7 +235,7 @@ async def _send_plain(
         message = await receive()
         if message["type"] != "websocket.connect":
             return  # the client is already gone
-        if "websocket.http.response" in scope.get("extensions") or {}:
+        if "websocket.http.response" in (scope.get("extensions") or {}):
             start = {"type": "websocket.http.response.start", "status": status, "headers": headers}
             await send(start)
             await send({"type": "websocket.http.response.body", "body": body})
@@ -248,16 +253,15 @@ def _build_backend(spec: Mapping[str, Any] | None) -> Backend:
         return MemoryBackend()
     kind = spec.get("type", "memory")
     options = {k: v for k, v in spec.items() if k != "type"}
-    if kind == "memory":
-        try:
+    try:
+        if kind == "memory":
             return MemoryBackend(**options)
-        except TypeError as exc:
-            raise ConfigError("backend", f"options of MemoryBackend ({exc})", options) from None
-    if kind == "redis":
-        from ..backends.redis import RedisBackend
+        if kind == "redis":
+            from ..backends.redis import RedisBackend
 
-        try:
             return RedisBackend(**options)
-        except TypeError as exc:
-            raise ConfigError("backend", f"options of RedisBackend ({exc})", options) from None
+    except ConfigError as exc:
+        raise exc.under("backend") from None
+    except TypeError as exc:
+        raise ConfigError("backend", f"options of the {kind} backend ({exc})", options) from None
     raise ConfigError("backend.type", '"memory" or "redis"', kind)

@@ -30,7 +30,7 @@ def policy_item(name: str, limit: Limit) -> str:
 
 def policy_header(rule: Rule) -> bytes:
     """The `RateLimit-Policy` field value of a rule."""
-    items = [policy_item(n, lim) for n, lim in zip(rule.limit_names(), rule.limits)]
+    items = [policy_item(n, lim) for n, lim in zip(rule.limit_names(), rule.limits, strict=True)]
     return ", ".join(items).encode("ascii")
 
 

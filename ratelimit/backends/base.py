@@ -46,7 +46,7 @@ class BucketCheck:
 
 @dataclass(frozen=True, slots=True)
 class LeaseCheck:
-    """Hold one of `limit` concurrency slots as lease `lease_id`, expiring `ttl` s after last renewal."""
+    """Hold one of `limit` slots as lease `lease_id`, expiring `ttl` s after its last renewal."""
 
     key: StoreKey
     limit: int

@@ -18,17 +18,18 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..algorithms import gcra, leases
 from .._errors import ConfigError
 from .._types import Clock
+from ..algorithms import gcra, leases
 from .base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey, Verdict
 
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
 
-#: Buckets examined per sweep step; a sweep step runs every `_SWEEP_EVERY` writes.
-_SWEEP_BATCH = 64
-_SWEEP_EVERY = 256
+#: Buckets examined per sweep step, one step every `_SWEEP_EVERY` writes: two looks per
+#: write, so full buckets are dropped faster than new keys arrive.
+_SWEEP_BATCH = 32
+_SWEEP_EVERY = 16
 
 
 class MemoryBackend:

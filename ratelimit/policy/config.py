@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 from .._errors import ConfigError
 from .._types import KeyFunc
@@ -99,6 +99,10 @@ _IMPORT_EXPECTED = 'an import string "module.path:callable"'
 _IMPORT_RE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
 
 
+#: Where a configuration comes from: a TOML file's path, or the same data as a dict.
+ConfigSource: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any]"
+
+
 @dataclass(frozen=True)
 class Settings:
     """What a config file describes: rules, a backend spec and middleware defaults.
@@ -114,7 +118,7 @@ class Settings:
     headers: bool | None = None
 
 
-def load_config(source: str | os.PathLike[str] | Mapping[str, Any]) -> Settings:
+def load_config(source: ConfigSource) -> Settings:
     """Read and validate a TOML file (path) or a mapping of the same shape.
 
     Raises `ConfigError` naming the field path for anything wrong: a missing

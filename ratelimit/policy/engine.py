@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .._errors import ConfigError, LeaseError
@@ -91,6 +91,22 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+def _report_refunded(
+    states: list[LimitState | None], slots: list[int], checks: list[Check]
+) -> None:
+    """After a refund, report the native limits as untouched (as a refused verdict does)."""
+    for i, check in zip(slots, checks, strict=True):
+        s = states[i]
+        assert s is not None
+        if isinstance(check, BucketCheck):
+            reset = max(0.0, s.reset_after - check.cost * check.interval)
+            states[i] = replace(
+                s, remaining=min(check.burst, s.remaining + check.cost), reset_after=reset
+            )
+        else:
+            states[i] = replace(s, remaining=s.remaining + 1)
+
+
 class Engine:
     """Decides requests for a list of rules against one backend."""
 
@@ -152,7 +168,9 @@ class Engine:
             value = cost(scope)
             cost = await value if inspect.isawaitable(value) else value
             if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
-                raise ConfigError(f"rules[{rule.name}].cost", "an integer >= 0 from the cost callable", cost)
+                raise ConfigError(
+                    f"rules[{rule.name}].cost", "an integer >= 0 from the cost callable", cost
+                )
         checks: list[Check] = []
         slots: list[int] = []  # index in rule.limits of each check
         callers: list[str | None] = []
@@ -179,7 +197,7 @@ class Engine:
         if checks:
             verdict = await self.backend.decide(checks)
             admitted = verdict.admitted
-            for i, check, result in zip(slots, checks, verdict.results):
+            for i, check, result in zip(slots, checks, verdict.results, strict=True):
                 lim = c.limits[i]
                 retry = result.retry_after
                 reset = result.reset_after
@@ -189,8 +207,10 @@ class Engine:
                         retry = lim.retry_after
                 elif result.remaining == 0:
                     # Time until one unit is free again: what a client waits for.
-                    reset = retry if not result.admitted else max(
-                        0.0, reset - (check.burst - 1) * check.interval
+                    reset = (
+                        retry
+                        if not result.admitted
+                        else max(0.0, reset - (check.burst - 1) * check.interval)
                     )
                 states[i] = LimitState(
                     lim, c.names[i], result.admitted, False, False, result.remaining, retry, reset
@@ -208,6 +228,7 @@ class Engine:
                     admitted = False
                     if checks:
                         await self.backend.refund(checks)
+                        _report_refunded(states, slots, checks)
         for i, lim in enumerate(c.limits):
             if states[i] is None:
                 states[i] = LimitState(lim, c.names[i], True, exempt=True)
@@ -235,7 +256,9 @@ class Engine:
         stats = await limiter.get_window_stats(lim.item, *ids)
         wait = max(0.0, stats.reset_time - time.time())
         remaining = max(0, int(stats.remaining))
-        return LimitState(lim, c.names[i], ok, False, False, remaining, 0.0 if ok else wait, wait), ok
+        return LimitState(
+            lim, c.names[i], ok, False, False, remaining, 0.0 if ok else wait, wait
+        ), ok
 
     # -- leases -----------------------------------------------------------------
 
@@ -259,7 +282,9 @@ class Engine:
                 await self.backend.release(lease)
             except Exception:
                 # The lease will expire by itself within its ttl; never fail the response.
-                logger.warning("could not release lease %s; it expires in %ss", lease.key, lease.ttl)
+                logger.warning(
+                    "could not release lease %s; it expires in %ss", lease.key, lease.ttl
+                )
 
     def release_soon(self, grant: Grant) -> None:
         """Release without waiting: for `finally` blocks of cancelled or failed requests."""
@@ -286,7 +311,11 @@ class Engine:
             except Exception as exc:
                 logger.warning("lease renewal failed (%s); retrying in %.1fs", exc, every)
                 continue
-            lost = [lease for lease, ok in zip(batch, alive) if not ok and lease.lease_id in self._held]
+            lost = [
+                lease
+                for lease, ok in zip(batch, alive, strict=True)
+                if not ok and lease.lease_id in self._held
+            ]
             if lost:
                 logger.warning("%d lease(s) expired before renewal (store lost them)", len(lost))
 

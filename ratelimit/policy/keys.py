@@ -34,7 +34,7 @@ class _Global:
 GLOBAL = _Global()
 
 
-class header:  # noqa: N801 - used like a function: keys.header("x-api-key")
+class header:
     """Key by the first value of request header `name`; missing header gives `default`.
 
     `default=None` (the default) exempts requests without the header from this
@@ -50,20 +50,22 @@ class header:  # noqa: N801 - used like a function: keys.header("x-api-key")
             raise ConfigError("name", "an HTTP header name", name)
         self.name = name.lower()
         self._raw = self.name.encode("latin-1")
+        if default is not None and not isinstance(default, str):
+            raise ConfigError("default", "a string, or None to exempt requests without it", default)
         self.default = default
 
     def __call__(self, scope: Scope) -> str | None:
         raw = self._raw
         for k, v in scope["headers"]:
             if k == raw:
-                return "h:" + v.decode("latin-1")
+                return "h:" + bytes(v).decode("latin-1")
         return self.default
 
     def __repr__(self) -> str:
         return f"keys.header({self.name!r})"
 
 
-class client_ip:  # noqa: N801 - used like a function: keys.client_ip()
+class client_ip:
     """Key by the client's IP address.
 
     Forwarding headers are believed only when the socket peer is one of
@@ -94,15 +96,16 @@ class client_ip:  # noqa: N801 - used like a function: keys.client_ip()
                     f"trusted_proxies[{i}]", "an IP address or network like 10.0.0.0/8", item
                 ) from None
         self._trusted = tuple(nets)
-        if not isinstance(ipv6_prefix, int) or isinstance(ipv6_prefix, bool) or not (
-            1 <= ipv6_prefix <= 128
+        if (
+            not isinstance(ipv6_prefix, int)
+            or isinstance(ipv6_prefix, bool)
+            or not (1 <= ipv6_prefix <= 128)
         ):
             raise ConfigError("ipv6_prefix", "an integer from 1 to 128", ipv6_prefix)
         self.ipv6_prefix = ipv6_prefix
-        header = header.lower()
-        if header not in ("x-forwarded-for", "forwarded"):
+        if not isinstance(header, str) or header.lower() not in ("x-forwarded-for", "forwarded"):
             raise ConfigError("header", '"x-forwarded-for" or "forwarded"', header)
-        self._forwarded = header.encode("latin-1")
+        self._forwarded = header.lower().encode("latin-1")
 
     def __call__(self, scope: Scope) -> str | None:
         client = scope.get("client")

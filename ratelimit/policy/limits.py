@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from limits.aio.strategies import RateLimiter
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-NAME_EXPECTED = "a name of letters, digits, '_', '.' or '-' (at most 64, not starting with a symbol)"
+NAME_EXPECTED = (
+    "a name of letters, digits, '_', '.' or '-' (at most 64, not starting with a symbol)"
+)
 
 
 def check_name(field: str, name: object) -> str:
@@ -70,7 +72,9 @@ class Limit:
         self.key_is_async = _is_async(key)
         self.name = None if name is None else check_name("name", name)
         #: Refusals on a shared limit mean the service is full (503), not the caller (429).
-        self.shared = bool(getattr(key, "shared", False)) if shared is None else bool(shared)
+        if shared is not None and not isinstance(shared, bool):
+            raise ConfigError("shared", "true or false", shared)
+        self.shared = bool(getattr(key, "shared", False)) if shared is None else shared
 
     def default_name(self) -> str:
         return self.kind
@@ -187,12 +191,11 @@ class Window(Limit):
         """The `limits` strategy object for this window on `storage`."""
         from limits.aio import strategies
 
-        cls: type[RateLimiter] = {
-            "fixed": strategies.FixedWindowRateLimiter,
-            "moving": strategies.MovingWindowRateLimiter,
-            "sliding": strategies.SlidingWindowCounterRateLimiter,
-        }[self.strategy]
-        return cls(storage)
+        if self.strategy == "fixed":
+            return strategies.FixedWindowRateLimiter(storage)
+        if self.strategy == "moving":
+            return strategies.MovingWindowRateLimiter(storage)
+        return strategies.SlidingWindowCounterRateLimiter(storage)
 
     def __repr__(self) -> str:
         return f"Window({self.rate!r}, strategy={self.strategy!r}, key={self.key!r})"

@@ -54,7 +54,9 @@ class Rule:
                 upper.append(m.upper())
             self.methods = frozenset(upper)
         if isinstance(limits, Limit) or not isinstance(limits, Sequence) or not limits:
-            raise ConfigError("limits", "a non-empty list of TokenBucket, Concurrency, Window", limits)
+            raise ConfigError(
+                "limits", "a non-empty list of TokenBucket, Concurrency, Window", limits
+            )
         for i, lim in enumerate(limits):
             if not isinstance(lim, Limit):
                 raise ConfigError(f"limits[{i}]", "a TokenBucket, Concurrency or Window", lim)
@@ -114,5 +116,3 @@ def derive_name(path: str) -> str:
 def has_leases(rule: Rule) -> bool:
     """Whether the rule holds concurrency slots while requests run."""
     return any(isinstance(lim, Concurrency) for lim in rule.limits)
-
-
