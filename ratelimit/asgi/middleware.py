@@ -11,6 +11,7 @@ fails or the task is cancelled.
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.engine import Decision, Engine, Grant
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from . import responses
+from .metrics import Metrics
 
 logger = logging.getLogger("ratelimit")
 
@@ -49,6 +51,7 @@ class RateLimitMiddleware:
         on_refuse: RefuseHook | None = None,
         fail: FailPolicy | None = None,
         headers: bool | None = None,
+        metrics: Metrics | None = None,
         config: ConfigSource | Settings | None = None,
     ) -> None:
         self.app = app
@@ -77,6 +80,11 @@ class RateLimitMiddleware:
         self.headers = True if headers is None else bool(headers)
         self._policy = {r.name: responses.policy_header(r) for r in self.engine.rules}
         self._failing = False
+        if metrics is not None and not isinstance(metrics, Metrics):
+            raise ConfigError("metrics", "a ratelimit Metrics object", metrics)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.attach(self.engine)
 
     @classmethod
     def from_config(
@@ -102,11 +110,17 @@ class RateLimitMiddleware:
         if rule is None:
             await self.app(scope, receive, send)
             return
+        metrics = self.metrics
+        started = perf_counter() if metrics is not None else 0.0
         try:
             decision = await self.engine.decide(rule, scope)
         except Exception as exc:
+            if metrics is not None:
+                metrics.observe_failure(rule, rule.fail or self.fail, exc)
             await self._on_backend_failure(rule, exc, scope, receive, send)
             return
+        if metrics is not None:
+            metrics.observe_decision(decision, perf_counter() - started)
         if self._failing:
             self._failing = False
             logger.warning("ratelimit backend answers again")
