@@ -1,0 +1,85 @@
+"""End to end under a real uvicorn: real sockets, real disconnects."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "apps.e2e_app:app", "--port", str(port),
+         "--host", "127.0.0.1", "--log-level", "warning"],
+        env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{url}/state", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("uvicorn did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_real_server_refuses_with_429_and_header_fields(server: str) -> None:
+    """Over real HTTP the fourth request of one key is a 429 with Retry-After and fields."""
+    with httpx.Client(base_url=server) as c:
+        codes = [c.post("/v1/images/generations", headers={"x-api-key": "e2e"}) for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429]
+    refused = codes[-1]
+    assert refused.headers["retry-after"] == "20"
+    assert refused.headers["ratelimit-policy"] == '"per-key";q=3;w=60'
+    assert refused.headers["ratelimit"] == '"per-key";r=0;t=20'
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert codes[0].headers["ratelimit"] == '"per-key";r=2;t=20'
+
+
+def _in_use(server: str) -> int:
+    return int(httpx.get(f"{server}/state", timeout=2).json()["stream_in_use"])
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server: str) -> None:
+    """A client that hangs up mid-stream gives its slot back; the next caller gets in."""
+    host, port = server.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert _in_use(server) == 1
+    blocked = httpx.get(f"{server}/stream", timeout=5)
+    assert blocked.status_code == 503
+    assert blocked.headers["retry-after"] == "1"
+    sock.close()
+    deadline = time.monotonic() + 5
+    while _in_use(server) != 0:
+        assert time.monotonic() < deadline, "slot was not released after the disconnect"
+        time.sleep(0.05)
+    with httpx.stream("GET", f"{server}/stream", timeout=5) as r:
+        assert r.status_code == 200
