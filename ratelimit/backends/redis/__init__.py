@@ -1,12 +1,7 @@
-"""The Redis backend (in progress in this session: see issue 3)."""
+"""The Redis backend: atomic Lua scripts on the server's clock, keys safe for Redis Cluster."""
 
 from __future__ import annotations
 
-from typing import Any
+from .backend import RedisBackend as RedisBackend
 
-
-class RedisBackend:
-    """Placeholder replaced by the real Redis backend in this session."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("RedisBackend is being built")
+__all__ = ["RedisBackend"]

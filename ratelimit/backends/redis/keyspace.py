@@ -1,0 +1,63 @@
+"""Where each `StoreKey` lives in Redis: names checked, hash tags placed.
+
+A key is `<prefix>:{<rule>:<caller>}:<limit>:<kind>`. The braces are the hash
+tag: every key of one rule and one caller hashes to one Redis Cluster slot, so
+a rule's script for that caller touches one slot; the shared caller `*` gets
+its own slot per rule. Only safe text reaches a key: configuration names from a
+fixed character set and the caller as a hex digest, checked here (no brace or
+colon can move a key to another caller or slot).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from ..._errors import ConfigError
+from ..base import StoreKey
+
+#: The configuration-name rule of the policy layer (which this layer may not import).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A caller is a lowercase hex digest of the caller's key, or `*` for a shared key.
+_CALLER = re.compile(r"\*|[0-9a-f]{1,128}")
+#: A prefix may hold `:` separators but never a brace (it would become the hash tag).
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+#: Keys built per backend are cached; callers beyond this are rebuilt (cheap).
+_CACHE_SIZE = 16_384
+
+
+class Keyspace:
+    """Builds and caches the Redis keys of one backend's prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+            raise ConfigError(
+                "prefix", "1 to 64 letters, digits, '_', '.', ':' or '-' (no braces)", prefix
+            )
+        self.prefix = prefix
+        self._locate = lru_cache(maxsize=_CACHE_SIZE)(self._build)
+
+    def bucket(self, key: StoreKey) -> str:
+        """The string holding a GCRA bucket's state."""
+        return self._locate(key)[0]
+
+    def leases(self, key: StoreKey) -> str:
+        """The sorted set holding a concurrency key's leases."""
+        return self._locate(key)[1]
+
+    def tag(self, key: StoreKey) -> str:
+        """The hash tag (with braces): keys with equal tags share a cluster slot."""
+        return self._locate(key)[2]
+
+    def _build(self, key: StoreKey) -> tuple[str, str, str]:
+        rule, limit, caller = key
+        if not isinstance(rule, str) or not _NAME.fullmatch(rule):
+            raise ConfigError("StoreKey.rule", "a configuration name", rule)
+        if not isinstance(limit, str) or not _NAME.fullmatch(limit):
+            raise ConfigError("StoreKey.limit", "a configuration name", limit)
+        if not isinstance(caller, str) or not _CALLER.fullmatch(caller):
+            raise ConfigError("StoreKey.caller", "a lowercase hex digest or '*'", caller)
+        tag = f"{{{rule}:{caller}}}"
+        base = f"{self.prefix}:{tag}:{limit}"
+        return f"{base}:tat", f"{base}:leases", tag

@@ -1,0 +1,58 @@
+"""The Lua scripts, read once from the package's `.lua` files and called by SHA.
+
+Each operation is one `.lua` file whose header states KEYS, ARGV and units.
+What runs on the server is a clock prelude (`clock.lua`: the server's `TIME`)
+followed by the operation, so an operation never takes "now" from a client.
+Tests build the same operations on a manual clock prelude with `load_scripts`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+
+#: The operation files, without `.lua`.
+OPERATIONS = ("decide", "refund", "renew", "release", "in_use")
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One script as sent to Redis: its source and the SHA1 that `EVALSHA` names it by."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def build(cls, name: str, source: str) -> Script:
+        """A script with its SHA1 computed locally (what `SCRIPT LOAD` would answer)."""
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptSet:
+    """Every operation the backend runs, all on the same clock prelude."""
+
+    decide: Script
+    refund: Script
+    renew: Script
+    release: Script
+    in_use: Script
+
+
+def read_lua(name: str) -> str:
+    """The text of `<name>.lua` shipped in this package."""
+    package = resources.files(__package__ or __name__)
+    return package.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+def load_scripts(clock: str | None = None) -> ScriptSet:
+    """Every operation prefixed with `clock` (default: `clock.lua`, the server's TIME)."""
+    prelude = read_lua("clock") if clock is None else clock
+    built = {name: Script.build(name, f"{prelude}\n{read_lua(name)}") for name in OPERATIONS}
+    return ScriptSet(**built)
+
+
+#: The production scripts, read once at import.
+SCRIPTS = load_scripts()
