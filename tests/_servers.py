@@ -1,1 +1,207 @@
-"""Fixtures that start real servers on free loopback ports (filled in by the Redis work)."""
+"""Fixtures that start real servers on free loopback ports and stop them by PID.
+
+`redis_server` is one `redis-server` for the whole session; `redis_url` hands a
+test that server's URL after `FLUSHALL`. Fault tests take `private_redis`, a
+server of their own that they may stop and restart freely. Without a
+`redis-server` binary these fixtures skip, saying how to install it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ratelimit.backends.redis import RedisBackend
+from ratelimit.backends.redis.scripts import load_scripts
+
+__all__ = [
+    "ManualClockRedisBackend",
+    "RedisServer",
+    "private_redis",
+    "redis_server",
+    "redis_url",
+    "require_redis_server",
+]
+
+REDIS_SERVER = shutil.which("redis-server")
+_START_TIMEOUT = 10.0
+
+
+def require_redis_server() -> str:
+    """The redis-server binary, or skip the test saying how to get one."""
+    if REDIS_SERVER is None:
+        reason = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("RATELIMIT_REQUIRE_REDIS"):  # CI: a missing server is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return REDIS_SERVER
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command(port: int, *args: str, timeout: float = 1.0) -> bytes:
+    """Send one command over a fresh connection; return the raw reply (for setup only)."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        return s.recv(65536)
+
+
+class RedisServer:
+    """A `redis-server` subprocess on a loopback port, without persistence."""
+
+    def __init__(self, binary: str, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = free_port() if port is None else port
+        self.dir = tempfile.mkdtemp(prefix="ratelimit-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def start(self) -> None:
+        """Start the server and wait until it answers PING."""
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",
+            "appendonly": "no",
+            "dir": self.dir,
+            "loglevel": "warning",
+        }
+        argv = [self.binary]
+        for name, value in options.items():
+            argv += (f"--{name}", value)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server on port {self.port} exited: {err.strip()}")
+            with contextlib.suppress(OSError):
+                if command(self.port, "PING", timeout=0.2).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM to its PID, then SIGKILL) and wait for it to exit."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def restart(self) -> None:
+        """Stop and start on the same port: a fresh server, with no state and no scripts."""
+        self.stop()
+        self.start()
+
+    def flushall(self) -> None:
+        reply = command(self.port, "FLUSHALL")
+        if not reply.startswith(b"+OK"):
+            raise RuntimeError(f"FLUSHALL failed: {reply!r}")
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _started(binary: str) -> RedisServer:
+    """A started server; retries on a new port if another process took the free one."""
+    for attempt in range(3):
+        server = RedisServer(binary)
+        try:
+            server.start()
+        except RuntimeError:
+            server.close()
+            if attempt == 2:
+                raise
+        else:
+            return server
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the whole test session (pid in `.pid`, stopped at the end)."""
+    server = _started(require_redis_server())
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, emptied (FLUSHALL) for this test."""
+    if redis_server.proc is None:  # a test stopped it: bring it back
+        redis_server.start()
+    redis_server.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to stop, kill or restart in fault tests."""
+    server = _started(require_redis_server())
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# -- a Redis backend on a manual clock ---------------------------------------------
+
+#: The test clock prelude: scripts read "now" from a key the test sets.
+MANUAL_CLOCK_LUA = (Path(__file__).parent / "manual_clock.lua").read_text(encoding="utf-8")
+CLOCK_KEY = "ratelimit-test:clock"
+TTL_KEY = "ratelimit-test:ttl"
+
+
+class ManualClockRedisBackend(RedisBackend):
+    """The Redis backend running its own scripts on tests/manual_clock.lua, not TIME."""
+
+    scripts = load_scripts(clock=MANUAL_CLOCK_LUA)
+
+    async def set_time(self, micros: int) -> None:
+        """Set the scripts' clock to `micros` microseconds since the epoch."""
+        sec, usec = divmod(micros, 1_000_000)
+        await self.client.set(CLOCK_KEY, f"{sec} {usec}")
+
+    async def asked_ttl_ms(self, key: str) -> int | None:
+        """The ttl (ms) the scripts last asked for on `key`, or None."""
+        value = await self.client.hget(TTL_KEY, key)
+        return None if value is None else int(value)
