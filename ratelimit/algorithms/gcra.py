@@ -18,15 +18,14 @@ order, so a Lua port doing the same operations gets bit-identical results.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Slack for comparisons, in seconds: absorbs float rounding in `tat` sums
 #: (1 ns, far below any rate anyone configures).
 EPSILON = 1e-9
 
 
-@dataclass(frozen=True, slots=True)
-class BucketResult:
+class BucketResult(NamedTuple):
     """The outcome of one GCRA step."""
 
     admitted: bool

@@ -11,9 +11,9 @@ fails or the task is cancelled.
 from __future__ import annotations
 
 import logging
-from time import perf_counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 from .._errors import ConfigError

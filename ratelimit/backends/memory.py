@@ -55,19 +55,25 @@ class MemoryBackend:
         """All-or-nothing over `checks`, atomically (no await inside)."""
         now = self._clock()
         results: list[CheckResult] = []
+        tats: list[float] = []  # new state of each bucket check, in order
         admitted = True
         for check in checks:
-            if isinstance(check, BucketCheck):
+            if check.__class__ is BucketCheck:
+                assert isinstance(check, BucketCheck)
                 r = gcra.gcra(
                     self._buckets.get(check.key), now, check.cost, check.interval, check.burst
                 )
                 results.append(CheckResult(r.admitted, r.remaining, r.retry_after, r.reset_after))
+                tats.append(r.tat)
                 admitted = admitted and r.admitted
             else:
+                assert isinstance(check, LeaseCheck)
                 table = self._leases.get(check.key)
-                if table:
-                    leases.prune(table, now)
                 in_use = len(table) if table else 0
+                if in_use >= check.limit and table:
+                    # Dead leases only matter at the limit: prune them only then.
+                    leases.prune(table, now)
+                    in_use = len(table)
                 ok = in_use < check.limit
                 results.append(CheckResult(ok, max(0, check.limit - in_use - ok), 0.0, 0.0))
                 admitted = admitted and ok
@@ -82,15 +88,14 @@ class MemoryBackend:
                 else:
                     results[i] = CheckResult(True, results[i].remaining + 1, 0.0, 0.0)
         else:
+            # Commit what the first pass computed: nothing awaited in between.
+            tat_iter = iter(tats)
             for check in checks:
-                if isinstance(check, BucketCheck):
-                    r = gcra.gcra(
-                        self._buckets.get(check.key), now, check.cost, check.interval, check.burst
-                    )
-                    self._store_bucket(check.key, r.tat, now)
+                if check.__class__ is BucketCheck:
+                    self._store_bucket(check.key, next(tat_iter), now)
                 else:
-                    table = self._leases.setdefault(check.key, {})
-                    leases.acquire(table, check.lease_id, now, check.limit, check.ttl)
+                    assert isinstance(check, LeaseCheck)
+                    self._leases.setdefault(check.key, {})[check.lease_id] = now + check.ttl
         return Verdict(admitted, tuple(results))
 
     async def refund(self, checks: Sequence[Check]) -> None:

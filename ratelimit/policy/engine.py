@@ -17,8 +17,8 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from .._errors import ConfigError, LeaseError
 from .._types import Scope
@@ -29,8 +29,7 @@ from .rules import Rule
 logger = logging.getLogger("ratelimit")
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
+class LimitState(NamedTuple):
     """How one limit of a rule stood for one request."""
 
     limit: Limit
@@ -56,8 +55,7 @@ class Grant:
     released: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer for one request: admitted or refused, and why."""
 
     rule: Rule
@@ -67,7 +65,7 @@ class Decision:
     #: Seconds to wait before retrying (0 when allowed).
     retry_after: float
     states: tuple[LimitState, ...]
-    grant: Grant | None = field(default=None, compare=False)
+    grant: Grant | None = None
 
     @property
     def violated(self) -> list[str]:
@@ -86,6 +84,10 @@ class _Compiled:
     min_lease: float
 
 
+#: Recent caller digests kept to skip re-hashing hot keys; cleared whole when full.
+_DIGEST_CACHE = 4096
+
+
 def _digest(text: str) -> str:
     """The stored form of a caller key: fixed size, no raw request bytes."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
@@ -100,11 +102,10 @@ def _report_refunded(
         assert s is not None
         if isinstance(check, BucketCheck):
             reset = max(0.0, s.reset_after - check.cost * check.interval)
-            states[i] = replace(
-                s, remaining=min(check.burst, s.remaining + check.cost), reset_after=reset
-            )
+            remaining = min(check.burst, s.remaining + check.cost)
+            states[i] = s._replace(remaining=remaining, reset_after=reset)
         else:
-            states[i] = replace(s, remaining=s.remaining + 1)
+            states[i] = s._replace(remaining=s.remaining + 1)
 
 
 class Engine:
@@ -141,6 +142,7 @@ class Engine:
         self._compiled = tuple(compiled)
         self._by_rule = {c.rule.name: c for c in compiled}
         self._window_limiters: dict[int, Any] = {}
+        self._digests: dict[str, str] = {}
         self._lease_ids = itertools.count()
         self._lease_prefix = os.urandom(6).hex() + "-"
         self._held: dict[str, LeaseCheck] = {}
@@ -174,14 +176,26 @@ class Engine:
         checks: list[Check] = []
         slots: list[int] = []  # index in rule.limits of each check
         callers: list[str | None] = []
+        digests = self._digests
         for i, lim in enumerate(c.limits):
             key = lim.key(scope)
-            if lim.key_is_async or inspect.isawaitable(key):
-                key = await key  # type: ignore[misc]
             if key is None:
                 callers.append(None)
                 continue
-            caller = "*" if lim.shared and key == "*" else _digest(str(key))
+            if key.__class__ is not str and (lim.key_is_async or inspect.isawaitable(key)):
+                key = await key  # type: ignore[misc]
+                if key is None:
+                    callers.append(None)
+                    continue
+            if lim.shared and key == "*":
+                caller = "*"
+            else:
+                text = str(key)
+                caller = digests.get(text)  # type: ignore[assignment]
+                if caller is None:
+                    if len(digests) >= _DIGEST_CACHE:
+                        digests.clear()
+                    caller = digests[text] = _digest(text)
             callers.append(caller)
             if i == c.window_index:
                 continue
