@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -149,6 +149,8 @@ class Engine:
         self._renew_every = min((c.min_lease for c in compiled), default=math.inf) / 3
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        #: Called with each grant as it is released (metrics count the slots in flight).
+        self.on_release: Callable[[Grant], None] | None = None
 
     def match(self, scope: Scope) -> Rule | None:
         """The first rule whose path and methods match, or None (the request passes)."""
@@ -289,6 +291,8 @@ class Engine:
         if grant.released:
             raise LeaseError("this grant was already released")
         grant.released = True
+        if self.on_release is not None:
+            self.on_release(grant)
         for lease in grant.leases:
             self._held.pop(lease.lease_id, None)
         for lease in grant.leases:
