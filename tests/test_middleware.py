@@ -548,3 +548,55 @@ def test_duplicate_rule_names_are_refused() -> None:
         ConfigError, match=r"^rules\[1\]\.name: expected a name unused by rules\[0\]"
     ):
         RateLimitMiddleware(starlette_app(), rules=rules)
+
+
+async def test_fail_local_decides_in_process_with_the_configured_share() -> None:
+    """With the store down, fail="local" limits in-process at `local_share` of each limit."""
+    rules = [
+        Rule(
+            "/v1/models",
+            limits=[TokenBucket("4/minute", key=keys.header("x-api-key"), name="per-key")],
+            fail="local",
+        )
+    ]
+    app = RateLimitMiddleware(
+        starlette_app(), rules=rules, backend=FailingBackend(), local_share=0.5
+    )
+    async with client(app) as c:
+        codes = [
+            (await c.get("/v1/models", headers={"x-api-key": "k"})).status_code for _ in range(4)
+        ]
+        other = await c.get("/v1/models", headers={"x-api-key": "other"})
+    assert codes == [200, 200, 429, 429]  # 4/minute x 0.5 = 2 per process
+    assert other.status_code == 200
+    refused_rate = app._local_engine().rules[0].limits[0]
+    assert isinstance(refused_rate, TokenBucket)
+    assert refused_rate.interval == pytest.approx(30.0)
+
+
+async def test_fail_local_leases_are_released_to_the_local_store() -> None:
+    """A concurrency slot taken from the local fallback is given back to it."""
+    gate = asyncio.Event()
+    rules = [Rule("/gen", limits=[Concurrency(2, key=keys.GLOBAL, name="gpu")], fail="local")]
+    mw = RateLimitMiddleware(
+        gate_app(gate, []), rules=rules, backend=FailingBackend(), local_share=0.5
+    )
+    first = Exchange(mw, http_scope("/gen"))
+    first.start()
+    await eventually(lambda: mw._local_engine().held() == 1)
+    second = Exchange(mw, http_scope("/gen"))
+    await second.start()
+    assert second.status == 503
+    gate.set()
+    await first.task  # type: ignore[misc]
+    await eventually(lambda: mw._local_engine().held() == 0)
+    third = Exchange(mw, http_scope("/gen"))
+    gate.set()
+    await third.start()
+    assert third.status == 200
+
+
+def test_local_share_must_be_a_fraction() -> None:
+    """local_share outside (0, 1] is refused at construction."""
+    with pytest.raises(ConfigError, match=r"^local_share: expected a fraction"):
+        RateLimitMiddleware(starlette_app(), rules=IMAGES_RULES, local_share=2)

@@ -39,7 +39,8 @@ class RateLimitMiddleware:
     return an ASGI app to render refusals your way; `Retry-After` and the
     `RateLimit` fields are added to it unless it sets them. `fail` is what
     rules without their own `fail=` do when the backend errors: `"open"`
-    (admit) or `"closed"` (503).
+    (admit), `"closed"` (503) or `"local"` (decide in this process, each
+    limit multiplied by `local_share`: set it to 1 / the number of workers).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class RateLimitMiddleware:
         fail: FailPolicy | None = None,
         headers: bool | None = None,
         metrics: Metrics | None = None,
+        local_share: float = 1.0,
         config: ConfigSource | Settings | None = None,
     ) -> None:
         self.app = app
@@ -80,6 +82,14 @@ class RateLimitMiddleware:
         self.headers = True if headers is None else bool(headers)
         self._policy = {r.name: responses.policy_header(r) for r in self.engine.rules}
         self._failing = False
+        if (
+            not isinstance(local_share, (int, float))
+            or isinstance(local_share, bool)
+            or not 0 < local_share <= 1
+        ):
+            raise ConfigError("local_share", "a fraction in (0, 1], e.g. 1 / workers", local_share)
+        self.local_share = float(local_share)
+        self._local: Engine | None = None
         if metrics is not None and not isinstance(metrics, Metrics):
             raise ConfigError("metrics", "a ratelimit Metrics object", metrics)
         self.metrics = metrics
@@ -110,20 +120,28 @@ class RateLimitMiddleware:
         if rule is None:
             await self.app(scope, receive, send)
             return
+        engine = self.engine
         metrics = self.metrics
         started = perf_counter() if metrics is not None else 0.0
         try:
-            decision = await self.engine.decide(rule, scope)
+            decision = await engine.decide(rule, scope)
         except Exception as exc:
-            if metrics is not None:
-                metrics.observe_failure(rule, rule.fail or self.fail, exc)
-            await self._on_backend_failure(rule, exc, scope, receive, send)
-            return
+            fail = rule.fail or self.fail
+            self._note_failure(rule, fail, exc)
+            if fail == "open":
+                await self.app(scope, receive, send)
+                return
+            if fail == "closed":
+                await _send_plain(scope, receive, send, 503, *_FAILED_CLOSED)
+                return
+            engine = self._local_engine()
+            decision = await engine.decide(rule, scope)
+        else:
+            if self._failing:
+                self._failing = False
+                logger.warning("ratelimit backend answers again")
         if metrics is not None:
             metrics.observe_decision(decision, perf_counter() - started)
-        if self._failing:
-            self._failing = False
-            logger.warning("ratelimit backend answers again")
         if not decision.allowed:
             await self._refuse(decision, scope, receive, send)
             return
@@ -140,19 +158,22 @@ class RateLimitMiddleware:
                 send = _with_headers(send, extra)
             await self.app(scope, receive, send)
             return
-        await _Holder(self.engine, grant, extra).run(self.app, scope, receive, send)
+        await _Holder(engine, grant, extra).run(self.app, scope, receive, send)
 
-    async def _on_backend_failure(
-        self, rule: Rule, exc: Exception, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        policy = rule.fail or self.fail
+    def _note_failure(self, rule: Rule, policy: str, exc: Exception) -> None:
+        """Count every failure; log only the change from answering to failing."""
+        if self.metrics is not None:
+            self.metrics.observe_failure(rule, policy, exc)
         if not self._failing:
             self._failing = True
             logger.error("ratelimit backend failed (%r); failing %s until it answers", exc, policy)
-        if policy == "closed":
-            await _send_plain(scope, receive, send, 503, [(b"retry-after", b"1")])
-            return
-        await self.app(scope, receive, send)
+
+    def _local_engine(self) -> Engine:
+        """The in-process fallback for `fail="local"`: every limit times `local_share`."""
+        if self._local is None:
+            rules = [rule.scaled(self.local_share) for rule in self.engine.rules]
+            self._local = Engine(rules, MemoryBackend())
+        return self._local
 
     async def _refuse(self, decision: Decision, scope: Scope, receive: Receive, send: Send) -> None:
         headers = responses.refusal_headers(decision, self._policy[decision.rule.name])
@@ -216,6 +237,14 @@ class _Holder:
     async def _release(self) -> None:
         if not self.grant.released:
             await self.engine.release(self.grant)
+
+
+_FAILED_CLOSED: tuple[responses.Headers, bytes] = (
+    [(b"retry-after", b"1"), (b"content-type", b"application/problem+json")],
+    b'{"type":"https://iana.org/assignments/http-problem-types#temporary-reduced-capacity",'
+    b'"title":"Request cannot be satisfied due to temporary reduced capacity","status":503,'
+    b'"detail":"The rate limiter cannot reach its store; failing closed."}',
+)
 
 
 def _with_headers(send: Send, extra: responses.Headers, *, only_missing: bool = False) -> Send:

@@ -79,6 +79,18 @@ class Limit:
     def default_name(self) -> str:
         return self.kind
 
+    def scaled(self, share: float) -> Limit:
+        """A copy whose capacity is `share` of this one's (at least one unit)."""
+        raise NotImplementedError
+
+
+def _scaled_item(item: RateLimitItem, share: float) -> RateLimitItem:
+    return type(item)(max(1, math.floor(item.amount * share)), item.multiples)
+
+
+def _scale(value: int, share: float) -> int:
+    return max(1, math.floor(value * share))
+
 
 class TokenBucket(Limit):
     """A smooth rate with bursts (GCRA): `burst` back-to-back requests from idle.
@@ -111,6 +123,15 @@ class TokenBucket(Limit):
         if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
             raise ConfigError("burst", "a positive integer", burst)
         self.burst = burst
+
+    def scaled(self, share: float) -> TokenBucket:
+        clone = TokenBucket(
+            self.rate, burst=_scale(self.burst, share), key=self.key, name=self.name
+        )
+        clone.shared = self.shared
+        clone.item = _scaled_item(self.item, share)
+        clone.interval = self.interval / share
+        return clone
 
     def __repr__(self) -> str:
         return f"TokenBucket({self.rate!r}, burst={self.burst}, key={self.key!r})"
@@ -154,6 +175,19 @@ class Concurrency(Limit):
             raise ConfigError("lease", "at least 1 second (renewals run every lease/3)", lease)
         self.retry_after = _non_negative_float("retry_after", retry_after)
 
+    def scaled(self, share: float) -> Concurrency:
+        return Concurrency(
+            _scale(self.limit, share),
+            key=self.key,
+            queue=math.floor(self.queue * share),
+            timeout=self.timeout,
+            priority=self.priority,
+            lease=self.lease,
+            retry_after=self.retry_after,
+            name=self.name,
+            shared=self.shared,
+        )
+
     def __repr__(self) -> str:
         return f"Concurrency({self.limit}, key={self.key!r}, queue={self.queue})"
 
@@ -196,6 +230,12 @@ class Window(Limit):
         if self.strategy == "moving":
             return strategies.MovingWindowRateLimiter(storage)
         return strategies.SlidingWindowCounterRateLimiter(storage)
+
+    def scaled(self, share: float) -> Window:
+        clone = Window(self.rate, strategy=self.strategy, key=self.key, name=self.name)
+        clone.shared = self.shared
+        clone.item = _scaled_item(self.item, share)
+        return clone
 
     def __repr__(self) -> str:
         return f"Window({self.rate!r}, strategy={self.strategy!r}, key={self.key!r})"

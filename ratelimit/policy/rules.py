@@ -86,6 +86,17 @@ class Rule:
             raise ConfigError("fail", '"open", "closed" or "local"', fail)
         self.fail = fail
 
+    def scaled(self, share: float) -> Rule:
+        """This rule with every limit multiplied by `share` (for per-process fallbacks)."""
+        return Rule(
+            self.path,
+            self.methods,
+            [lim.scaled(share) for lim in self.limits],
+            self.cost,
+            name=self.name,
+            fail=self.fail,
+        )
+
     def limit_names(self) -> list[str]:
         """Each limit's policy name: its own, or its kind numbered when repeated."""
         names: list[str] = []
