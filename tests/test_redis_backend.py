@@ -1,0 +1,360 @@
+"""What only the Redis backend does: keys, expiry, scripts, one call per decision, faults.
+
+These run the production scripts on the server's TIME (the contract suite
+covers behaviour on a manual clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+import redis.exceptions
+from _servers import RedisServer
+from limits import parse
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.crc import key_slot
+
+from ratelimit._errors import BackendError, ConfigError
+from ratelimit.backends.base import Backend, BucketCheck, LeaseCheck, StoreKey
+from ratelimit.backends.redis import RedisBackend
+from ratelimit.backends.redis.scripts import OPERATIONS, SCRIPTS, read_lua
+
+pytestmark = pytest.mark.redis
+
+CALLER = "0123456789abcdef0123456789abcdef"
+USER = StoreKey("images", "per-key", CALLER)
+USER_SLOTS = StoreKey("images", "per-key-inflight", CALLER)
+GLOBAL = StoreKey("images", "global", "*")
+GLOBAL_SLOTS = StoreKey("images", "inflight", "*")
+
+
+@pytest.fixture
+async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
+    b = RedisBackend(redis_url)
+    try:
+        yield b
+    finally:
+        await b.aclose()
+
+
+@pytest.fixture
+async def inspect(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A plain client to look at what the backend stored."""
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def evalsha_calls(client: redis.asyncio.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+# -- construction -------------------------------------------------------------------
+
+
+def test_is_a_backend() -> None:
+    """RedisBackend satisfies the runtime-checkable Backend protocol (no connection needed)."""
+    assert isinstance(RedisBackend(), Backend)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"url": "127.0.0.1:6379"}, "url"),
+        ({"prefix": "rl{x}"}, "prefix"),
+        ({"prefix": ""}, "prefix"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"connect_timeout": -1}, "connect_timeout"),
+        ({"max_connections": 0}, "max_connections"),
+    ],
+)
+def test_bad_configuration_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    """A bad argument fails at construction with a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=f"^{field}: expected"):
+        RedisBackend(**kwargs)  # type: ignore[arg-type]
+
+
+def test_every_operation_ships_a_lua_file_with_a_header() -> None:
+    """Each operation is a .lua file in the package, starting with its KEYS/ARGV comment."""
+    for name in OPERATIONS:
+        text = read_lua(name)
+        assert text.startswith(f"-- {name}.lua: ")
+        assert "KEYS" in text
+    assert "redis.call('TIME')" in SCRIPTS.decide.source
+
+
+# -- keys -----------------------------------------------------------------------------
+
+
+def test_keys_of_one_rule_and_caller_share_a_slot() -> None:
+    """Keys of one (rule, caller) carry one hash tag; the shared caller gets its own tag."""
+    keys = RedisBackend(prefix="rl").keys
+    assert keys.bucket(USER) == "rl:{images:" + CALLER + "}:per-key:tat"
+    assert keys.leases(GLOBAL_SLOTS) == "rl:{images:*}:inflight:leases"
+    assert key_slot(keys.bucket(USER).encode()) == key_slot(keys.leases(USER_SLOTS).encode())
+    assert key_slot(keys.bucket(GLOBAL).encode()) == key_slot(keys.leases(GLOBAL_SLOTS).encode())
+    assert keys.tag(USER) != keys.tag(GLOBAL)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        StoreKey("images", "per-key", "{other}"),
+        StoreKey("images", "per-key", "abc:def"),
+        StoreKey("images", "per-key", "ABCDEF"),
+        StoreKey("images", "per-key", ""),
+        StoreKey("images", "per}key", CALLER),
+        StoreKey("{images", "per-key", CALLER),
+        StoreKey("images", "per-key", "x" * 129),
+    ],
+)
+async def test_unsafe_key_text_never_reaches_redis(backend: RedisBackend, key: StoreKey) -> None:
+    """A StoreKey with text that could move it to another key or slot is refused."""
+    with pytest.raises(ConfigError, match=r"^StoreKey\."):
+        await backend.decide([BucketCheck(key, 1.0, 1, 1)])
+
+
+# -- state and expiry on the server's clock -------------------------------------------
+
+
+async def test_bucket_key_expires_when_the_bucket_is_full(
+    backend: RedisBackend, inspect: redis.asyncio.Redis
+) -> None:
+    """A bucket's key lives exactly until the bucket is full again, then vanishes."""
+    verdict = await backend.decide([BucketCheck(USER, 0.1, 5, 2)])
+    ttl = await inspect.pttl(backend.keys.bucket(USER))
+    assert verdict.results[0].reset_after == pytest.approx(0.2, abs=0.02)
+    assert 100 < ttl <= 200
+    await asyncio.sleep(0.25)
+    assert await inspect.exists(backend.keys.bucket(USER)) == 0
+    assert (await backend.decide([BucketCheck(USER, 0.1, 5, 0)])).results[0].remaining == 5
+
+
+async def test_lease_set_lives_as_long_as_its_longest_lease(
+    backend: RedisBackend, inspect: redis.asyncio.Redis
+) -> None:
+    """The lease table expires with its longest lease, so an idle key vanishes."""
+    await backend.decide([LeaseCheck(GLOBAL_SLOTS, 4, 30.0, "a")])
+    await backend.decide([LeaseCheck(GLOBAL_SLOTS, 4, 5.0, "b")])
+    assert 29_000 < await inspect.pttl(backend.keys.leases(GLOBAL_SLOTS)) <= 30_000
+    assert await backend.renew([LeaseCheck(GLOBAL_SLOTS, 4, 60.0, "b")]) == [True]
+    assert 59_000 < await inspect.pttl(backend.keys.leases(GLOBAL_SLOTS)) <= 60_000
+
+
+async def test_dead_lease_frees_its_slot_on_the_server_clock(backend: RedisBackend) -> None:
+    """A lease not renewed within its ttl stops counting, on the real clock too."""
+    assert (await backend.decide([LeaseCheck(GLOBAL_SLOTS, 1, 0.2, "crashed")])).admitted
+    assert not (await backend.decide([LeaseCheck(GLOBAL_SLOTS, 1, 0.2, "next")])).admitted
+    await asyncio.sleep(0.25)
+    assert await backend.in_use(GLOBAL_SLOTS) == 0
+    assert (await backend.decide([LeaseCheck(GLOBAL_SLOTS, 1, 0.2, "next")])).admitted
+
+
+async def test_floats_come_back_unrounded(backend: RedisBackend) -> None:
+    """Seconds cross the Lua boundary as text: a refusal's retry_after is not truncated."""
+    check = BucketCheck(USER, 7.25, 1, 1)
+    await backend.decide([check])
+    retry = (await backend.decide([check])).results[0].retry_after
+    assert 7.0 < retry <= 7.25
+
+
+# -- round trips ------------------------------------------------------------------------
+
+
+async def test_one_evalsha_per_decision_on_one_server(
+    backend: RedisBackend, inspect: redis.asyncio.Redis
+) -> None:
+    """On one server a rule's checks, whatever their slots, are one EVALSHA."""
+    before = await evalsha_calls(inspect)
+    for i in range(10):
+        await backend.decide(
+            [
+                BucketCheck(USER, 1.0, 100, 1),
+                BucketCheck(GLOBAL, 1.0, 100, 1),
+                LeaseCheck(GLOBAL_SLOTS, 100, 10.0, f"l{i}"),
+            ]
+        )
+    assert await evalsha_calls(inspect) - before == 10
+
+
+async def test_one_evalsha_per_slot_when_split(
+    redis_url: str, inspect: redis.asyncio.Redis
+) -> None:
+    """split_by_slot (as on a cluster) makes one call per hash slot of the rule."""
+    backend = RedisBackend(redis_url, split_by_slot=True)
+    try:
+        await backend.decide([BucketCheck(USER, 1.0, 5, 1)])  # scripts loaded
+        before = await evalsha_calls(inspect)
+        verdict = await backend.decide(
+            [
+                BucketCheck(USER, 1.0, 5, 1),
+                BucketCheck(GLOBAL, 1.0, 5, 1),
+                LeaseCheck(USER_SLOTS, 2, 10.0, "a"),
+            ]
+        )
+        assert verdict.admitted
+        assert [r.remaining for r in verdict.results] == [3, 4, 1]
+        assert await evalsha_calls(inspect) - before == 2
+    finally:
+        await backend.aclose()
+
+
+async def test_split_decision_refunds_earlier_slots_when_a_later_one_refuses(
+    redis_url: str,
+) -> None:
+    """Across slots, a refusal undoes what earlier slots took; results show untouched state."""
+    backend = RedisBackend(redis_url, split_by_slot=True)
+    try:
+        assert (await backend.decide([BucketCheck(GLOBAL, 1.0, 1, 1)])).admitted
+        checks = [
+            BucketCheck(USER, 1.0, 5, 2),
+            LeaseCheck(USER_SLOTS, 2, 10.0, "a"),
+            BucketCheck(GLOBAL, 1.0, 1, 1),
+        ]
+        verdict = await backend.decide(checks)
+        assert not verdict.admitted
+        user, lease, shared = verdict.results
+        assert (user.admitted, user.remaining, lease.admitted, lease.remaining) == (
+            True,
+            5,
+            True,
+            2,
+        )
+        assert not shared.admitted
+        assert shared.retry_after > 0.9
+        assert (await backend.decide([BucketCheck(USER, 1.0, 5, 0)])).results[0].remaining == 5
+        assert await backend.in_use(USER_SLOTS) == 0
+        assert await backend.renew([LeaseCheck(USER_SLOTS, 2, 10.0, "a")]) == [False]
+    finally:
+        await backend.aclose()
+
+
+async def test_split_renew_answers_in_order_across_slots(redis_url: str) -> None:
+    """renew over leases of several slots answers each lease in the order given."""
+    backend = RedisBackend(redis_url, split_by_slot=True)
+    try:
+        mine, shared = LeaseCheck(USER_SLOTS, 2, 10.0, "a"), LeaseCheck(GLOBAL_SLOTS, 2, 10.0, "b")
+        await backend.decide([mine])
+        await backend.decide([shared])
+        gone = LeaseCheck(USER_SLOTS, 2, 10.0, "never")
+        assert await backend.renew([shared, gone, mine]) == [True, False, True]
+    finally:
+        await backend.aclose()
+
+
+# -- scripts and faults -----------------------------------------------------------------
+
+
+async def test_flushed_scripts_are_reloaded(
+    backend: RedisBackend, inspect: redis.asyncio.Redis
+) -> None:
+    """After SCRIPT FLUSH (NOSCRIPT), every operation reloads its script and answers."""
+    lease = LeaseCheck(GLOBAL_SLOTS, 2, 10.0, "a")
+    assert (await backend.decide([lease])).admitted
+    await inspect.script_flush()
+    assert await backend.renew([lease]) == [True]
+    await inspect.script_flush()
+    assert await backend.in_use(GLOBAL_SLOTS) == 1
+    await inspect.script_flush()
+    assert await backend.release(lease) is True
+    await inspect.script_flush()
+    assert (await backend.decide([BucketCheck(USER, 1.0, 2, 1)])).admitted
+
+
+async def test_decisions_resume_after_a_redis_restart(private_redis: RedisServer) -> None:
+    """A restarted Redis (no state, no scripts) is used again without recreating the backend."""
+    backend = RedisBackend(private_redis.url)
+    try:
+        await asyncio.gather(*(backend.decide([BucketCheck(USER, 1.0, 50, 1)]) for _ in range(4)))
+        private_redis.restart()
+        answers = []
+        for _ in range(6):
+            try:
+                answers.append((await backend.decide([BucketCheck(USER, 1.0, 50, 1)])).admitted)
+            except BackendError:
+                answers.append(None)
+        assert answers[-3:] == [True, True, True]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_stopped_redis_fails_fast_as_backend_error(private_redis: RedisServer) -> None:
+    """With Redis gone, a call raises BackendError at once, the driver's error as its cause."""
+    backend = RedisBackend(private_redis.url)
+    try:
+        await backend.decide([BucketCheck(USER, 1.0, 5, 1)])
+        private_redis.stop()
+        for _ in range(3):
+            started = time.perf_counter()
+            with pytest.raises(BackendError) as caught:
+                await backend.decide([BucketCheck(USER, 1.0, 5, 1)])
+            assert time.perf_counter() - started < 0.1
+            assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
+    finally:
+        await backend.aclose()
+
+
+async def test_a_hung_redis_times_out_as_backend_error(private_redis: RedisServer) -> None:
+    """A Redis that stops answering costs one timeout, reported as BackendError(TimeoutError)."""
+    backend = RedisBackend(private_redis.url, timeout=0.1)
+    try:
+        await backend.decide([BucketCheck(USER, 1.0, 5, 1)])
+        assert private_redis.pid is not None
+        os.kill(private_redis.pid, signal.SIGSTOP)
+        try:
+            started = time.perf_counter()
+            with pytest.raises(BackendError) as caught:
+                await backend.decide([BucketCheck(USER, 1.0, 5, 1)])
+            elapsed = time.perf_counter() - started
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+        assert 0.09 < elapsed < 0.5
+        assert isinstance(caught.value.__cause__, (TimeoutError, redis.exceptions.TimeoutError))
+        assert (await backend.decide([BucketCheck(USER, 1.0, 5, 1)])).admitted
+    finally:
+        await backend.aclose()
+
+
+# -- clients and window storage ---------------------------------------------------------
+
+
+async def test_a_passed_in_client_is_used_and_left_open(
+    redis_url: str, inspect: redis.asyncio.Redis
+) -> None:
+    """With client=, the backend uses that client and aclose() does not close it."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        backend = RedisBackend(client=client, prefix="mine")
+        assert (await backend.decide([BucketCheck(USER, 1.0, 5, 1)])).admitted
+        await backend.aclose()
+        assert await client.ping()
+        assert await inspect.keys("mine:*") == [f"mine:{{images:{CALLER}}}:per-key:tat"]
+    finally:
+        await client.aclose()
+
+
+async def test_window_storage_shares_url_and_prefix(
+    redis_url: str, inspect: redis.asyncio.Redis
+) -> None:
+    """Window limits run on the `limits` Redis storage, on the same server under the prefix."""
+    backend = RedisBackend(redis_url, prefix="shop")
+    try:
+        storage = backend.window_storage()
+        assert backend.window_storage() is storage
+        limiter = MovingWindowRateLimiter(storage)
+        item = parse("2/minute")
+        hits = [await limiter.hit(item, "images", "window", CALLER) for _ in range(3)]
+        assert hits == [True, True, False]
+        assert all(key.startswith("shop:window:") for key in await inspect.keys("*"))
+    finally:
+        await backend.aclose()
