@@ -10,6 +10,7 @@ from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import ConfigError as ConfigError
 from ._errors import LeaseError as LeaseError
 from ._errors import RateLimitError as RateLimitError
+from .asgi.metrics import Metrics as Metrics
 from .asgi.metrics import metrics_app as metrics_app
 from .asgi.middleware import RateLimitMiddleware as RateLimitMiddleware
 from .backends.base import Backend as Backend
@@ -35,6 +36,7 @@ __all__ = [
     "LeaseError",
     "LimitState",
     "MemoryBackend",
+    "Metrics",
     "RateLimitError",
     "RateLimitMiddleware",
     "RedisBackend",

@@ -1,26 +1,387 @@
-"""Prometheus metrics (being built in this session: issue 5)."""
+"""Prometheus metrics for the middleware, and `metrics_app` to expose them.
+
+Nothing is registered at import time: a `Metrics` object creates its
+instruments on one registry (the global one unless told otherwise), so two
+apps with two registries never collide. Labels are only `rule`, `limit`,
+`outcome` and `operation` — never the caller's key — so cardinality stays at
+rules x limits x outcomes however many callers there are.
+
+    ratelimit_decisions_total{rule,limit,outcome}   counter
+        Exactly one per request a rule matched. `outcome` is one of OUTCOMES;
+        `limit` names the limit that decided a refusal, "" otherwise. Under
+        fail="local" the in-process verdict is counted (allowed, limited,
+        rejected) and the failure shows in ratelimit_backend_errors_total.
+    ratelimit_decision_seconds{rule}                 histogram
+        Time to decide (keys, cost, backend round trip), 50 µs to 10 s.
+    ratelimit_near_limit_total{rule,limit}           counter
+        Admissions after which the caller had under 20 % of the limit's
+        capacity left (`near_limit=`): who is about to be refused, without keys.
+    ratelimit_in_flight{rule,limit}                  gauge (multiprocess: livesum)
+        Concurrency slots held by requests running in this process; summed
+        over live processes. Per-caller limits: the sum over all callers.
+    ratelimit_limit{rule,limit}                      gauge (multiprocess: livemostrecent)
+        Effective capacity of each limit: slots (Concurrency), burst
+        (TokenBucket), requests per window (Window).
+    ratelimit_limit_rate_per_second{rule,limit}      gauge (multiprocess: livemostrecent)
+        Sustained rate of TokenBucket and Window limits, in units per second,
+        comparable with `rate(ratelimit_decisions_total[1m])`.
+    ratelimit_backend_errors_total{operation}        counter
+        Backend calls that failed, by operation ("decide", ...).
+
+Multi-process mode (`PROMETHEUS_MULTIPROC_DIR` set before prometheus_client
+is imported): counters and histograms are summed over every process that ever
+wrote them; `in_flight` sums live processes only (a dead worker's slots come
+back when its leases expire, and gunicorn's `child_exit` should call
+`prometheus_client.multiprocess.mark_process_dead`); the limit gauges take the
+value set most recently by a live process, so a limit changed by one worker
+shows at once, where `max` would keep showing the old value after a lowering
+and `all` would give one series per pid.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Final
 
-from ..policy.engine import Decision, Engine
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.asgi import make_asgi_app
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from .._errors import ConfigError
+from .._types import ASGIApp
+from ..policy.engine import Decision, Engine, Grant
+from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
+
+logger = logging.getLogger("ratelimit")
+
+#: Every value of the `outcome` label. The queue outcomes (queued, queue_timeout,
+#: shed) are reserved for the admission queue; nothing emits them yet.
+OUTCOMES: Final = (
+    "allowed",
+    "limited",  # 429: the caller's own quota is spent
+    "rejected",  # 503: a shared limit (the service) is full
+    "failed_open",  # backend failed, request admitted
+    "failed_closed",  # backend failed, request refused with 503
+    "queued",
+    "queue_timeout",
+    "shed",
+)
+
+#: Decision latency buckets (seconds): sub-millisecond decisions of the memory
+#: backend, Redis round trips, and multi-second waits of queued requests.
+DECISION_BUCKETS: Final = (
+    0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+_NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def capacity(limit: Limit) -> int:
+    """Units a limit admits at once: its slots, its burst or its window's amount."""
+    if isinstance(limit, Concurrency):
+        return limit.limit
+    if isinstance(limit, TokenBucket):
+        return limit.burst
+    if isinstance(limit, Window):
+        return int(limit.item.amount)
+    return 0
+
+
+def sustained_rate(limit: Limit) -> float | None:
+    """Units per second a rate limit admits in the long run; None for Concurrency."""
+    if isinstance(limit, TokenBucket):
+        return 1.0 / limit.interval
+    if isinstance(limit, Window):
+        return limit.item.amount / float(limit.item.get_expiry())
+    return None
 
 
 class Metrics:
-    """Instruments for one registry; the middleware calls the observe_* methods."""
+    """The ratelimit instruments on one registry; pass it as `RateLimitMiddleware(metrics=)`.
+
+    One `Metrics` per registry and namespace: a second one on the same
+    registry raises `ConfigError` (share the first between middlewares instead).
+    There is deliberately no `metrics=True` shortcut: the registry is chosen
+    where the app is assembled, and an app built twice in one process fails
+    loudly instead of counting into metrics nobody serves. `near_limit` is the
+    fraction of a limit's capacity below which an admission counts as near it.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        namespace: str = "ratelimit",
+        near_limit: float = 0.2,
+        buckets: Sequence[float] = DECISION_BUCKETS,
+    ) -> None:
+        if registry is None:
+            registry = REGISTRY
+        elif not isinstance(registry, CollectorRegistry):
+            raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
+        if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+            raise ConfigError("namespace", "a metric name prefix like ratelimit", namespace)
+        if (
+            not isinstance(near_limit, (int, float))
+            or isinstance(near_limit, bool)
+            or not 0 < near_limit <= 1
+        ):
+            raise ConfigError("near_limit", "a fraction of capacity in (0, 1]", near_limit)
+        bounds = list(buckets) if isinstance(buckets, Sequence) else []
+        if (
+            not bounds
+            or not all(isinstance(b, (int, float)) and b > 0 for b in bounds)
+            or bounds != sorted(set(bounds))
+        ):
+            raise ConfigError("buckets", "increasing bucket bounds in seconds, > 0", buckets)
+        self.registry = registry
+        self.namespace = namespace
+        self.near_limit = float(near_limit)
+        ns = namespace
+        self.decisions = Counter(
+            "decisions_total",
+            "Rate-limit decisions by rule, deciding limit and outcome.",
+            ["rule", "limit", "outcome"],
+            namespace=ns,
+            registry=None,
+        )
+        self.decision_seconds = Histogram(
+            "decision_seconds",
+            "Time to decide one request (keys, cost, backend round trip).",
+            ["rule"],
+            namespace=ns,
+            buckets=tuple(bounds),
+            registry=None,
+        )
+        self.near = Counter(
+            "near_limit_total",
+            "Admissions that left the caller under the near-limit fraction of a limit's capacity.",
+            ["rule", "limit"],
+            namespace=ns,
+            registry=None,
+        )
+        self.in_flight = Gauge(
+            "in_flight",
+            "Concurrency slots held by running requests (all callers of the limit).",
+            ["rule", "limit"],
+            namespace=ns,
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self.limit = Gauge(
+            "limit",
+            "Effective capacity of each limit: slots, burst, or requests per window.",
+            ["rule", "limit"],
+            namespace=ns,
+            multiprocess_mode="livemostrecent",
+            registry=None,
+        )
+        self.limit_rate = Gauge(
+            "limit_rate_per_second",
+            "Effective sustained rate of each token-bucket and window limit, units per second.",
+            ["rule", "limit"],
+            namespace=ns,
+            multiprocess_mode="livemostrecent",
+            registry=None,
+        )
+        self.backend_errors = Counter(
+            "backend_errors_total",
+            "Backend calls that failed, by operation.",
+            ["operation"],
+            namespace=ns,
+            registry=None,
+        )
+        self._collectors = (
+            self.decisions,
+            self.decision_seconds,
+            self.near,
+            self.in_flight,
+            self.limit,
+            self.limit_rate,
+            self.backend_errors,
+        )
+        self._register()
+        # Label children by label values: `.labels()` validates and locks on
+        # every call, a dict lookup does not.
+        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self._seconds_children: dict[str, Histogram] = {}
+        self._near_children: dict[tuple[str, str], Counter] = {}
+        self._in_flight_children: dict[tuple[str, str], Gauge] = {}
+        #: Limits of attached engines: only their grants are released through our hook.
+        self._watched: set[Limit] = set()
+
+    def _register(self) -> None:
+        done: list[Collector] = []
+        for collector in self._collectors:
+            try:
+                self.registry.register(collector)
+            except ValueError as exc:
+                for c in done:
+                    self.registry.unregister(c)
+                raise ConfigError(
+                    "registry",
+                    f"a registry without {self.namespace}_* metrics: make one Metrics per "
+                    "registry and pass it to every middleware, or give another namespace= "
+                    f"(prometheus_client: {exc})",
+                ) from None
+            done.append(collector)
+
+    def unregister(self) -> None:
+        """Remove these metrics from their registry (for tests and app reloads)."""
+        for collector in self._collectors:
+            self.registry.unregister(collector)
+
+    # -- called by the middleware ---------------------------------------------
 
     def attach(self, engine: Engine) -> None:
-        """Called once by the middleware: register effective-limit gauges etc. for `engine`."""
+        """Publish `engine`'s limits, start every series at zero, and watch its releases.
+
+        The middleware calls it once; after changing limits in place (an
+        override), call `publish_limits` so the gauges show the new values.
+        """
+        engine.on_release = self.observe_release
+        self._watched.update(lim for rule in engine.rules for lim in rule.limits)
+        self.publish_limits(engine)
+        for rule in engine.rules:
+            self._decision_child(rule.name, "", "allowed")
+            self._seconds_child(rule.name)
+            for lim, name in zip(rule.limits, rule.limit_names(), strict=True):
+                self._decision_child(rule.name, name, "rejected" if lim.shared else "limited")
+                self._near_child(rule.name, name)
+                if isinstance(lim, Concurrency):
+                    self._in_flight_child(rule.name, name)
+        self.backend_errors.labels("decide")
+
+    def publish_limits(self, engine: Engine) -> None:
+        """Set the limit gauges to the limits `engine` enforces now."""
+        for rule in engine.rules:
+            for lim, name in zip(rule.limits, rule.limit_names(), strict=True):
+                self.limit.labels(rule.name, name).set(capacity(lim))
+                rate = sustained_rate(lim)
+                if rate is not None:
+                    self.limit_rate.labels(rule.name, name).set(rate)
 
     def observe_decision(self, decision: Decision, seconds: float) -> None:
-        """Called after every decision (allowed or refused) with its latency."""
+        """Count one decision and its latency; track near-limit callers and held slots."""
+        rule = decision.rule.name
+        if decision.allowed:
+            key = (rule, "", "allowed")
+        else:
+            key = (rule, _deciding_limit(decision), _refusal_outcome(decision))
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_child(*key)
+        child.inc()
+        hist = self._seconds_children.get(rule)
+        if hist is None:
+            hist = self._seconds_child(rule)
+        hist.observe(seconds)
+        if not decision.allowed:
+            return
+        fraction = self.near_limit
+        for s in decision.states:
+            if s.admitted and not s.exempt and s.remaining < fraction * capacity(s.limit):
+                near = self._near_children.get((rule, s.name))
+                if near is None:
+                    near = self._near_child(rule, s.name)
+                near.inc()
+        grant = decision.grant
+        # A grant of an engine we do not watch (the fail="local" fallback's, whose
+        # limits are scaled copies) is never reported released: counting it would
+        # leave in_flight too high.
+        if grant is not None and decision.states[0].limit in self._watched:
+            for lease in grant.leases:
+                gauge = self._in_flight_children.get((lease.key.rule, lease.key.limit))
+                if gauge is None:
+                    gauge = self._in_flight_child(lease.key.rule, lease.key.limit)
+                gauge.inc()
+
+    def observe_release(self, grant: Grant) -> None:
+        """The engine released `grant`: its slots are no longer in flight."""
+        try:
+            for lease in grant.leases:
+                gauge = self._in_flight_children.get((lease.key.rule, lease.key.limit))
+                if gauge is None:
+                    gauge = self._in_flight_child(lease.key.rule, lease.key.limit)
+                gauge.dec()
+        except Exception:  # a metrics bug must never keep a lease from being released
+            logger.exception("ratelimit metrics: could not record a release")
 
     def observe_failure(self, rule: Rule, policy: str, exc: BaseException) -> None:
-        """Called when the backend failed and `policy` ("open"/"closed"/"local") applies."""
+        """The backend failed deciding for `rule`; `policy` ("open"/"closed"/"local") applies.
+
+        "local" decides again in-process and that verdict is counted by
+        `observe_decision`, so here only the backend error is.
+        """
+        if policy != "local":
+            self._decision_child(rule.name, "", f"failed_{policy}").inc()
+        self.observe_backend_error("decide")
+
+    def observe_backend_error(self, operation: str) -> None:
+        """Count one failed backend call of `operation` (decide, release, renew, ...)."""
+        self.backend_errors.labels(operation).inc()
+
+    # -- children ---------------------------------------------------------------
+
+    def _decision_child(self, rule: str, limit: str, outcome: str) -> Counter:
+        child = self._decision_children[(rule, limit, outcome)] = self.decisions.labels(
+            rule, limit, outcome
+        )
+        return child
+
+    def _seconds_child(self, rule: str) -> Histogram:
+        child = self._seconds_children[rule] = self.decision_seconds.labels(rule)
+        return child
+
+    def _near_child(self, rule: str, limit: str) -> Counter:
+        child = self._near_children[(rule, limit)] = self.near.labels(rule, limit)
+        return child
+
+    def _in_flight_child(self, rule: str, limit: str) -> Gauge:
+        child = self._in_flight_children[(rule, limit)] = self.in_flight.labels(rule, limit)
+        return child
 
 
-def metrics_app(*args: Any, **kwargs: Any) -> Any:
-    """Placeholder."""
-    raise NotImplementedError("metrics_app is being built")
+def _refusal_outcome(decision: Decision) -> str:
+    return "limited" if decision.status == 429 else "rejected"
+
+
+def _deciding_limit(decision: Decision) -> str:
+    """The limit that set a refusal's status: a per-caller one for 429, a shared one for 503."""
+    shared = decision.status != 429
+    first = ""
+    for s in decision.states:
+        if not s.admitted and not s.exempt and not s.skipped:
+            if s.limit.shared == shared:
+                return s.name
+            first = first or s.name
+    return first
+
+
+def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+    """An ASGI app serving the metrics in Prometheus text format; mount it at `/metrics`.
+
+    With `PROMETHEUS_MULTIPROC_DIR` set it serves the merge of every process's
+    files in that directory (whichever worker answers the scrape), and
+    `registry` is not read: its metrics live in those files.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        if not os.path.isdir(path):
+            raise ConfigError("PROMETHEUS_MULTIPROC_DIR", "an existing directory", path)
+        registry = CollectorRegistry()
+        # prometheus_client leaves this constructor unannotated.
+        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    elif registry is None:
+        registry = REGISTRY
+    elif not isinstance(registry, CollectorRegistry):
+        raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
+    app: ASGIApp = make_asgi_app(registry)
+    return app
