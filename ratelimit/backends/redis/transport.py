@@ -1,0 +1,427 @@
+"""How script calls reach Redis: one pipelined connection, or a redis-py client.
+
+`PipelinedTransport` is the default. Every script call made during one turn
+of the event loop goes out in one write on one long-lived connection, each
+still its own `EVALSHA`; replies come back in order and are matched to their
+callers as they arrive, inside the protocol's `data_received`. Many concurrent
+decisions then cost one round trip per loop turn instead of one each, and no
+connection is opened while under load. The connection notices at once when
+the server closes it (a restart), so the next call reconnects instead of
+failing on a stale socket.
+
+A call times out when its reply has not arrived `timeout` seconds after its
+bytes were written. Replies that arrived are always processed before the
+timer is checked (I/O callbacks run before timers in each loop turn), so a
+stalled event loop never times out a call that Redis answered in time.
+
+`ClientTransport` sends calls through a redis-py client: a client passed in by
+the user, and TLS URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import socket
+from collections import deque
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Protocol
+
+from redis import exceptions as rx
+from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
+
+from ..._errors import ConfigError
+from .scripts import Script
+
+_HiredisReader: Any
+try:
+    from hiredis import Reader as _HiredisReader
+except ImportError:  # pragma: no cover - hiredis is an optional extra
+    _HiredisReader = None
+
+
+class Transport(Protocol):
+    """Runs one script call and returns its raw reply; raises redis-py exceptions."""
+
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ClientTransport:
+    """Script calls through a redis-py client and its connection pool."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """EVALSHA; on NOSCRIPT (the server lost its scripts) load it and call again."""
+        try:
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except rx.NoScriptError:
+            await self.client.script_load(script.source)
+            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def aclose(self) -> None:
+        """Nothing to close: the client belongs to whoever made it."""
+
+
+#: Seconds a host name lookup may take. The lookup runs on a thread, whose answer a busy
+#: event loop may see late; it happens once per host and again only after a failed connect.
+_RESOLVE_TIMEOUT = 1.0
+
+
+def pack(*parts: str | bytes) -> bytes:
+    """One command in the Redis protocol (RESP2)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class PipelinedTransport:
+    """Script calls pipelined on one connection per event loop (see the module docstring)."""
+
+    def __init__(self, url: str, *, timeout: float, connect_timeout: float) -> None:
+        try:
+            params: dict[str, Any] = dict(parse_url(url))
+        except ValueError as exc:
+            raise ConfigError("url", f"a redis:// or unix:// URL ({exc})", url) from None
+        self.path: str | None = params.pop("path", None)
+        self.host: str = params.pop("host", "localhost")
+        self.port: int = params.pop("port", 6379)
+        self.db = int(params.pop("db", 0) or 0)
+        self.username: str | None = params.pop("username", None)
+        self.password: str | None = params.pop("password", None)
+        params.pop("connection_class", None)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._addresses: list[tuple[int, Any]] = []
+        self._lane: _Lane | None = None
+        self._connecting: asyncio.Task[_Lane] | None = None
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        """Whether this transport can serve `url` (TLS goes through redis-py instead)."""
+        return url.startswith(("redis://", "unix://"))
+
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """EVALSHA in the current loop turn's batch; on NOSCRIPT, EVAL the source once."""
+        lane = self._lane
+        if lane is None or lane.broken or lane.loop is not asyncio.get_running_loop():
+            lane = await self._connect()
+        n = str(len(keys))
+        try:
+            return await lane.call(pack("EVALSHA", script.sha, n, *keys, *args))
+        except rx.ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        # The server lost its scripts (restart, SCRIPT FLUSH): EVAL loads and runs it.
+        return await lane.call(pack("EVAL", script.source, n, *keys, *args))
+
+    async def aclose(self) -> None:
+        """Close the connection; calls in flight fail with ConnectionError."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.close()
+
+    async def _connect(self) -> _Lane:
+        """The live lane, connecting it once however many callers are waiting."""
+        loop = asyncio.get_running_loop()
+        task = self._connecting
+        if task is None or task.get_loop() is not loop:
+            task = self._connecting = loop.create_task(self._open(loop))
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and self._connecting is task:
+                self._connecting = None
+
+    async def _open(self, loop: asyncio.AbstractEventLoop) -> _Lane:
+        old, self._lane = self._lane, None
+        if old is not None:
+            old.close()
+        try:
+            sock = await self._dial(loop)
+        except OSError as exc:
+            raise rx.ConnectionError(f"Error connecting to {self._where()}: {exc}") from exc
+        factory = partial(_Lane, loop, self.timeout)
+        if self.path is not None:
+            _, lane = await loop.create_unix_connection(factory, sock=sock)
+        else:
+            _, lane = await loop.create_connection(factory, sock=sock)
+        # AUTH and SELECT are the first calls on the lane: its deadline covers them.
+        if self.password is not None:
+            auth = (self.username, self.password) if self.username else (self.password,)
+            await self._handshake(lane, pack("AUTH", *auth))
+        if self.db:
+            await self._handshake(lane, pack("SELECT", str(self.db)))
+        self._lane = lane
+        return lane
+
+    async def _dial(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        """A connected non-blocking socket: each resolved address in turn, as asyncio does."""
+        if self.path is not None:
+            return await self._dial_one(loop, socket.AF_UNIX, self.path)
+        addresses = self._addresses or await self._resolve(loop)
+        error: OSError = OSError(f"{self.host} did not resolve")
+        for family, address in addresses:
+            try:  # a refusal tries the next address; a timeout (not an OSError) stops
+                return await self._dial_one(loop, family, address)
+            except OSError as exc:
+                error = exc
+        self._addresses = []  # resolve again next time: the server may have moved
+        raise error
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, Any]]:
+        """The host's addresses; an IP literal needs no lookup (no thread, no delay)."""
+        try:
+            ip = ipaddress.ip_address(self.host)
+        except ValueError:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM),
+                max(self.connect_timeout, _RESOLVE_TIMEOUT),
+            )
+            self._addresses = [(family, address) for family, _, _, _, address in infos]
+        else:
+            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            self._addresses = [(family, (self.host, self.port))]
+        return self._addresses
+
+    async def _dial_one(
+        self, loop: asyncio.AbstractEventLoop, family: int, address: Any
+    ) -> socket.socket:
+        """Connect one socket within `connect_timeout`.
+
+        At the deadline the kernel is asked whether the socket connected, so a
+        connection that completed while this event loop was busy still counts.
+        """
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            status = sock.connect_ex(address)
+            if status not in (0, errno.EINPROGRESS, errno.EAGAIN):
+                raise OSError(status, os.strerror(status))
+            if status != 0:
+                await self._writable(loop, sock)
+            status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if status:
+                raise OSError(status, os.strerror(status))
+            try:
+                sock.getpeername()
+            except OSError:
+                raise rx.TimeoutError(f"Timeout connecting to {self._where()}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _writable(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """Wait until `sock` is writable (connected or failed) or the connect deadline."""
+        done = loop.create_future()
+
+        def wake() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_writer(sock, wake)
+        timer = loop.call_later(self.connect_timeout, wake)
+        try:
+            await done
+        finally:
+            loop.remove_writer(sock)
+            timer.cancel()
+
+    async def _handshake(self, lane: _Lane, command: bytes) -> None:
+        try:
+            await lane.call(command)
+        except BaseException:
+            lane.close()
+            raise
+
+    def _where(self) -> str:
+        return self.path if self.path is not None else f"{self.host}:{self.port}"
+
+
+class _Lane(asyncio.Protocol):
+    """One connection: commands written once per loop turn, replies matched in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.broken = False
+        self._transport: asyncio.Transport | None = None
+        self._reader: Any = (
+            _HiredisReader(replyError=rx.ResponseError)
+            if _HiredisReader is not None
+            else RespReader()
+        )
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        #: Commands written so far, replies read so far.
+        self._written = 0
+        self._answered = 0
+        #: (commands written when the batch went out, its deadline), oldest first.
+        self._batches: deque[tuple[int, float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiting = self._waiting
+        while True:
+            reply = reader.gets()
+            if reply is False:
+                break
+            self._answered += 1
+            if not waiting:  # a reply nobody asked for: the stream is out of step
+                self._fail(rx.ConnectionError("Redis sent a reply nobody asked for"))
+                return
+            future = waiting.popleft()
+            if future.done():  # the caller was cancelled; its reply is dropped in order
+                continue
+            if isinstance(reply, rx.ResponseError):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(rx.ConnectionError(f"Connection to Redis lost: {exc or 'closed by server'}"))
+
+    # -- calls ----------------------------------------------------------------------
+
+    def call(self, command: bytes) -> asyncio.Future[Any]:
+        """Queue `command` for this loop turn's write; the future gets its reply."""
+        future = self.loop.create_future()
+        if self.broken:
+            future.set_exception(rx.ConnectionError("Connection to Redis lost"))
+            return future
+        self._waiting.append(future)
+        self._out.append(command)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return future
+
+    def close(self) -> None:
+        """Close the connection; pending calls fail."""
+        self._fail(rx.ConnectionError("Connection to Redis closed by the client"))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.broken or not self._out or self._transport is None:
+            return
+        out, self._out = self._out, []
+        self._transport.write(b"".join(out))
+        self._written += len(out)
+        deadline = self.loop.time() + self.timeout
+        self._batches.append((self._written, deadline))
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        """Fail the lane if the oldest unanswered batch is past its deadline."""
+        self._timer = None
+        batches = self._batches
+        while batches and batches[0][0] <= self._answered:
+            batches.popleft()
+        if not batches or self.broken:
+            return
+        deadline = batches[0][1]
+        if deadline <= self.loop.time():
+            self._fail(rx.TimeoutError(f"Timeout reading from Redis after {self.timeout}s"))
+        else:
+            self._timer = self.loop.call_at(deadline, self._check_deadline)
+
+    def _fail(self, exc: Exception) -> None:
+        """Break the lane: every pending call fails with `exc`, the socket closes."""
+        if self.broken:
+            return
+        self.broken = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, deque()
+        self._out.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+
+_INCOMPLETE = object()
+
+
+class RespReader:
+    """A RESP2 reply parser with hiredis's `feed`/`gets` interface, for when it is absent.
+
+    `gets()` returns the next complete reply, or False; error replies are
+    returned as `ResponseError` values, like hiredis with `replyError=`.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def gets(self) -> Any:
+        value, pos = self._parse(self._pos)
+        if value is _INCOMPLETE:
+            return False
+        self._pos = pos
+        if pos > 65_536 or pos == len(self._buf):
+            del self._buf[:pos]
+            self._pos = 0
+        return value
+
+    def _parse(self, pos: int) -> tuple[Any, int]:
+        buf = self._buf
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return _INCOMPLETE, pos
+        kind, line, after = buf[pos], bytes(buf[pos + 1 : end]), end + 2
+        if kind == 0x2B:  # +simple string
+            return line, after
+        if kind == 0x2D:  # -error
+            return rx.ResponseError(line.decode("utf-8", "replace")), after
+        if kind == 0x3A:  # :integer
+            return int(line), after
+        if kind == 0x24:  # $bulk string
+            size = int(line)
+            if size < 0:
+                return None, after
+            if len(buf) < after + size + 2:
+                return _INCOMPLETE, pos
+            return bytes(buf[after : after + size]), after + size + 2
+        if kind == 0x2A:  # *array
+            count = int(line)
+            if count < 0:
+                return None, after
+            items = []
+            for _ in range(count):
+                item, after = self._parse(after)
+                if item is _INCOMPLETE:
+                    return _INCOMPLETE, pos
+                items.append(item)
+            return items, after
+        raise rx.ConnectionError(f"Redis protocol error: unexpected byte {kind:#x}")
