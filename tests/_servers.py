@@ -30,6 +30,7 @@ __all__ = [
     "redis_server",
     "redis_url",
     "require_redis_server",
+    "start_redis",
 ]
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -66,15 +67,22 @@ def command(port: int, *args: str, timeout: float = 1.0) -> bytes:
 class RedisServer:
     """A `redis-server` subprocess on a loopback port, without persistence."""
 
-    def __init__(self, binary: str, port: int | None = None) -> None:
+    def __init__(self, binary: str, port: int | None = None, *options: str) -> None:
         self.binary = binary
         self.port = free_port() if port is None else port
         self.dir = tempfile.mkdtemp(prefix="ratelimit-redis-")
+        #: Extra redis-server arguments, e.g. ("--requirepass", "secret").
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_socket(self) -> str:
+        """The server also listens on this unix socket."""
+        return os.path.join(self.dir, "redis.sock")
 
     @property
     def pid(self) -> int | None:
@@ -89,10 +97,13 @@ class RedisServer:
             "appendonly": "no",
             "dir": self.dir,
             "loglevel": "warning",
+            "unixsocket": self.unix_socket,
+            "unixsocketperm": "700",
         }
         argv = [self.binary]
         for name, value in options.items():
             argv += (f"--{name}", value)
+        argv += self.options
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.DEVNULL,
@@ -104,7 +115,8 @@ class RedisServer:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise RuntimeError(f"redis-server on port {self.port} exited: {err.strip()}")
             with contextlib.suppress(OSError):
-                if command(self.port, "PING", timeout=0.2).startswith(b"+PONG"):
+                reply = command(self.port, "PING", timeout=0.2)
+                if reply.startswith((b"+PONG", b"-NOAUTH")):  # up (maybe asking for AUTH)
                     return
             time.sleep(0.02)
         self.stop()
@@ -139,10 +151,11 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _started(binary: str) -> RedisServer:
-    """A started server; retries on a new port if another process took the free one."""
+def start_redis(*options: str) -> RedisServer:
+    """A started server of the caller's own (close() it); retries if its port was taken."""
+    binary = require_redis_server()
     for attempt in range(3):
-        server = RedisServer(binary)
+        server = RedisServer(binary, None, *options)
         try:
             server.start()
         except RuntimeError:
@@ -157,7 +170,7 @@ def _started(binary: str) -> RedisServer:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One redis-server for the whole test session (pid in `.pid`, stopped at the end)."""
-    server = _started(require_redis_server())
+    server = start_redis()
     try:
         yield server
     finally:
@@ -176,7 +189,7 @@ def redis_url(redis_server: RedisServer) -> str:
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, to stop, kill or restart in fault tests."""
-    server = _started(require_redis_server())
+    server = start_redis()
     try:
         yield server
     finally:

@@ -16,7 +16,7 @@ from _servers import ManualClockRedisBackend
 from limits import parse
 from limits.aio.strategies import FixedWindowRateLimiter
 
-from ratelimit.backends.base import Backend, BucketCheck, LeaseCheck, StoreKey
+from ratelimit.backends.base import Backend, BucketCheck, Check, LeaseCheck, StoreKey
 from ratelimit.backends.memory import MemoryBackend
 
 #: The backends every contract test runs on. A Redis Cluster joins here as "redis-cluster".
@@ -275,7 +275,7 @@ async def test_release_of_expired_lease_is_false(env: Env) -> None:
 async def test_refund_gives_back_units_and_leases(env: Env) -> None:
     """refund undoes an admitted decide: units return and leases are released."""
     lease = env.lease(limit=1)
-    checks = [bucket(USER, cost=2), lease]
+    checks: list[Check] = [bucket(USER, cost=2), lease]
     assert (await env.backend.decide(checks)).admitted
     await env.backend.refund(checks)
     assert await remaining(env, bucket(USER)) == 3

@@ -7,22 +7,26 @@ covers behaviour on a manual clock).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
 from collections.abc import AsyncIterator
 
+import hiredis
 import pytest
 import redis.asyncio
 import redis.exceptions
-from _servers import RedisServer
+from _servers import RedisServer, free_port, start_redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 from redis.crc import key_slot
 
 from ratelimit._errors import BackendError, ConfigError
-from ratelimit.backends.base import Backend, BucketCheck, LeaseCheck, StoreKey
-from ratelimit.backends.redis import RedisBackend
+from ratelimit.backends.base import Backend, BucketCheck, Check, LeaseCheck, StoreKey
+from ratelimit.backends.redis import RedisBackend, transport
 from ratelimit.backends.redis.scripts import OPERATIONS, SCRIPTS, read_lua
 
 pytestmark = pytest.mark.redis
@@ -75,7 +79,7 @@ def test_is_a_backend() -> None:
         ({"timeout": 0}, "timeout"),
         ({"timeout": float("nan")}, "timeout"),
         ({"connect_timeout": -1}, "connect_timeout"),
-        ({"max_connections": 0}, "max_connections"),
+        ({"url": "http://127.0.0.1:6379"}, "url"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs: dict[str, object], field: str) -> None:
@@ -216,7 +220,7 @@ async def test_split_decision_refunds_earlier_slots_when_a_later_one_refuses(
     backend = RedisBackend(redis_url, split_by_slot=True)
     try:
         assert (await backend.decide([BucketCheck(GLOBAL, 1.0, 1, 1)])).admitted
-        checks = [
+        checks: list[Check] = [
             BucketCheck(USER, 1.0, 5, 2),
             LeaseCheck(USER_SLOTS, 2, 10.0, "a"),
             BucketCheck(GLOBAL, 1.0, 1, 1),
@@ -272,20 +276,41 @@ async def test_flushed_scripts_are_reloaded(
 
 
 async def test_decisions_resume_after_a_redis_restart(private_redis: RedisServer) -> None:
-    """A restarted Redis (no state, no scripts) is used again without recreating the backend."""
+    """A restarted Redis (no state, no scripts) is used again at once, no call lost.
+
+    The connection sees the server close it and is replaced before the next
+    call; the test yields to the loop once, as a running server's loop would.
+    """
     backend = RedisBackend(private_redis.url)
     try:
         await asyncio.gather(*(backend.decide([BucketCheck(USER, 1.0, 50, 1)]) for _ in range(4)))
         private_redis.restart()
-        answers = []
-        for _ in range(6):
+        await asyncio.sleep(0.01)
+        for _ in range(3):
+            assert (await backend.decide([BucketCheck(USER, 1.0, 50, 1)])).admitted
+    finally:
+        await backend.aclose()
+
+
+async def test_a_passed_in_client_recovers_after_a_restart(
+    private_redis: RedisServer,
+) -> None:
+    """Through a redis-py client, a restart costs at most a failed call per stale connection."""
+    client = redis.asyncio.Redis.from_url(private_redis.url)
+    backend = RedisBackend(client=client)
+    try:
+        assert (await backend.decide([BucketCheck(USER, 1.0, 50, 1)])).admitted
+        private_redis.restart()
+        answers: list[bool | None] = []
+        for _ in range(3):
             try:
                 answers.append((await backend.decide([BucketCheck(USER, 1.0, 50, 1)])).admitted)
             except BackendError:
                 answers.append(None)
-        assert answers[-3:] == [True, True, True]
+        assert answers[-2:] == [True, True]
     finally:
         await backend.aclose()
+        await client.aclose()
 
 
 async def test_a_stopped_redis_fails_fast_as_backend_error(private_redis: RedisServer) -> None:
@@ -355,6 +380,197 @@ async def test_window_storage_shares_url_and_prefix(
         item = parse("2/minute")
         hits = [await limiter.hit(item, "images", "window", CALLER) for _ in range(3)]
         assert hits == [True, True, False]
-        assert all(key.startswith("shop:window:") for key in await inspect.keys("*"))
+        assert all(str(key).startswith("shop:window:") for key in await inspect.keys("*"))
+    finally:
+        await backend.aclose()
+
+
+# -- the pipelined connection ---------------------------------------------------------
+
+
+async def test_concurrent_calls_share_one_write(
+    backend: RedisBackend, inspect: redis.asyncio.Redis
+) -> None:
+    """Decisions made in one loop turn go out in one write, each still one EVALSHA."""
+    await backend.decide([BucketCheck(USER, 1.0, 5, 0)])  # connected, scripts loaded
+    lane = backend._transport._lane  # type: ignore[attr-defined]
+    writes: list[bytes] = []
+    write = lane._transport.write
+
+    def counted(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    lane._transport.write = counted
+    before = await evalsha_calls(inspect)
+    keys = [StoreKey("images", "per-key", f"{i:032x}") for i in range(50)]
+    verdicts = await asyncio.gather(*(backend.decide([BucketCheck(k, 1.0, 5, 1)]) for k in keys))
+    assert all(v.results[0].remaining == 4 for v in verdicts)
+    assert len(writes) == 1
+    assert await evalsha_calls(inspect) - before == 50
+
+
+async def test_a_stalled_event_loop_does_not_time_out_an_answered_call(redis_url: str) -> None:
+    """A reply that arrived while this process's loop was blocked is not a timeout."""
+    backend = RedisBackend(redis_url, timeout=0.05, connect_timeout=0.05)
+    try:
+        await backend.decide([BucketCheck(USER, 1.0, 5, 0)])
+        call = asyncio.ensure_future(backend.decide([BucketCheck(USER, 1.0, 5, 1)]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the call is written
+        time.sleep(0.2)  # noqa: ASYNC251 - blocking the loop, four timeouts long, is the point
+        assert (await call).admitted
+    finally:
+        await backend.aclose()
+
+
+async def test_a_stalled_event_loop_does_not_fail_a_connect(redis_url: str) -> None:
+    """A connection that completed while the loop was blocked counts as connected."""
+    backend = RedisBackend(redis_url, timeout=0.05, connect_timeout=0.05)
+    try:
+        call = asyncio.ensure_future(backend.decide([BucketCheck(USER, 1.0, 5, 1)]))
+        for _ in range(3):  # the connect is under way
+            await asyncio.sleep(0)
+        time.sleep(0.2)  # noqa: ASYNC251 - blocking the loop is the point
+        assert (await call).admitted
+    finally:
+        await backend.aclose()
+
+
+async def test_cancelled_callers_leave_replies_in_step(backend: RedisBackend) -> None:
+    """Cancelling calls in flight drops their replies in order; later calls get their own."""
+    keys = [StoreKey("images", "per-key", f"{i:032x}") for i in range(10)]
+    await backend.decide([BucketCheck(keys[0], 1.0, 5, 0)])
+    calls = [asyncio.ensure_future(backend.decide([BucketCheck(k, 1.0, 5, 1)])) for k in keys]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # written
+    for call in calls[::2]:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    # Each bucket now has a distinct burst: a reply matched to the wrong caller would show.
+    verdicts = await asyncio.gather(
+        *(backend.decide([BucketCheck(k, 1.0, 10 + i, 0)]) for i, k in enumerate(keys))
+    )
+    assert [v.results[0].remaining for v in verdicts] == [10 + i - 1 for i in range(10)]
+
+
+async def test_works_without_hiredis(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without hiredis the pure-Python reply parser serves the same answers."""
+    monkeypatch.setattr(transport, "_HiredisReader", None)
+    backend = RedisBackend(redis_url)
+    try:
+        results = [
+            (await backend.decide([BucketCheck(USER, 0.5, 2, 1)])).results[0] for _ in range(3)
+        ]
+        assert [(r.admitted, r.remaining) for r in results] == [(True, 1), (True, 0), (False, 0)]
+        assert results[2].retry_after == pytest.approx(0.5, abs=0.05)
+        assert isinstance(backend._transport._lane._reader, transport.RespReader)  # type: ignore[attr-defined]
+    finally:
+        await backend.aclose()
+
+
+replies = st.recursive(
+    st.one_of(
+        st.integers(-(2**63), 2**63 - 1),
+        st.binary(max_size=40),
+        st.none(),
+        st.builds(lambda t: ("+", t), st.text("abcOK -", max_size=10)),
+        st.builds(lambda t: ("-", t), st.text("abcERR NOSCRIPT", min_size=1, max_size=20)),
+    ),
+    lambda children: st.lists(children, max_size=5),
+    max_leaves=20,
+)
+
+
+def _resp(value: object) -> bytes:
+    if isinstance(value, tuple):
+        return f"{value[0]}{value[1]}\r\n".encode()
+    if value is None:
+        return b"$-1\r\n"
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    assert isinstance(value, list)
+    return b"*%d\r\n" % len(value) + b"".join(_resp(v) for v in value)
+
+
+def _comparable(value: object) -> object:
+    if isinstance(value, Exception):
+        return ("error", str(value))
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(replies, min_size=1, max_size=5), cuts=st.lists(st.integers(0, 400)))
+def test_resp_reader_parses_like_hiredis(values: list[object], cuts: list[int]) -> None:
+    """The fallback parser gives hiredis's replies for any stream, split anywhere."""
+    stream = b"".join(_resp(v) for v in values)
+    ours = transport.RespReader()
+    theirs = hiredis.Reader(replyError=redis.exceptions.ResponseError)
+    got: tuple[list[object], list[object]] = ([], [])
+    bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]
+    for start, end in itertools.pairwise(bounds):
+        for reader, out in ((ours, got[0]), (theirs, got[1])):
+            reader.feed(stream[start:end])
+            while (reply := reader.gets()) is not False:
+                out.append(_comparable(reply))
+    assert got[0] == got[1]
+    assert len(got[0]) == len(values)
+
+
+async def test_unix_socket_url_with_a_database(redis_server: RedisServer, redis_url: str) -> None:
+    """unix:// URLs work, and ?db= selects the database the keys land in."""
+    backend = RedisBackend(f"unix://{redis_server.unix_socket}?db=2")
+    db2 = redis.asyncio.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/2")
+    try:
+        assert (await backend.decide([BucketCheck(USER, 1.0, 5, 1)])).admitted
+        assert await db2.exists(backend.keys.bucket(USER)) == 1
+    finally:
+        await backend.aclose()
+        await db2.aclose()
+
+
+async def test_password_and_database_from_the_url() -> None:
+    """AUTH and SELECT come from the URL; a wrong password is a BackendError."""
+    server = start_redis("--requirepass", "s3cret")
+    try:
+        good = RedisBackend(f"redis://:s3cret@127.0.0.1:{server.port}/1")
+        bad = RedisBackend(f"redis://:wrong@127.0.0.1:{server.port}/1")
+        db1 = redis.asyncio.Redis.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/1")
+        try:
+            assert (await good.decide([BucketCheck(USER, 1.0, 5, 1)])).admitted
+            assert await db1.exists(good.keys.bucket(USER)) == 1
+            with pytest.raises(BackendError) as caught:
+                await bad.decide([BucketCheck(USER, 1.0, 5, 1)])
+            assert isinstance(caught.value.__cause__, redis.exceptions.ResponseError)
+        finally:
+            await good.aclose()
+            await bad.aclose()
+            await db1.aclose()
+    finally:
+        server.close()
+
+
+async def test_host_names_are_resolved(redis_server: RedisServer, redis_url: str) -> None:
+    """A host name resolves; addresses that refuse (::1 here) are skipped for the next."""
+    backend = RedisBackend(f"redis://localhost:{redis_server.port}/0")
+    try:
+        assert (await backend.decide([BucketCheck(USER, 1.0, 5, 1)])).admitted
+    finally:
+        await backend.aclose()
+
+
+async def test_nothing_listening_fails_at_once() -> None:
+    """A port nobody listens on is a ConnectionError at once, not a timeout."""
+    backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        started = time.perf_counter()
+        with pytest.raises(BackendError) as caught:
+            await backend.decide([BucketCheck(USER, 1.0, 5, 1)])
+        assert time.perf_counter() - started < 0.05
+        assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
     finally:
         await backend.aclose()
