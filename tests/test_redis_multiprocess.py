@@ -1,0 +1,223 @@
+"""Exactness across OS processes on one Redis key, and leases surviving a SIGKILL.
+
+Four spawned processes, each with many concurrent decisions in flight, hammer
+one key on a real Redis. A token bucket may never admit more than its burst
+plus its refill over the elapsed server time; a concurrency limit may never
+see more requests in flight than its limit. No decision may fail while Redis
+is alive: a busy Redis is not a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import signal
+import time
+from multiprocessing.synchronize import Barrier, Event
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from ratelimit._errors import BackendError
+from ratelimit.backends.base import BucketCheck, LeaseCheck, StoreKey
+from ratelimit.backends.redis import RedisBackend
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+PROCESSES = 4
+TASKS = 8
+SECONDS = 1.5
+SPAWN = multiprocessing.get_context("spawn")
+
+BUCKET = StoreKey("mp", "bucket", "0123456789abcdef0123456789abcdef")
+SLOTS = StoreKey("mp", "slots", "*")
+INFLIGHT = "mp-test:inflight"
+
+
+async def server_time(url: str) -> float:
+    """The Redis server's clock, as the scripts compute it."""
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        sec, usec = await client.time()
+        return sec + usec / 1e6
+    finally:
+        await client.aclose()
+
+
+def _run_workers(target: Any, url: str, *args: Any) -> tuple[float, float, list[dict[str, Any]]]:
+    """Start PROCESSES workers, release them together, return server times around the run."""
+    barrier = SPAWN.Barrier(PROCESSES + 1)
+    results = SPAWN.Queue()
+    procs = [
+        SPAWN.Process(target=target, args=(url, barrier, results, *args)) for _ in range(PROCESSES)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        barrier.wait(timeout=60)  # every worker connected and warmed up
+        started = asyncio.run(server_time(url))
+        barrier.wait(timeout=10)  # go
+        outcomes = [results.get(timeout=60) for _ in procs]
+        ended = asyncio.run(server_time(url))
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    return started, ended, outcomes
+
+
+# -- token bucket -------------------------------------------------------------------
+
+
+def _bucket_worker(url: str, barrier: Barrier, results: Any, interval: float, burst: int) -> None:
+    results.put(asyncio.run(_hammer_bucket(url, barrier, interval, burst)))
+
+
+async def _hammer_bucket(url: str, barrier: Barrier, interval: float, burst: int) -> dict[str, Any]:
+    backend = RedisBackend(url)
+    counts: dict[str, Any] = {"admitted": 0, "decisions": 0, "slowest": 0.0, "failures": []}
+    check = BucketCheck(BUCKET, interval, burst, 1)
+    await backend.decide([BucketCheck(BUCKET, interval, burst, 0)])  # connect, load scripts
+    barrier.wait(timeout=60)
+    barrier.wait(timeout=10)
+    deadline = time.monotonic() + SECONDS
+
+    async def task() -> None:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                verdict = await backend.decide([check])
+            except BackendError as exc:
+                elapsed = time.perf_counter() - started
+                counts["failures"].append(f"after {elapsed:.3f}s: {exc.__cause__!r}")
+                continue
+            counts["slowest"] = max(counts["slowest"], time.perf_counter() - started)
+            counts["decisions"] += 1
+            counts["admitted"] += verdict.admitted
+
+    await asyncio.gather(*(task() for _ in range(TASKS)))
+    await backend.aclose()
+    return counts
+
+
+def test_token_bucket_is_exact_across_processes(redis_url: str) -> None:
+    """Admissions never exceed burst + elapsed / interval, over 4 processes on one key."""
+    interval, burst = 0.005, 20
+    started, ended, outcomes = _run_workers(_bucket_worker, redis_url, interval, burst)
+    admitted = sum(o["admitted"] for o in outcomes)
+    decisions = sum(o["decisions"] for o in outcomes)
+    allowed = burst + (ended - started) / interval
+    print(
+        f"\n{decisions} decisions in {ended - started:.2f}s server time, {admitted} admitted"
+        f" (at most {allowed:.1f}); slowest {max(o['slowest'] for o in outcomes) * 1e3:.1f} ms"
+    )
+    assert [f for o in outcomes for f in o["failures"]] == []  # Redis was alive throughout
+    assert decisions > 3 * admitted  # the key was contended
+    assert admitted <= allowed + 1e-6
+    assert admitted >= burst + 0.5 * SECONDS / interval  # and not starved
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+def _lease_worker(url: str, barrier: Barrier, results: Any, limit: int) -> None:
+    results.put(asyncio.run(_hammer_leases(url, barrier, limit)))
+
+
+async def _hammer_leases(url: str, barrier: Barrier, limit: int) -> dict[str, Any]:
+    backend = RedisBackend(url)
+    counter = redis.asyncio.Redis.from_url(url)
+    counts: dict[str, Any] = {"admitted": 0, "lost": 0, "peak": 0, "failures": []}
+    await backend.in_use(SLOTS)  # connect, load scripts
+    await counter.ping()
+    barrier.wait(timeout=60)
+    barrier.wait(timeout=10)
+    deadline = time.monotonic() + SECONDS
+    pid = os.getpid()
+    seq = 0
+
+    async def task() -> None:
+        nonlocal seq
+        while time.monotonic() < deadline:
+            seq += 1
+            lease = LeaseCheck(SLOTS, limit, 5.0, f"{pid}-{seq}")
+            try:
+                verdict = await backend.decide([lease])
+            except BackendError as exc:
+                counts["failures"].append(repr(exc.__cause__))
+                continue
+            if not verdict.admitted:
+                continue
+            counts["admitted"] += 1
+            inflight = await counter.incr(INFLIGHT)  # only between grant and release
+            counts["peak"] = max(counts["peak"], inflight)
+            await asyncio.sleep(random.uniform(0, 0.002))
+            await counter.decr(INFLIGHT)
+            if not await backend.release(lease):
+                counts["lost"] += 1
+
+    await asyncio.gather(*(task() for _ in range(TASKS)))
+    await counter.aclose()
+    await backend.aclose()
+    return counts
+
+
+def test_concurrency_limit_holds_across_processes(redis_url: str) -> None:
+    """The observed in-flight count never exceeds the limit, over 4 processes on one key."""
+    limit = 3
+    _, _, outcomes = _run_workers(_lease_worker, redis_url, limit)
+    peak = max(o["peak"] for o in outcomes)
+    admitted = sum(o["admitted"] for o in outcomes)
+    print(f"\n{admitted} leases granted, peak in flight {peak} (limit {limit})")
+    assert [f for o in outcomes for f in o["failures"]] == []
+    assert sum(o["lost"] for o in outcomes) == 0
+    assert peak == limit
+    assert admitted > 100
+
+
+# -- crash safety ----------------------------------------------------------------------
+
+
+def _hold_leases(url: str, limit: int, ttl: float, ready: Event) -> None:
+    async def hold() -> None:
+        backend = RedisBackend(url)
+        for i in range(limit):
+            verdict = await backend.decide([LeaseCheck(SLOTS, limit, ttl, f"doomed-{i}")])
+            assert verdict.admitted
+        ready.set()
+        await asyncio.sleep(3600)  # killed long before
+
+    asyncio.run(hold())
+
+
+async def test_killed_holder_gives_its_slots_back_within_the_lease_time(redis_url: str) -> None:
+    """A process holding every slot is SIGKILLed; another process gets them within the ttl."""
+    limit, ttl = 2, 1.0
+    ready = SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_leases, args=(redis_url, limit, ttl, ready))
+    holder.start()
+    backend = RedisBackend(redis_url)
+    try:
+        assert await asyncio.to_thread(ready.wait, 60)
+        granted_by = time.monotonic()  # the leases were granted before this instant
+        assert holder.pid is not None
+        os.kill(holder.pid, signal.SIGKILL)
+        await asyncio.to_thread(holder.join, 10)
+        assert not (await backend.decide([LeaseCheck(SLOTS, limit, ttl, "next-0")])).admitted
+        got = 0
+        while got < limit and time.monotonic() - granted_by < ttl + 1.0:
+            got += (await backend.decide([LeaseCheck(SLOTS, limit, ttl, f"next-{got}")])).admitted
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - granted_by
+        assert got == limit
+        assert waited <= ttl + 0.3
+    finally:
+        await backend.aclose()
+        if holder.is_alive():
+            holder.kill()
+            holder.join()
