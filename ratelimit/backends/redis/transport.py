@@ -139,6 +139,8 @@ class PipelinedTransport:
         task = self._connecting
         if task is None or task.get_loop() is not loop:
             task = self._connecting = loop.create_task(self._open(loop))
+            # Callers may all be cancelled: the outcome is still retrieved, never logged.
+            task.add_done_callback(_retrieve)
         try:
             return await asyncio.shield(task)
         finally:
@@ -148,7 +150,7 @@ class PipelinedTransport:
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Lane:
         old, self._lane = self._lane, None
         if old is not None:
-            old.close()
+            old.close()  # broken already, or bound to another (perhaps closed) loop
         try:
             sock = await self._dial(loop)
         except OSError as exc:
@@ -321,7 +323,14 @@ class _Lane(asyncio.Protocol):
         return future
 
     def close(self) -> None:
-        """Close the connection; pending calls fail."""
+        """Close the connection; pending calls fail. From another loop, only mark it broken.
+
+        A lane left behind by another event loop (a backend reused across
+        `asyncio.run` calls) is not ours to touch: its loop may be closed.
+        """
+        if _running_loop() is not self.loop:
+            self.broken = True
+            return
         self._fail(rx.ConnectionError("Connection to Redis closed by the client"))
 
     def _flush(self) -> None:
@@ -365,6 +374,19 @@ class _Lane(asyncio.Protocol):
                 future.set_exception(exc)
         if self._transport is not None:
             self._transport.abort()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a task's exception as retrieved (its callers saw it, or were cancelled)."""
+    if not task.cancelled():
+        task.exception()
 
 
 _INCOMPLETE = object()
