@@ -77,11 +77,19 @@ _RESOLVE_TIMEOUT = 1.0
 
 def pack(*parts: str | bytes) -> bytes:
     """One command in the Redis protocol (RESP2)."""
-    out = [b"*%d\r\n" % len(parts)]
+    texts = [part for part in parts if isinstance(part, str)]
+    if len(texts) == len(parts):
+        out = [f"*{len(texts)}\r\n"]
+        for text in texts:
+            out.append(f"${len(text)}\r\n{text}\r\n")
+        command = "".join(out)
+        if command.isascii():  # the common case: lengths in characters are lengths in bytes
+            return command.encode()
+    chunks = [b"*%d\r\n" % len(parts)]
     for part in parts:
         data = part.encode() if isinstance(part, str) else part
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+        chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(chunks)
 
 
 class PipelinedTransport:
