@@ -1,0 +1,593 @@
+"""What a limiter costs per HTTP request: req/s and p99 of one app, bare and behind each limiter.
+
+Every variant serves the same Starlette handler (benchmarks/apps/) with a
+limit on the benchmarked path that is never reached, under the same uvicorn
+(1 worker, same loop and HTTP parser), driven by `wrk` over loopback. Runs are
+interleaved round by round and each variant's median is reported, because a
+2-core machine is noisy; uvicorn and wrk are pinned to different cores when
+`taskset` exists. The table goes to this script's section of RESULTS.md.
+
+    python -m benchmarks.http_overhead            # ~3 minutes
+    python -m benchmarks.http_overhead --quick    # ~40 seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import _support
+
+SECTION = "http_overhead"
+APPS = _support.HERE / "apps"
+#: Must match benchmarks/apps/_common.py (the apps run in other venvs; no import).
+PATH = "/hello"
+PROBE = "/probe"
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One app under test: its module in benchmarks/apps, the venv it runs in, what it is."""
+
+    name: str
+    app: str
+    venv: str
+    #: The distribution whose version the table shows.
+    package: str
+    description: str
+    #: Whether the app limits anything (all but the bare baseline).
+    limited: bool = True
+
+
+def _project_name() -> str:
+    m = re.search(r'^name\s*=\s*"([^"]+)"', (_support.REPO / "pyproject.toml").read_text(), re.M)
+    return m.group(1) if m else "ratelimit"
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("bare", "bare:app", "bench", "starlette", "Starlette, no limiter", limited=False),
+    Variant(
+        "ratelimit",
+        "ours:app",
+        "bench",
+        _project_name(),
+        "RateLimitMiddleware: TokenBucket per client IP + Concurrency(10000) global, memory",
+    ),
+    Variant(
+        "ratelimit-bucket",
+        "ours_bucket:app",
+        "bench",
+        _project_name(),
+        "RateLimitMiddleware: TokenBucket per client IP only (like for like with the peers)",
+    ),
+    Variant(
+        "slowapi",
+        "slowapi_app:app",
+        "bench",
+        "slowapi",
+        "Limiter(get_remote_address), @limiter.limit, fixed window, memory:// "
+        "(no concurrency limit)",
+    ),
+    Variant(
+        "asgi-ratelimit",
+        "asgi_ratelimit_app:app",
+        "asgi-ratelimit",
+        "asgi-ratelimit",
+        "RateLimitMiddleware, MemoryBackend, Rule(second=...) per IP (no concurrency limit)",
+    ),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+#: The variant whose ratio the target is about, and the peers it must beat.
+OURS = "ratelimit"
+PEERS = ("slowapi", "asgi-ratelimit")
+TARGET_RATIO = 0.95
+#: A run during which other processes used more than this share of a core is
+#: disturbed: it is measured once more after waiting for the machine to calm down.
+DISTURBED = 0.25
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how hard to measure."""
+
+    duration: int = 4
+    warmup: int = 1
+    rounds: int = 5
+    connections: int = 32
+    threads: int = 1
+    variants: tuple[str, ...] = tuple(v.name for v in VARIANTS)
+    fresh_venvs: bool = False
+    #: Use uvloop and httptools when every venv has them (they do: requirements.txt);
+    #: False forces the pure-Python asyncio + h11 server, where a limiter's share is smaller.
+    fast_server: bool = True
+
+    @classmethod
+    def quick(cls) -> Settings:
+        """About 40 seconds: fewer, shorter rounds (a smoke run; the ratios are rougher)."""
+        return cls(duration=2, rounds=2)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One wrk run against one fresh server."""
+
+    round: int
+    rps: float
+    p99_ms: float
+    requests: int
+    #: Non-2xx responses plus socket errors: must be 0 (no limit may be reached).
+    errors: int
+    #: CPU seconds the server used during the measured run.
+    server_cpu: float
+    #: Cores' worth of CPU used meanwhile by processes other than the server and wrk.
+    others: float
+
+    @property
+    def per_cpu(self) -> float:
+        """Requests per CPU-second of the server: its cost per request, robust to CPU theft."""
+        return self.requests / self.server_cpu if self.server_cpu > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One variant's result over all rounds."""
+
+    variant: str
+    description: str
+    version: str
+    rps: float
+    rps_min: float
+    rps_max: float
+    p99_ms: float
+    #: Median over rounds of this variant's req/s over the bare run of the same round.
+    ratio: float | None
+    #: Median requests per server CPU-second, and its ratio to bare like `ratio`.
+    per_cpu: float
+    per_cpu_ratio: float | None
+    errors: int
+    #: Runs still disturbed by other processes after one retry.
+    disturbed: int
+    samples: tuple[Sample, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Everything prepared once per run: interpreters, tools, server options, versions."""
+
+    pythons: dict[str, Path]
+    wrk: str
+    server_options: tuple[str, ...]
+    server_pin: tuple[str, ...]
+    load_pin: tuple[str, ...]
+    versions: dict[str, dict[str, str]]
+    wrk_version: str
+    #: The commit of this repository measured, with a note if ratelimit/ had local changes.
+    code: str
+
+
+def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environment:
+    """Create the venvs the chosen variants need, find wrk and taskset, pick server options."""
+    venvs = _support.standard_venvs()
+    needed = sorted({BY_NAME[name].venv for name in settings.variants})
+    pythons = {
+        name: _support.ensure_venv(venvs[name], fresh=settings.fresh_venvs) for name in needed
+    }
+    wrk = _support.ensure_tool("wrk")
+    # The same server options for every variant: uvloop/httptools only if every venv has them.
+    fast = settings.fast_server and all(
+        _support.python_can_import(py, ["uvloop", "httptools"]) for py in pythons.values()
+    )
+    server_options = (
+        "--workers", "1", "--no-access-log", "--log-level", "warning",
+        "--loop", "uvloop" if fast else "asyncio",
+        "--http", "httptools" if fast else "h11",
+    )  # fmt: skip
+    taskset = shutil.which("taskset")
+    pinned = taskset is not None and (os.cpu_count() or 1) >= 2
+    server_pin = (taskset, "-c", "0") if pinned and taskset else ()
+    load_pin = (taskset, "-c", "1") if pinned and taskset else ()
+    wanted = ["uvicorn", "uvloop", "httptools", "starlette", "limits"]
+    versions = {}
+    for name in settings.variants:
+        v = BY_NAME[name]
+        versions[name] = _support.versions(pythons[v.venv], [v.package, *wanted])
+    probe = subprocess.run([wrk, "-v"], capture_output=True, text=True)
+    wrk_version = (
+        (probe.stdout + probe.stderr).strip().splitlines()[0]
+        if probe.stdout + probe.stderr
+        else "wrk"
+    )
+    log(f"server: uvicorn {' '.join(server_options)}; pinning: {'yes' if pinned else 'no'}")
+    return Environment(
+        pythons,
+        wrk,
+        server_options,
+        server_pin,
+        load_pin,
+        versions,
+        wrk_version.split(" [")[0],
+        _support.code_revision("ratelimit"),
+    )
+
+
+# -- one measurement -----------------------------------------------------------
+
+
+def _start_server(
+    env: Environment, variant: Variant, port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start uvicorn for `variant` on `port`, pinned to its core.
+
+    The working directory and `--app-dir` are benchmarks/apps, so the
+    repository root (and our `ratelimit/`) is not on the server's `sys.path`.
+    """
+    cmd = [
+        *env.server_pin,
+        str(env.pythons[variant.venv]), "-m", "uvicorn", variant.app,
+        "--app-dir", str(APPS), "--host", HOST, "--port", str(port),
+        *env.server_options,
+    ]  # fmt: skip
+    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    with log_path.open("wb") as log:
+        return subprocess.Popen(cmd, cwd=APPS, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server we started, by its PID: SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _get(url: str) -> int:
+    """Status code of a GET to `url` (HTTP errors included)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes],
+    port: int,
+    log_path: Path,
+    *,
+    limited: bool,
+    timeout: float = 30.0,
+) -> None:
+    """Wait until the benchmarked path answers 200, then check the limiter is really on.
+
+    `PROBE` allows one request a minute in every limited variant: a second
+    request must be refused with 429, or the variant would be measuring nothing.
+    """
+    base = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}"
+            )
+        try:
+            if _get(base + PATH) == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"server not ready after {timeout:.0f}s:\n{log_path.read_text()[-2000:]}"
+            )
+        time.sleep(0.05)
+    got = _get(base + PROBE), _get(base + PROBE)
+    want = (200, 429) if limited else (200, 200)
+    if got != want:
+        raise RuntimeError(f"{PROBE} answered {got}, want {want}: is the limiter in the path?")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def parse_wrk(output: str) -> tuple[float, float, int, int]:
+    """(req/s, p99 in ms, requests, errors) from `wrk --latency` output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+    total = re.search(r"^\s*(\d+) requests in", output, re.M)
+    if not (rps and p99 and total):
+        raise RuntimeError(f"cannot parse wrk output:\n{output}")
+    errors = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if sock:
+        errors += sum(int(g) for g in sock.groups())
+    return (
+        float(rps.group(1)),
+        float(p99.group(1)) * _UNITS[p99.group(2)],
+        int(total.group(1)),
+        errors,
+    )
+
+
+def _wrk(env: Environment, settings: Settings, port: int, seconds: int) -> str:
+    cmd = [
+        *env.load_pin, env.wrk, f"-t{settings.threads}", f"-c{settings.connections}",
+        f"-d{seconds}s", "--latency", f"http://{HOST}:{port}{PATH}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    return result.stdout
+
+
+def measure_once(env: Environment, settings: Settings, variant: Variant, rnd: int) -> Sample:
+    """Start a fresh server for `variant`, check it, warm it up, measure it, stop it."""
+    _support.OUT.mkdir(exist_ok=True)
+    log_path = _support.OUT / f"http_overhead-{variant.app.split(':')[0]}.log"
+    _support.wait_for_quiet(max_wait=10.0)
+    port = _support.free_port()
+    proc = _start_server(env, variant, port, log_path)
+    try:
+        _wait_ready(proc, port, log_path, limited=variant.limited)
+        if settings.warmup > 0:
+            _wrk(env, settings, port, settings.warmup)
+        # CPU accounting around the measured run: the server's own CPU time, wrk's
+        # (a reaped child), and the whole machine's, to see what else ran meanwhile.
+        server0, busy0, wrk0 = _support.process_cpu_seconds(proc.pid), *_cpu_now()
+        started = time.monotonic()
+        output = _wrk(env, settings, port, settings.duration)
+        elapsed = time.monotonic() - started
+        server1, busy1, wrk1 = _support.process_cpu_seconds(proc.pid), *_cpu_now()
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{variant.name} server died during the run:\n{log_path.read_text()[-2000:]}"
+            )
+    finally:
+        _stop_server(proc)
+    rps, p99, requests, errors = parse_wrk(output)
+    server_cpu = server1 - server0
+    others = max(0.0, (busy1 - busy0) - server_cpu - (wrk1 - wrk0)) / elapsed
+    return Sample(rnd, rps, p99, requests, errors, server_cpu, others)
+
+
+def _cpu_now() -> tuple[float, float]:
+    """(busy CPU seconds of the machine, CPU seconds of our reaped children)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return _support.cpu_busy_seconds(), children.ru_utime + children.ru_stime
+
+
+# -- the benchmark -------------------------------------------------------------
+
+
+def run(
+    settings: Settings | None = None,
+    env: Environment | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Measure every variant in `settings`, interleaved by round; one row per variant.
+
+    Each round runs every variant once, starting one place later than the
+    round before (A B C, B C A, ...), so no variant always goes first.
+    """
+    settings = settings or Settings()
+    env = env or prepare(settings, log)
+    names = list(settings.variants)
+    samples: dict[str, list[Sample]] = {n: [] for n in names}
+    for rnd in range(settings.rounds):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            where = f"round {rnd + 1}/{settings.rounds}  {name:<24}"
+            for attempt in range(2):
+                s = measure_once(env, settings, BY_NAME[name], rnd)
+                flag = f"  ({s.errors} errors!)" if s.errors else ""
+                if s.others > DISTURBED:
+                    flag += f"  (disturbed: others used {s.others:.2f} core)"
+                log(
+                    f"{where} {s.rps:>9.0f} req/s  p99 {s.p99_ms:6.2f} ms  "
+                    f"{s.per_cpu:>7.0f} req/CPU-s{flag}"
+                )
+                if s.others <= DISTURBED or attempt:
+                    break
+            samples[name].append(s)
+    bare = {s.round: s for s in samples.get("bare", [])}
+    rows = []
+    for name in names:
+        v, got = BY_NAME[name], samples[name]
+        rates = [s.rps for s in got]
+        ratios = [s.rps / bare[s.round].rps for s in got if s.round in bare]
+        cpu_ratios = [
+            s.per_cpu / bare[s.round].per_cpu
+            for s in got
+            if s.round in bare and bare[s.round].per_cpu
+        ]
+        rows.append(
+            Row(
+                variant=name,
+                description=v.description,
+                version=env.versions.get(name, {}).get(v.package, "?"),
+                rps=statistics.median(rates),
+                rps_min=min(rates),
+                rps_max=max(rates),
+                p99_ms=statistics.median(s.p99_ms for s in got),
+                ratio=statistics.median(ratios) if ratios else None,
+                per_cpu=statistics.median(s.per_cpu for s in got),
+                per_cpu_ratio=statistics.median(cpu_ratios) if cpu_ratios else None,
+                errors=sum(s.errors for s in got),
+                disturbed=sum(s.others > DISTURBED for s in got),
+                samples=tuple(got),
+            )
+        )
+    return rows
+
+
+def verdict(rows: Sequence[Row]) -> str | None:
+    """Whether `OURS` meets the target: >= 0.95 of bare and ahead of every peer measured."""
+    by = {r.variant: r for r in rows}
+    ours = by.get(OURS)
+    if ours is None or ours.ratio is None:
+        return None
+    peers = [by[p] for p in PEERS if p in by]
+    meets = ours.ratio >= TARGET_RATIO
+    ahead = all(ours.rps > p.rps for p in peers)
+    best = max(peers, key=lambda p: p.rps, default=None)
+    parts = [
+        f"{OURS} at {ours.ratio:.2f}x bare: target >= {TARGET_RATIO:.2f} "
+        f"**{'met' if meets else 'not met'}**"
+    ]
+    if best is not None:
+        parts.append(
+            f"ahead of every peer: **{'yes' if ahead else 'no'}** "
+            f"(best peer {best.variant} at {best.ratio or 0:.2f}x)"
+        )
+    return "; ".join(parts) + "."
+
+
+def render(rows: Sequence[Row], env: Environment, settings: Settings, command: str) -> str:
+    """The markdown section: table, verdict, what each variant is, how it was measured."""
+    lines = [
+        "## HTTP overhead: one app, bare and behind each limiter",
+        "",
+        "Requests/s and p99 latency of the same Starlette endpoint under uvicorn, bare and",
+        "behind each limiter with a limit on the path that is never reached: the cost of the",
+        "limiter alone. *req/CPU-s* is requests per CPU-second of the server process, the same",
+        "cost seen without the noise of whatever else the machine ran.",
+        "",
+        "| variant | version | req/s (median) | req/s (min-max) | p99 (median) | vs bare "
+        "| req/CPU-s | vs bare |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.variant} | {r.version} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
+            f"| {r.p99_ms:.2f} ms | {_ratio(r.ratio)} "
+            f"| {r.per_cpu:,.0f} | {_ratio(r.per_cpu_ratio)} |"
+        )
+    lines.append("")
+    v = verdict(rows)
+    if v:
+        lines += [v, ""]
+    bad = [r.variant for r in rows if r.errors]
+    if bad:
+        lines += [f"**Invalid:** non-2xx responses or socket errors in {', '.join(bad)}.", ""]
+    lines += [f"- **{r.variant}**: {r.description}" for r in rows]
+    lines.append("")
+    any_versions = next(iter(env.versions.values()), {})
+    stack = ", ".join(
+        f"{k} {any_versions[k]}"
+        for k in ("uvicorn", "uvloop", "httptools", "starlette")
+        if k in any_versions
+    )
+    pin = (
+        "uvicorn pinned to CPU 0 and wrk to CPU 1 with `taskset`"
+        if env.server_pin
+        else "no CPU pinning (`taskset` missing or one core)"
+    )
+    disturbed = sum(r.disturbed for r in rows)
+    lines += [
+        f"- Command: `{command}`",
+        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Code measured: {env.code}",
+        *_support.machine_lines(),
+        f"- Server: uvicorn `{' '.join(env.server_options)}` for every variant ({stack})",
+        f"- Load: {env.wrk_version} `-t{settings.threads} -c{settings.connections} "
+        f"-d{settings.duration}s --latency` over loopback, after a {settings.warmup} s warm-up, "
+        "a fresh server per run",
+        f"- Rounds: {settings.rounds}, interleaved (each round runs every variant once, starting "
+        "one place later than the last); req/s, p99 and req/CPU-s are medians over rounds; "
+        "*vs bare* is the median of each round's ratio to that round's bare run",
+        f"- Pinning: {pin}",
+        "- Noise: each run waits for the machine to be quiet first; a run during which other "
+        f"processes used over {DISTURBED} of a core is measured once more "
+        f"({disturbed} run(s) still disturbed after that)",
+        "- Every limited server is first checked to refuse a second request to a 1/minute path "
+        "with 429, so a limiter that is not in the request path cannot look fast",
+        "- The code under test runs from venvs the script creates (benchmarks/.venv-*); "
+        "asgi-ratelimit in one of its own, since it installs a top-level `ratelimit` module",
+    ]
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, run, print the table and write it to RESULTS.md."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.http_overhead", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="~40 s: 2 rounds of 2 s")
+    parser.add_argument("--duration", type=int, help="seconds of load per run (default 4)")
+    parser.add_argument("--warmup", type=int, help="seconds of warm-up load per run (default 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
+    parser.add_argument("--connections", type=int, help="wrk connections (default 32)")
+    parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(BY_NAME)}")
+    parser.add_argument("--fresh-venvs", action="store_true", help="recreate the benchmark venvs")
+    parser.add_argument(
+        "--pure-python-server",
+        action="store_true",
+        help="run uvicorn with --loop asyncio --http h11 instead of uvloop/httptools",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave RESULTS.md alone"
+    )
+    args = parser.parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    overrides = {
+        k: getattr(args, k)
+        for k in ("duration", "warmup", "rounds", "connections")
+        if getattr(args, k) is not None
+    }
+    if args.variants:
+        chosen = tuple(n.strip() for n in args.variants.split(","))
+        unknown = [n for n in chosen if n not in BY_NAME]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; choose from {list(BY_NAME)}")
+        overrides["variants"] = chosen
+    settings = replace(
+        settings,
+        **overrides,
+        fresh_venvs=args.fresh_venvs,
+        fast_server=not args.pure_python_server,
+    )
+    started = time.monotonic()
+    env = prepare(settings)
+    rows = run(settings, env)
+    argv_text = shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = f"python -m benchmarks.http_overhead {argv_text}".strip()
+    section = render(rows, env, settings, command)
+    print()
+    print(section)
+    _support.OUT.mkdir(exist_ok=True)
+    raw = {"settings": asdict(settings), "rows": [asdict(r) for r in rows]}
+    (_support.OUT / "http_overhead.json").write_text(json.dumps(raw, indent=2, default=str))
+    if not args.no_write:
+        _support.write_section(SECTION, section)
+        where = _support.RESULTS.relative_to(_support.REPO)
+        print(f"\nwrote {where} in {time.monotonic() - started:.0f} s")
+    return 1 if any(r.errors for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
