@@ -254,12 +254,7 @@ async def test_dead_leases_expire_and_free_their_slots(env: Env) -> None:
 @pytest.mark.parametrize(
     "env",
     [
-        pytest.param(
-            "memory",
-            marks=pytest.mark.xfail(
-                reason="MemoryBackend.release returns True for an expired, unpruned lease",
-            ),
-        ),
+        "memory",
         "redis",
     ],
     indirect=True,

@@ -164,3 +164,16 @@ async def test_exactly_the_limit_is_admitted_under_concurrency() -> None:
         *(b.decide([bucket(burst=7, interval=60.0)]) for _ in range(100))
     )
     assert sum(v.admitted for v in results) == 7
+
+
+async def test_remaining_counts_only_live_leases() -> None:
+    """A dead lease frees its slot in `remaining` as soon as it expires, not only at the limit."""
+    clock = ManualClock()
+    b = MemoryBackend(clock=clock)
+    assert (await b.decide([lease("a", limit=5)])).admitted
+    clock.now += 5.0
+    assert (await b.decide([lease("b", limit=5)])).results[0].remaining == 3
+    clock.now += 5.5  # "a" is dead, "b" lives
+    v = await b.decide([lease("c", limit=5)])
+    assert v.results[0].remaining == 3
+    assert await b.in_use(StoreKey("r", "cc", "*")) == 2

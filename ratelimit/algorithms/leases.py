@@ -39,13 +39,11 @@ def acquire(
 ) -> LeaseResult:
     """Grant `lease_id` a slot until `now + ttl` if fewer than `limit` are live.
 
-    Dead leases are pruned when the table is full, so a crashed holder never
-    blocks a slot longer than its ttl. Refusal changes nothing but that pruning.
+    Dead leases are pruned first, so a crashed holder never blocks a slot
+    longer than its ttl. Refusal changes nothing but that pruning.
     """
+    prune(table, now)
     in_use = len(table)
-    if in_use >= limit:
-        prune(table, now)
-        in_use = len(table)
     if in_use >= limit:
         return LeaseResult(admitted=False, in_use=in_use, remaining=0)
     table[lease_id] = now + ttl

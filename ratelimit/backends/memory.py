@@ -32,6 +32,31 @@ _SWEEP_BATCH = 32
 _SWEEP_EVERY = 16
 
 
+class _LeaseTable(dict[str, float]):
+    """Lease id -> expiry, remembering a lower bound of its earliest expiry.
+
+    Renewals only push expiries later, so `earliest` may be stale but never
+    too late: while `now < earliest` no lease can be dead and pruning is
+    skipped. That keeps a decision O(1) with thousands of slots in flight.
+    """
+
+    __slots__ = ("earliest",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.earliest = float("inf")
+
+    def prune(self, now: float) -> None:
+        if now >= self.earliest:
+            leases.prune(self, now)
+            self.earliest = min(self.values(), default=float("inf"))
+
+    def add(self, lease_id: str, expiry: float) -> None:
+        self[lease_id] = expiry
+        if expiry < self.earliest:
+            self.earliest = expiry
+
+
 class MemoryBackend:
     """Limiter state in this process: the default, and the `local` fallback for Redis."""
 
@@ -41,7 +66,7 @@ class MemoryBackend:
         self.max_keys = max_keys
         self._clock = clock
         self._buckets: OrderedDict[StoreKey, float] = OrderedDict()
-        self._leases: dict[StoreKey, dict[str, float]] = {}
+        self._leases: dict[StoreKey, _LeaseTable] = {}
         self._writes = 0
         self._storage: Storage | None = None
         #: Buckets dropped before they were full because of `max_keys`.
@@ -69,11 +94,9 @@ class MemoryBackend:
             else:
                 assert isinstance(check, LeaseCheck)
                 table = self._leases.get(check.key)
+                if table is not None:
+                    table.prune(now)
                 in_use = len(table) if table else 0
-                if in_use >= check.limit and table:
-                    # Dead leases only matter at the limit: prune them only then.
-                    leases.prune(table, now)
-                    in_use = len(table)
                 ok = in_use < check.limit
                 results.append(CheckResult(ok, max(0, check.limit - in_use - ok), 0.0, 0.0))
                 admitted = admitted and ok
@@ -95,7 +118,10 @@ class MemoryBackend:
                     self._store_bucket(check.key, next(tat_iter), now)
                 else:
                     assert isinstance(check, LeaseCheck)
-                    self._leases.setdefault(check.key, {})[check.lease_id] = now + check.ttl
+                    table = self._leases.get(check.key)
+                    if table is None:
+                        table = self._leases[check.key] = _LeaseTable()
+                    table.add(check.lease_id, now + check.ttl)
         return Verdict(admitted, tuple(results))
 
     async def refund(self, checks: Sequence[Check]) -> None:
@@ -124,14 +150,14 @@ class MemoryBackend:
         return out
 
     async def release(self, lease: LeaseCheck) -> bool:
-        """Free a slot; False if it was not held."""
+        """Free a slot; False if it was not held (never granted, released, or expired)."""
         table = self._leases.get(lease.key)
         if table is None:
             return False
-        held = leases.release(table, lease.lease_id)
+        expiry = table.pop(lease.lease_id, None)
         if not table:
             del self._leases[lease.key]
-        return held
+        return expiry is not None and expiry > self._clock()
 
     async def in_use(self, key: StoreKey) -> int:
         """Live leases under `key`."""
