@@ -17,8 +17,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from ratelimit.backends.redis import RedisBackend
 from ratelimit.backends.redis.scripts import load_scripts
@@ -140,6 +142,11 @@ class RedisServer:
         """Stop and start on the same port: a fresh server, with no state and no scripts."""
         self.stop()
         self.start()
+
+    def info(self, field: str) -> Any:
+        """One field of INFO (ints parsed), e.g. "total_connections_received"."""
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2.0) as client:
+            return client.info("everything")[field]
 
     def flushall(self) -> None:
         reply = command(self.port, "FLUSHALL")

@@ -7,7 +7,9 @@ covers behaviour on a manual clock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import os
 import signal
 import time
@@ -22,10 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
+from prometheus_client import CollectorRegistry, generate_latest
 from redis.crc import key_slot
 
-from ratelimit._errors import BackendError, ConfigError
+from ratelimit import Metrics, RateLimitMiddleware, Rule, TokenBucket, keys
+from ratelimit._errors import BackendError, BackendUnavailable, ConfigError
+from ratelimit._types import Receive, Scope, Send
 from ratelimit.backends.base import Backend, BucketCheck, Check, LeaseCheck, StoreKey
+from ratelimit.backends.breaker import CircuitBreaker
 from ratelimit.backends.redis import RedisBackend, transport
 from ratelimit.backends.redis.scripts import OPERATIONS, SCRIPTS, read_lua
 
@@ -80,6 +86,11 @@ def test_is_a_backend() -> None:
         ({"timeout": float("nan")}, "timeout"),
         ({"connect_timeout": -1}, "connect_timeout"),
         ({"url": "http://127.0.0.1:6379"}, "url"),
+        ({"breaker_failures": 0}, "breaker_failures"),
+        ({"breaker_failures": 1.5}, "breaker_failures"),
+        ({"breaker_reset": 0}, "breaker_reset"),
+        ({"breaker_reset": "1s"}, "breaker_reset"),
+        ({"breaker": "closed"}, "breaker"),
     ],
 )
 def test_bad_configuration_names_the_field(kwargs: dict[str, object], field: str) -> None:
@@ -574,3 +585,240 @@ async def test_nothing_listening_fails_at_once() -> None:
         assert isinstance(caught.value.__cause__, redis.exceptions.ConnectionError)
     finally:
         await backend.aclose()
+
+
+# -- the circuit breaker ------------------------------------------------------------------
+
+TAKE = BucketCheck(USER, 1.0, 50, 1)
+
+
+def state(backend: RedisBackend) -> str:
+    """The breaker's state, read afresh (a call, so type checkers do not narrow it)."""
+    return backend.breaker.state
+
+
+async def _fail_until_open(backend: RedisBackend) -> list[type[BaseException]]:
+    """Call until the breaker refuses; the causes seen on the way."""
+    causes: list[type[BaseException]] = []
+    for _ in range(10):
+        try:
+            await backend.decide([TAKE])
+        except BackendUnavailable:
+            return causes
+        except BackendError as exc:
+            causes.append(type(exc.__cause__ or exc))
+    raise AssertionError(f"the breaker never opened: {causes}")
+
+
+def test_a_breaker_can_be_passed_in() -> None:
+    """breaker= is used as given; its state is readable as state(backend)."""
+    breaker = CircuitBreaker(failures=5, reset_after=2.0)
+    backend = RedisBackend(breaker=breaker)
+    assert backend.breaker is breaker
+    assert state(backend) == "closed"
+
+
+async def test_an_open_breaker_fails_at_once_without_touching_redis(
+    private_redis: RedisServer,
+) -> None:
+    """After breaker_failures failures to connect, calls raise BackendUnavailable, uncalled."""
+    backend = RedisBackend(private_redis.url, breaker_failures=3, breaker_reset=60.0)
+    try:
+        await backend.decide([TAKE])
+        private_redis.stop()
+        assert await _fail_until_open(backend) == [redis.exceptions.ConnectionError] * 3
+        assert state(backend) == "open"
+        private_redis.start()  # back, but the breaker keeps its pause
+        connections = private_redis.info("total_connections_received")
+        started = time.perf_counter()
+        for _ in range(1000):
+            with pytest.raises(BackendUnavailable):
+                await backend.decide([TAKE])
+        per_call = (time.perf_counter() - started) / 1000
+        assert per_call < 0.001
+        # Only our own INFO connected since.
+        assert private_redis.info("total_connections_received") == connections + 1
+    finally:
+        await backend.aclose()
+
+
+async def test_error_replies_never_open_the_breaker(private_redis: RedisServer) -> None:
+    """Redis answering with an error (here OOM) is alive: the breaker stays closed."""
+    backend = RedisBackend(private_redis.url, breaker_failures=2)
+    admin = redis.asyncio.Redis.from_url(private_redis.url)
+    try:
+        await admin.config_set("maxmemory", "1")
+        for _ in range(10):
+            with pytest.raises(BackendError) as caught:
+                await backend.decide([TAKE])
+            assert isinstance(caught.value.__cause__, redis.exceptions.ResponseError)
+            assert "OOM" in str(caught.value.__cause__)
+        assert state(backend) == "closed"
+        await admin.config_set("maxmemory", "0")
+        assert (await backend.decide([TAKE])).admitted
+    finally:
+        await backend.aclose()
+        await admin.aclose()
+
+
+async def test_calls_failing_together_count_as_one_failure(private_redis: RedisServer) -> None:
+    """A hung Redis times out a whole batch at once: one failure, not one per call in flight."""
+    backend = RedisBackend(private_redis.url, timeout=0.05, breaker_failures=2)
+    try:
+        await backend.decide([TAKE])
+        assert private_redis.pid is not None
+        os.kill(private_redis.pid, signal.SIGSTOP)
+        try:
+            outcomes = await asyncio.gather(
+                *(backend.decide([TAKE]) for _ in range(20)), return_exceptions=True
+            )
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+        assert all(isinstance(o, BackendError) for o in outcomes)
+        assert state(backend) == "closed"
+        assert (await backend.decide([TAKE])).admitted
+    finally:
+        await backend.aclose()
+
+
+async def test_the_breaker_recovers_when_redis_comes_back_without_its_scripts(
+    private_redis: RedisServer,
+) -> None:
+    """Redis restarted (no scripts): the half-open probe reloads them and the breaker closes."""
+    backend = RedisBackend(private_redis.url, breaker_reset=0.2)
+    try:
+        await backend.decide([TAKE])
+        private_redis.stop()
+        await _fail_until_open(backend)
+        private_redis.start()
+        with pytest.raises(BackendUnavailable):  # still pausing: Redis is not called
+            await backend.decide([TAKE])
+        await asyncio.sleep(0.25)
+        assert (await backend.decide([TAKE])).admitted
+        assert state(backend) == "closed"
+        assert private_redis.info("number_of_cached_scripts") == 1
+    finally:
+        await backend.aclose()
+
+
+async def test_one_probe_at_a_time_while_half_open(private_redis: RedisServer) -> None:
+    """While the probe waits on a hung Redis, every other call fails at once."""
+    backend = RedisBackend(private_redis.url, timeout=0.2, breaker_failures=1, breaker_reset=0.1)
+    try:
+        await backend.decide([TAKE])
+        assert private_redis.pid is not None
+        os.kill(private_redis.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BackendError):
+                await backend.decide([TAKE])
+            assert state(backend) == "open"
+            await asyncio.sleep(0.15)
+            probe = asyncio.ensure_future(backend.decide([TAKE]))
+            await asyncio.sleep(0.01)
+            assert state(backend) == "half_open"
+            started = time.perf_counter()
+            for _ in range(100):
+                with pytest.raises(BackendUnavailable):
+                    await backend.decide([TAKE])
+            assert time.perf_counter() - started < 0.05
+            with pytest.raises(BackendError):
+                await probe
+            assert state(backend) == "open"
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+    finally:
+        await backend.aclose()
+
+
+async def test_a_cancelled_probe_still_settles_the_breaker(private_redis: RedisServer) -> None:
+    """A probe whose caller is cancelled still reports its outcome: never stuck half-open."""
+    backend = RedisBackend(private_redis.url, timeout=0.1, breaker_failures=1, breaker_reset=0.1)
+    try:
+        await backend.decide([TAKE])
+        assert private_redis.pid is not None
+        os.kill(private_redis.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BackendError):
+                await backend.decide([TAKE])
+            await asyncio.sleep(0.15)
+            probe = asyncio.ensure_future(backend.decide([TAKE]))
+            await asyncio.sleep(0.01)
+            probe.cancel()
+            await asyncio.sleep(0.15)  # the probe's call times out behind the cancelled caller
+            assert state(backend) == "open"
+        finally:
+            os.kill(private_redis.pid, signal.SIGCONT)
+        await asyncio.sleep(0.15)
+        assert (await backend.decide([TAKE])).admitted
+        assert state(backend) == "closed"
+    finally:
+        await backend.aclose()
+
+
+async def test_each_breaker_change_is_logged_once(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening and closing are logged once each, however many calls are refused between."""
+    backend = RedisBackend(private_redis.url, breaker_reset=0.1)
+    caplog.set_level(logging.INFO, logger="ratelimit")
+    try:
+        await backend.decide([TAKE])
+        private_redis.stop()
+        await _fail_until_open(backend)
+        for _ in range(3):  # three pauses, three failed probes
+            for _ in range(100):
+                with contextlib.suppress(BackendError):
+                    await backend.decide([TAKE])
+            await asyncio.sleep(0.12)
+        private_redis.start()
+        assert (await backend.decide([TAKE])).admitted
+        messages = [r.getMessage() for r in caplog.records if r.name == "ratelimit"]
+        assert len(messages) == 2, messages
+        assert "circuit breaker open" in messages[0]
+        assert "ConnectionError" in messages[0]
+        assert "circuit breaker closed" in messages[1]
+    finally:
+        await backend.aclose()
+
+
+async def test_metrics_show_the_breaker_open_while_it_is(private_redis: RedisServer) -> None:
+    """ratelimit_breaker_open is 0 while closed, 1 while open or probing, 0 once closed again."""
+    registry = CollectorRegistry()
+    backend = RedisBackend(private_redis.url, breaker_reset=0.1)
+    middleware = RateLimitMiddleware(
+        _plain_app,
+        rules=[Rule("/x", limits=[TokenBucket("100/second", burst=100, key=keys.GLOBAL)])],
+        backend=backend,
+        metrics=Metrics(registry),
+    )
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("ratelimit_breaker_open")
+
+    try:
+        assert gauge() == 0
+        private_redis.stop()
+        await _fail_until_open(backend)
+        assert gauge() == 1
+        await asyncio.sleep(0.12)
+        with contextlib.suppress(BackendError):
+            await backend.decide([TAKE])  # a failed probe: still open
+        assert gauge() == 1
+        private_redis.start()
+        await asyncio.sleep(0.12)
+        assert (await backend.decide([TAKE])).admitted
+        assert gauge() == 0
+    finally:
+        await middleware.aclose()
+
+
+def test_metrics_without_a_breaker_show_no_breaker_gauge() -> None:
+    """A backend without a breaker (memory) adds no ratelimit_breaker_open family."""
+    registry = CollectorRegistry()
+    RateLimitMiddleware(_plain_app, rules=[], metrics=Metrics(registry))
+    assert "ratelimit_breaker_open" not in generate_latest(registry).decode()
+
+
+async def _plain_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})

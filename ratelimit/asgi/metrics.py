@@ -27,6 +27,11 @@ rules x limits x outcomes however many callers there are.
         comparable with `rate(ratelimit_decisions_total[1m])`.
     ratelimit_backend_errors_total{operation}        counter
         Backend calls that failed, by operation ("decide", ...).
+    ratelimit_breaker_open                           gauge (multiprocess: livesum)
+        Backends whose circuit breaker is open or probing, so calls fail at
+        once without reaching the store: 0 or 1 per process with one backend,
+        summed over live processes. Registered only once a backend with a
+        `breaker` (RedisBackend) is attached.
 
 Multi-process mode (`PROMETHEUS_MULTIPROC_DIR` set before prometheus_client
 is imported): counters and histograms are summed over every process that ever
@@ -53,6 +58,7 @@ from prometheus_client.registry import Collector
 
 from .._errors import ConfigError
 from .._types import ASGIApp
+from ..backends.breaker import BreakerState, CircuitBreaker
 from ..policy.engine import Decision, Engine, Grant
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
@@ -198,7 +204,9 @@ class Metrics:
             namespace=ns,
             registry=None,
         )
-        self._collectors = (
+        #: Created when a backend with a circuit breaker is attached (see `attach`).
+        self.breaker_open: Gauge | None = None
+        self._collectors: tuple[Collector, ...] = (
             self.decisions,
             self.decision_seconds,
             self.near,
@@ -216,6 +224,9 @@ class Metrics:
         self._in_flight_children: dict[tuple[str, str], Gauge] = {}
         #: Limits of attached engines: only their grants are released through our hook.
         self._watched: set[Limit] = set()
+        #: ids of the watched breakers, and of those not closed now.
+        self._breakers: set[int] = set()
+        self._open_breakers: set[int] = set()
 
     def _register(self) -> None:
         done: list[Collector] = []
@@ -258,6 +269,50 @@ class Metrics:
                 if isinstance(lim, Concurrency):
                     self._in_flight_child(rule.name, name)
         self.backend_errors.labels("decide")
+        breaker = getattr(engine.backend, "breaker", None)
+        if isinstance(breaker, CircuitBreaker):
+            self.watch_breaker(breaker)
+
+    def watch_breaker(self, breaker: CircuitBreaker) -> None:
+        """Export `breaker`'s state in `ratelimit_breaker_open`, updated on every change.
+
+        `attach` calls it for a backend's `breaker`. The gauge is registered on
+        first use, so apps on a backend without a breaker never show it.
+        """
+        gauge = self.breaker_open
+        if gauge is None:
+            gauge = Gauge(
+                "breaker_open",
+                "Backends whose circuit breaker is open or probing: calls fail at once "
+                "without reaching the store.",
+                namespace=self.namespace,
+                multiprocess_mode="livesum",
+                registry=None,
+            )
+            self.registry.register(gauge)
+            self.breaker_open = gauge
+            self._collectors = (*self._collectors, gauge)
+        key = id(breaker)
+        if key in self._breakers:
+            return
+        self._breakers.add(key)
+        opened = self._open_breakers
+        previous = breaker.on_change
+
+        def changed(old: BreakerState, new: BreakerState) -> None:
+            try:
+                if new == "closed":
+                    opened.discard(key)
+                else:
+                    opened.add(key)
+                gauge.set(len(opened))
+            except Exception:  # a metrics bug must never break the backend's calls
+                logger.exception("ratelimit metrics: could not record a breaker change")
+            if previous is not None:
+                previous(old, new)
+
+        breaker.on_change = changed
+        changed(breaker.state, breaker.state)
 
     def publish_limits(self, engine: Engine) -> None:
         """Set the limit gauges to the limits `engine` enforces now."""

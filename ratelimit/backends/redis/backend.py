@@ -12,11 +12,21 @@ Every failure raises `BackendError`, whose `__cause__` tells what happened
 - `redis.exceptions.TimeoutError`: no reply `timeout` seconds after the call was
   written, or no connection within `connect_timeout` (Redis hung or unreachable).
 - `redis.exceptions.ResponseError`: Redis answered with an error (OOM, BUSY, READONLY).
+
+Every call goes through a `CircuitBreaker` (`backend.breaker`). Only failures
+to reach Redis count against it (connection errors, timeouts); an error reply
+proves Redis alive. Once open, calls raise `BackendUnavailable` at once,
+without touching the network, so a dead Redis costs each request microseconds
+instead of a connection attempt or a timeout. After `breaker_reset` seconds
+one call probes; when Redis answers again (scripts reloaded on `NOSCRIPT`) the
+breaker closes and decisions resume by themselves. Each state change is logged
+once on the "ratelimit" logger, never once per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,16 +34,27 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..._errors import BackendError, ConfigError
+from ..._errors import BackendError, BackendUnavailable, ConfigError
 from ..base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey, Verdict
+from ..breaker import BreakerState, CircuitBreaker
 from .keyspace import Keyspace
 from .scripts import SCRIPTS, Script, ScriptSet
 from .transport import ClientTransport, PipelinedTransport, Transport
 
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
+
+logger = logging.getLogger("ratelimit")
 
 #: Default seconds from writing a call to its reply. Measured on a 2-core host with
 #: Redis and 10 worker processes x 32 concurrent decisions (5x oversubscribed), the
@@ -49,6 +70,19 @@ DEFAULT_TIMEOUT = 0.1
 #: fail a connection that succeeded.
 DEFAULT_CONNECT_TIMEOUT = 0.1
 
+#: Errors of a call that did not reach Redis, or got no answer in time: these count
+#: against the breaker. Other errors are replies (Redis is alive) or client-side.
+_UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    TimeoutError,  # asyncio.TimeoutError, on 3.11+ the builtin
+    asyncio.TimeoutError,
+    OSError,
+    ClusterDownError,  # the cluster cannot serve the slot (a master is down)
+)
+#: Every error a call may raise; each becomes a BackendError.
+_CALL_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
 
 class RedisBackend:
     """Limiter state in Redis, shared by every worker that names the same URL and prefix.
@@ -63,6 +97,12 @@ class RedisBackend:
     a failure is reported once, at once. `split_by_slot` decides each hash slot
     of a rule in its own script call, as Redis Cluster requires; on one server
     a rule is decided in one call, atomically.
+
+    `breaker_failures` failures to reach Redis in a row (connection errors and
+    timeouts; calls that fail together, like a batch on one broken connection,
+    count once) open the circuit breaker for `breaker_reset` seconds; or pass a
+    `breaker` of your own. Its state is `backend.breaker.state` ("closed",
+    "open", "half_open"), which `Metrics` exports as `ratelimit_breaker_open`.
     """
 
     #: The scripts this backend runs: the production clock. Tests subclass with a manual one.
@@ -77,6 +117,9 @@ class RedisBackend:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         client: Redis | None = None,
         split_by_slot: bool = False,
+        breaker_failures: int = 3,
+        breaker_reset: float = 1.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         if not isinstance(url, str) or "://" not in url:
             raise ConfigError("url", 'a Redis URL like "redis://127.0.0.1:6379/0"', url)
@@ -109,6 +152,12 @@ class RedisBackend:
         else:
             self._transport = ClientTransport(client)
         self._storage: Storage | None = None
+        #: Gates every call: open after repeated failures to reach Redis (see the module doc).
+        self.breaker = _make_breaker(breaker, breaker_failures, breaker_reset)
+        self._on_breaker_change = self.breaker.on_change
+        self.breaker.on_change = self._breaker_changed
+        #: The last error counted against the breaker (a batch failing together counts once).
+        self._last_failure: BaseException | None = None
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.url!r}, prefix={self.prefix!r})"
@@ -231,11 +280,81 @@ class RedisBackend:
         return Verdict(True, tuple(r for r in results if r is not None))
 
     async def _eval(self, script: Script, keys: list[str], args: list[str]) -> Any:
-        """Run `script` (EVALSHA, reloaded if the server lost it); errors become BackendError."""
+        """Run `script` (EVALSHA, reloaded if the server lost it) through the breaker.
+
+        Errors become BackendError; with the breaker open, BackendUnavailable at once.
+        """
+        breaker = self.breaker
+        if not breaker.allow():
+            raise BackendUnavailable(
+                f"redis {script.name}: circuit breaker open after repeated failures to "
+                f"reach {self.url} ({_describe(self._last_failure)}); not called"
+            )
+        if breaker.state != "closed":  # this call is the half-open probe
+            return await self._probe(script, keys, args)
         try:
-            return await self._transport.evalsha(script, keys, args)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            reply = await self._transport.evalsha(script, keys, args)
+        except _CALL_ERRORS as exc:
+            self._settle(exc)
             raise BackendError(f"redis {script.name}: {exc}") from exc
+        breaker.success()
+        return reply
+
+    async def _probe(self, script: Script, keys: list[str], args: list[str]) -> Any:
+        """The half-open probe: its outcome reaches the breaker even if the caller is cancelled.
+
+        A probe abandoned without an outcome would leave the breaker half-open,
+        refusing every call, for good.
+        """
+        call = asyncio.ensure_future(self._transport.evalsha(script, keys, args))
+        call.add_done_callback(self._probe_done)
+        try:
+            return await asyncio.shield(call)
+        except _CALL_ERRORS as exc:
+            raise BackendError(f"redis {script.name}: {exc}") from exc
+
+    def _probe_done(self, call: asyncio.Future[Any]) -> None:
+        if call.cancelled():  # closed by aclose() mid-probe: no answer from Redis
+            self.breaker.failure()
+            return
+        exc = call.exception()
+        if exc is None:
+            self.breaker.success()
+        else:
+            self._settle(exc, probe=True)
+
+    def _settle(self, exc: BaseException, *, probe: bool = False) -> None:
+        """Tell the breaker what a failed call says about Redis."""
+        breaker = self.breaker
+        if isinstance(exc, _UNREACHABLE) and not isinstance(exc, MaxConnectionsError):
+            # Calls that failed together (one broken connection, one failed
+            # connect) share one exception object: count it once, so a single
+            # hiccup under load is one failure, not one per call in flight.
+            if exc is not self._last_failure or probe:
+                self._last_failure = exc
+                breaker.failure()
+        elif isinstance(exc, ResponseError):
+            breaker.success()  # an error reply: Redis is there and answering
+        elif probe:
+            breaker.failure()  # the probe learned nothing: try again after a pause
+
+    def _breaker_changed(self, old: BreakerState, new: BreakerState) -> None:
+        """Log each breaker state change once (not once per refused call)."""
+        if new == "open" and old == "closed":
+            logger.error(
+                "ratelimit: redis at %s unreachable (%s): circuit breaker open, calls "
+                "fail at once; probing every %.3gs",
+                self.url,
+                _describe(self._last_failure),
+                self.breaker.reset_after,
+            )
+        elif new == "closed":
+            self._last_failure = None
+            logger.warning("ratelimit: redis at %s answers again: circuit breaker closed", self.url)
+        else:  # probing, and a failed probe: once per pause while Redis stays down
+            logger.debug("ratelimit: redis at %s circuit breaker %s -> %s", self.url, old, new)
+        if self._on_breaker_change is not None:
+            self._on_breaker_change(old, new)
 
 
 def _parse_decide(reply: list[Any]) -> tuple[bool, list[CheckResult]]:
@@ -251,6 +370,26 @@ def _limits_uri(url: str) -> str:
     if url.startswith("unix://"):
         return "async+redis+unix://" + url.removeprefix("unix://")
     return f"async+{url}"
+
+
+def _describe(exc: BaseException | None) -> str:
+    """`Type: message` (redis-py's exception repr leaves the message out)."""
+    return "no error" if exc is None else f"{type(exc).__name__}: {exc}"
+
+
+def _make_breaker(
+    breaker: CircuitBreaker | None, failures: int, reset_after: float
+) -> CircuitBreaker:
+    """The backend's breaker: the one passed in, or one from the two settings (validated)."""
+    if breaker is not None:
+        if not isinstance(breaker, CircuitBreaker):
+            raise ConfigError("breaker", "a ratelimit CircuitBreaker", breaker)
+        return breaker
+    try:
+        return CircuitBreaker(failures=failures, reset_after=reset_after)
+    except ConfigError as exc:
+        field = {"failures": "breaker_failures", "reset_after": "breaker_reset"}[exc.field]
+        raise ConfigError(field, exc.expected, exc.got) from None
 
 
 def _seconds(field: str, value: object) -> float:
