@@ -17,7 +17,6 @@ order, so a Lua port doing the same operations gets bit-identical results.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 #: Slack for comparisons, in seconds: absorbs float rounding in `tat` sums
@@ -51,31 +50,17 @@ def gcra(tat: float | None, now: float, cost: int, interval: float, burst: int) 
     if cost > 0 and allow_at > now + EPSILON:
         # Refused: nothing is consumed.
         used = base - now
-        return BucketResult(
-            admitted=False,
-            tat=tat if tat is not None else now,
-            remaining=_units(capacity - used, interval),
-            retry_after=allow_at - now,
-            reset_after=used,
-        )
+        free = capacity - used
+        remaining = int(free / interval + EPSILON) if free > 0 else 0
+        return BucketResult(False, tat if tat is not None else now, remaining, allow_at - now, used)
     used = new_tat - now
-    return BucketResult(
-        admitted=True,
-        tat=new_tat,
-        remaining=_units(capacity - used, interval),
-        retry_after=0.0,
-        reset_after=used,
-    )
+    free = capacity - used
+    # int() is floor here (the argument is positive), and cheaper than math.floor.
+    remaining = int(free / interval + EPSILON) if free > 0 else 0
+    return BucketResult(True, new_tat, remaining, 0.0, used)
 
 
 def refund(tat: float, now: float, cost: int, interval: float) -> float | None:
     """Give back `cost` units taken earlier; None when the bucket is full again."""
     new_tat = tat - cost * interval
     return None if new_tat <= now else new_tat
-
-
-def _units(free_seconds: float, interval: float) -> int:
-    """Whole units in `free_seconds` of capacity, tolerant to float rounding."""
-    if free_seconds <= 0:
-        return 0
-    return max(0, math.floor(free_seconds / interval + EPSILON))

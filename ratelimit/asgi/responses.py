@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 
-from ..policy.engine import Decision, LimitState
+from ..policy.engine import SKIPPED, Decision, reset_after
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
 
@@ -39,18 +39,22 @@ def seconds(value: float) -> int:
     return max(0, math.ceil(value - 1e-9))
 
 
-def _state_item(s: LimitState) -> str | None:
-    if s.exempt or s.skipped:
-        return None
-    if isinstance(s.limit, Concurrency):
-        return f'"{s.name}";r={s.remaining}'
-    return f'"{s.name}";r={s.remaining};t={seconds(s.reset_after)}'
-
-
 def ratelimit_header(decision: Decision) -> bytes:
-    """The `RateLimit` field value: remaining quota and reset time per limit."""
-    items = [i for i in map(_state_item, decision.states) if i is not None]
-    return ", ".join(items).encode("ascii")
+    """The `RateLimit` field value: remaining quota and reset time per limit.
+
+    Read straight from the backend's results (no per-limit state objects):
+    this runs on every admitted request.
+    """
+    parts = []
+    for lim, name, r in zip(decision.rule.limits, decision.names, decision.results, strict=True):
+        if r is None or r is SKIPPED:
+            continue
+        if lim.__class__ is Concurrency:
+            parts.append(f'"{name}";r={r.remaining}')
+        else:
+            t = reset_after(lim, r)
+            parts.append(f'"{name}";r={r.remaining};t={max(0, math.ceil(t - 1e-9))}')
+    return ", ".join(parts).encode("ascii")
 
 
 def retry_after(decision: Decision) -> int:

@@ -14,7 +14,6 @@ oldest idle caller). Lease tables are dropped when their last lease goes.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -65,7 +64,7 @@ class MemoryBackend:
             raise ConfigError("max_keys", "a positive integer", max_keys)
         self.max_keys = max_keys
         self._clock = clock
-        self._buckets: OrderedDict[StoreKey, float] = OrderedDict()
+        self._buckets: dict[StoreKey, float] = {}
         self._leases: dict[StoreKey, _LeaseTable] = {}
         self._writes = 0
         self._storage: Storage | None = None
@@ -79,20 +78,26 @@ class MemoryBackend:
     async def decide(self, checks: Sequence[Check]) -> Verdict:
         """All-or-nothing over `checks`, atomically (no await inside)."""
         now = self._clock()
+        buckets = self._buckets
+        if len(checks) == 1 and checks[0].__class__ is BucketCheck:
+            # The commonest rule, one rate limit: no bookkeeping for all-or-nothing.
+            c = checks[0]
+            r = gcra.gcra(buckets.get(c.key), now, c.cost, c.interval, c.burst)
+            if r.admitted:
+                self._store_bucket(c.key, r.tat, now)
+            return Verdict(
+                r.admitted, (CheckResult(r.admitted, r.remaining, r.retry_after, r.reset_after),)
+            )
         results: list[CheckResult] = []
         tats: list[float] = []  # new state of each bucket check, in order
         admitted = True
         for check in checks:
-            if check.__class__ is BucketCheck:
-                assert isinstance(check, BucketCheck)
-                r = gcra.gcra(
-                    self._buckets.get(check.key), now, check.cost, check.interval, check.burst
-                )
+            if isinstance(check, BucketCheck):
+                r = gcra.gcra(buckets.get(check.key), now, check.cost, check.interval, check.burst)
                 results.append(CheckResult(r.admitted, r.remaining, r.retry_after, r.reset_after))
                 tats.append(r.tat)
                 admitted = admitted and r.admitted
             else:
-                assert isinstance(check, LeaseCheck)
                 table = self._leases.get(check.key)
                 if table is not None:
                     table.prune(now)
@@ -114,10 +119,9 @@ class MemoryBackend:
             # Commit what the first pass computed: nothing awaited in between.
             tat_iter = iter(tats)
             for check in checks:
-                if check.__class__ is BucketCheck:
+                if isinstance(check, BucketCheck):
                     self._store_bucket(check.key, next(tat_iter), now)
                 else:
-                    assert isinstance(check, LeaseCheck)
                     table = self._leases.get(check.key)
                     if table is None:
                         table = self._leases[check.key] = _LeaseTable()
@@ -181,25 +185,24 @@ class MemoryBackend:
 
     def _store_bucket(self, key: StoreKey, tat: float, now: float) -> None:
         buckets = self._buckets
-        if key in buckets:
-            buckets.move_to_end(key)
+        # Pop and re-insert: a dict keeps insertion order, so this moves the key to
+        # the most recently used end (cheaper than an OrderedDict's move_to_end).
+        if buckets.pop(key, None) is None and len(buckets) >= self.max_keys:
+            oldest = next(iter(buckets))
+            if buckets.pop(oldest) > now:
+                self.evictions += 1
         buckets[key] = tat
         self._writes += 1
-        if self._writes % _SWEEP_EVERY == 0:
+        if not self._writes % _SWEEP_EVERY:
             self._sweep(now)
-        while len(buckets) > self.max_keys:
-            _, old_tat = buckets.popitem(last=False)
-            if old_tat > now:
-                self.evictions += 1
 
     def _sweep(self, now: float) -> None:
         """Drop full buckets from the least recently used end, a batch at a time."""
         buckets = self._buckets
         for _ in range(min(_SWEEP_BATCH, len(buckets))):
-            key, tat = next(iter(buckets.items()))
+            key = next(iter(buckets))
+            tat = buckets.pop(key)
             if tat > now:
                 # Not full yet: rotate it so the next step looks at others. This
                 # makes the eviction order only approximately least-recently-used.
-                buckets.move_to_end(key)
-            else:
-                del buckets[key]
+                buckets[key] = tat

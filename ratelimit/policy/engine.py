@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 from .._errors import ConfigError, LeaseError
 from .._types import Scope
-from ..backends.base import Backend, BucketCheck, Check, LeaseCheck, StoreKey
+from ..backends.base import Backend, BucketCheck, Check, CheckResult, LeaseCheck, StoreKey
+from . import keys
 from .limits import Concurrency, Limit, TokenBucket, Window
 from .rules import Rule
 
@@ -55,37 +56,77 @@ class Grant:
     released: bool = False
 
 
-class Decision(NamedTuple):
-    """The answer for one request: admitted or refused, and why."""
+class Decision:
+    """The answer for one request: admitted or refused, and why.
 
-    rule: Rule
-    allowed: bool
-    #: 200 when allowed; 429 (the caller's own quota) or 503 (shared capacity) when refused.
-    status: int
-    #: Seconds to wait before retrying (0 when allowed).
-    retry_after: float
-    states: tuple[LimitState, ...]
-    grant: Grant | None = None
+    Per-limit `states` are built on first use: the admitted hot path only
+    needs the raw backend results, which the header fields read directly.
+    """
+
+    __slots__ = (
+        "_plan",
+        "_states",
+        "allowed",
+        "grant",
+        "results",
+        "retry_after",
+        "rule",
+        "status",
+    )
+
+    def __init__(
+        self,
+        rule: Rule,
+        allowed: bool,
+        status: int,
+        retry_after: float,
+        plan: Plan,
+        results: list[CheckResult | None],
+        grant: Grant | None = None,
+    ) -> None:
+        self.rule = rule
+        self.allowed = allowed
+        #: 200 when allowed; 429 (the caller's own quota) or 503 (shared capacity) when refused.
+        self.status = status
+        #: Seconds to wait before retrying (0 when allowed).
+        self.retry_after = retry_after
+        self.grant = grant
+        #: The backend's answer per limit of the rule; None: exempt; SKIPPED: not decided.
+        self.results = results
+        self._plan = plan
+        self._states: tuple[LimitState, ...] | None = None
+
+    @property
+    def states(self) -> tuple[LimitState, ...]:
+        """How each limit of the rule stood, in the rule's order."""
+        if self._states is None:
+            self._states = self._plan.states(self.results)
+        return self._states
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The policy name of each limit of the rule."""
+        return self._plan.names
 
     @property
     def violated(self) -> list[str]:
         """Names of the limits that refused."""
         return [s.name for s in self.states if not s.admitted and not s.exempt and not s.skipped]
 
-
-@dataclass(frozen=True, slots=True)
-class _Compiled:
-    """A rule with everything the hot path needs precomputed."""
-
-    rule: Rule
-    names: tuple[str, ...]
-    limits: tuple[Limit, ...]
-    window_index: int
-    min_lease: float
+    def __repr__(self) -> str:
+        return (
+            f"Decision(rule={self.rule.name!r}, allowed={self.allowed}, status={self.status}, "
+            f"retry_after={self.retry_after:.3f})"
+        )
 
 
-#: Recent caller digests kept to skip re-hashing hot keys; cleared whole when full.
-_DIGEST_CACHE = 4096
+#: A limit that was not decided because an earlier part of the rule refused.
+SKIPPED = CheckResult(False, 0, 0.0, 0.0)
+
+_BUCKET, _LEASE, _WINDOW = 0, 1, 2
+
+#: Store keys kept per limit to skip re-hashing hot callers; cleared whole when full.
+_KEY_CACHE = 4096
 
 
 def _digest(text: str) -> str:
@@ -93,19 +134,114 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+class Plan:
+    """A rule compiled for the hot path: per-limit kinds, keys and cached store keys."""
+
+    __slots__ = (
+        "caches",
+        "fixed_keys",
+        "key_async",
+        "key_funcs",
+        "kinds",
+        "limits",
+        "min_lease",
+        "names",
+        "params",
+        "rule",
+        "window_index",
+    )
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.limits = rule.limits
+        self.names = tuple(rule.limit_names())
+        self.kinds = tuple(_kind(lim) for lim in rule.limits)
+        self.window_index = self.kinds.index(_WINDOW) if _WINDOW in self.kinds else -1
+        self.key_funcs = tuple(lim.key for lim in rule.limits)
+        self.key_async = tuple(lim.key_is_async for lim in rule.limits)
+        #: The store key of a limit on `keys.GLOBAL`, fixed once; None for per-caller limits.
+        self.fixed_keys = tuple(
+            StoreKey(rule.name, name, "*") if lim.key is keys.GLOBAL else None
+            for lim, name in zip(rule.limits, self.names, strict=True)
+        )
+        self.caches: tuple[dict[str, StoreKey], ...] = tuple({} for _ in rule.limits)
+        #: (interval, burst) of a bucket, (limit, lease ttl) of a concurrency limit.
+        self.params = tuple(_params(lim) for lim in rule.limits)
+        leases = [lim.lease for lim in rule.limits if isinstance(lim, Concurrency)]
+        self.min_lease = min(leases) if leases else math.inf
+
+    def store_key(self, i: int, text: str) -> StoreKey:
+        """The store key of limit `i` for caller `text` (hashed, cached)."""
+        cache = self.caches[i]
+        skey = cache.get(text)
+        if skey is None:
+            if len(cache) >= _KEY_CACHE:
+                cache.clear()
+            skey = cache[text] = StoreKey(self.rule.name, self.names[i], _digest(text))
+        return skey
+
+    def states(self, results: list[CheckResult | None]) -> tuple[LimitState, ...]:
+        """Per-limit states from the raw results (see `Decision.states`)."""
+        out = []
+        for lim, name, r in zip(self.limits, self.names, results, strict=True):
+            if r is None:
+                out.append(LimitState(lim, name, True, exempt=True))
+            elif r is SKIPPED:
+                out.append(LimitState(lim, name, False, skipped=True))
+            else:
+                retry = retry_after(lim, r)
+                reset = reset_after(lim, r)
+                out.append(
+                    LimitState(lim, name, r.admitted, False, False, r.remaining, retry, reset)
+                )
+        return tuple(out)
+
+
+def _params(limit: Limit) -> tuple[float, float]:
+    if isinstance(limit, TokenBucket):
+        return (limit.interval, limit.burst)
+    if isinstance(limit, Concurrency):
+        return (limit.limit, limit.lease)
+    return (0.0, 0.0)
+
+
+def _kind(limit: Limit) -> int:
+    if isinstance(limit, TokenBucket):
+        return _BUCKET
+    if isinstance(limit, Concurrency):
+        return _LEASE
+    return _WINDOW
+
+
+def retry_after(limit: Limit, r: CheckResult) -> float:
+    """Seconds until `limit` could admit: exact for rates, the configured hint for a full pool."""
+    if not r.admitted and isinstance(limit, Concurrency):
+        return limit.retry_after
+    return r.retry_after
+
+
+def reset_after(limit: Limit, r: CheckResult) -> float:
+    """Headers' `t`: time until the quota is back, or until the next unit when none is left."""
+    if r.remaining or not isinstance(limit, TokenBucket):
+        return r.reset_after
+    if not r.admitted:
+        return r.retry_after
+    return max(0.0, r.reset_after - (limit.burst - 1) * limit.interval)
+
+
 def _report_refunded(
-    states: list[LimitState | None], slots: list[int], checks: list[Check]
+    results: list[CheckResult | None], slots: list[int], checks: list[Check]
 ) -> None:
     """After a refund, report the native limits as untouched (as a refused verdict does)."""
     for i, check in zip(slots, checks, strict=True):
-        s = states[i]
-        assert s is not None
+        r = results[i]
+        assert r is not None
         if isinstance(check, BucketCheck):
-            reset = max(0.0, s.reset_after - check.cost * check.interval)
-            remaining = min(check.burst, s.remaining + check.cost)
-            states[i] = s._replace(remaining=remaining, reset_after=reset)
+            reset = max(0.0, r.reset_after - check.cost * check.interval)
+            remaining = min(check.burst, r.remaining + check.cost)
+            results[i] = r._replace(remaining=remaining, reset_after=reset)
         else:
-            states[i] = s._replace(remaining=s.remaining + 1)
+            results[i] = r._replace(remaining=r.remaining + 1)
 
 
 class Engine:
@@ -115,7 +251,7 @@ class Engine:
         if isinstance(rules, Rule) or not isinstance(rules, Sequence):
             raise ConfigError("rules", "a list of Rule", rules)
         seen: dict[str, int] = {}
-        compiled = []
+        plans = []
         for i, rule in enumerate(rules):
             if not isinstance(rule, Rule):
                 raise ConfigError(f"rules[{i}]", "a Rule", rule)
@@ -126,27 +262,16 @@ class Engine:
                     rule.name,
                 )
             seen[rule.name] = i
-            window = [j for j, lim in enumerate(rule.limits) if isinstance(lim, Window)]
-            leases = [lim.lease for lim in rule.limits if isinstance(lim, Concurrency)]
-            compiled.append(
-                _Compiled(
-                    rule=rule,
-                    names=tuple(rule.limit_names()),
-                    limits=rule.limits,
-                    window_index=window[0] if window else -1,
-                    min_lease=min(leases) if leases else math.inf,
-                )
-            )
+            plans.append(Plan(rule))
         self.rules = tuple(rules)
         self.backend = backend
-        self._compiled = tuple(compiled)
-        self._by_rule = {c.rule.name: c for c in compiled}
+        self._plans = tuple(plans)
+        self._by_rule = {p.rule.name: p for p in plans}
         self._window_limiters: dict[int, Any] = {}
-        self._digests: dict[str, str] = {}
         self._lease_ids = itertools.count()
         self._lease_prefix = os.urandom(6).hex() + "-"
         self._held: dict[str, LeaseCheck] = {}
-        self._renew_every = min((c.min_lease for c in compiled), default=math.inf) / 3
+        self._renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         #: Called with each grant as it is released (metrics count the slots in flight).
@@ -156,125 +281,113 @@ class Engine:
         """The first rule whose path and methods match, or None (the request passes)."""
         path = scope["path"]
         method = scope.get("method")
-        for c in self._compiled:
-            rule = c.rule
+        for p in self._plans:
+            rule = p.rule
             if rule.pattern.matches(path) and (
                 rule.methods is None or (method is not None and method in rule.methods)
             ):
                 return rule
         return None
 
+    def plan(self, rule: Rule) -> Plan:
+        """The compiled plan of `rule`."""
+        return self._by_rule[rule.name]
+
     async def decide(self, rule: Rule, scope: Scope) -> Decision:
         """Decide `scope` against `rule`: all of its limits admit and consume, or none."""
-        c = self._by_rule[rule.name]
+        plan = self._by_rule[rule.name]
         cost = rule.cost
-        if not isinstance(cost, int):
-            value = cost(scope)
-            cost = await value if inspect.isawaitable(value) else value
-            if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
-                raise ConfigError(
-                    f"rules[{rule.name}].cost", "an integer >= 0 from the cost callable", cost
-                )
+        if cost.__class__ is not int:
+            cost = await self._cost(rule, scope)
+        limits = plan.limits
+        n = len(limits)
+        results: list[CheckResult | None] = [None] * n
         checks: list[Check] = []
-        slots: list[int] = []  # index in rule.limits of each check
-        callers: list[str | None] = []
-        digests = self._digests
-        for i, lim in enumerate(c.limits):
-            key = lim.key(scope)
-            if key is None:
-                callers.append(None)
-                continue
-            if key.__class__ is not str and (lim.key_is_async or inspect.isawaitable(key)):
-                key = await key  # type: ignore[misc]
+        slots: list[int] = []  # index in the rule of each check
+        window_key: StoreKey | None = None
+        for i in range(n):
+            skey = plan.fixed_keys[i]
+            if skey is None:
+                key = plan.key_funcs[i](scope)
                 if key is None:
-                    callers.append(None)
                     continue
-            if lim.shared and key == "*":
-                caller = "*"
-            else:
-                text = str(key)
-                caller = digests.get(text)  # type: ignore[assignment]
-                if caller is None:
-                    if len(digests) >= _DIGEST_CACHE:
-                        digests.clear()
-                    caller = digests[text] = _digest(text)
-            callers.append(caller)
-            if i == c.window_index:
-                continue
-            skey = StoreKey(rule.name, c.names[i], caller)
-            if isinstance(lim, TokenBucket):
-                checks.append(BucketCheck(skey, lim.interval, lim.burst, cost))
-            elif isinstance(lim, Concurrency):
+                if key.__class__ is not str:
+                    if plan.key_async[i] or inspect.isawaitable(key):
+                        key = await key  # type: ignore[misc]
+                        if key is None:
+                            continue
+                    key = str(key)
+                skey = plan.store_key(i, key)
+            kind = plan.kinds[i]
+            if kind == _BUCKET:
+                interval, burst = plan.params[i]
+                checks.append(BucketCheck(skey, interval, int(burst), cost))
+            elif kind == _LEASE:
+                limit, ttl = plan.params[i]
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
-                checks.append(LeaseCheck(skey, lim.limit, lim.lease, lease_id))
+                checks.append(LeaseCheck(skey, int(limit), ttl, lease_id))
+            else:
+                window_key = skey
+                continue
             slots.append(i)
-        states: list[LimitState | None] = [None] * len(c.limits)
         admitted = True
         if checks:
             verdict = await self.backend.decide(checks)
             admitted = verdict.admitted
-            for i, check, result in zip(slots, checks, verdict.results, strict=True):
-                lim = c.limits[i]
-                retry = result.retry_after
-                reset = result.reset_after
-                if isinstance(check, LeaseCheck):
-                    if not result.admitted:
-                        assert isinstance(lim, Concurrency)
-                        retry = lim.retry_after
-                elif result.remaining == 0:
-                    # Time until one unit is free again: what a client waits for.
-                    reset = (
-                        retry
-                        if not result.admitted
-                        else max(0.0, reset - (check.burst - 1) * check.interval)
-                    )
-                states[i] = LimitState(
-                    lim, c.names[i], result.admitted, False, False, result.remaining, retry, reset
-                )
-        w = c.window_index
-        if w >= 0:
-            wcaller = callers[w]
-            if wcaller is None:
-                pass
-            elif not admitted:
-                states[w] = LimitState(c.limits[w], c.names[w], False, skipped=True)
+            for i, r in zip(slots, verdict.results, strict=True):
+                results[i] = r
+        if window_key is not None:
+            w = plan.window_index
+            if not admitted:
+                results[w] = SKIPPED
             else:
-                states[w], ok = await self._hit_window(c, w, wcaller, cost)
-                if not ok:
+                hit = await self._hit_window(plan, w, window_key, cost)
+                results[w] = hit
+                if not hit.admitted:
                     admitted = False
                     if checks:
                         await self.backend.refund(checks)
-                        _report_refunded(states, slots, checks)
-        for i, lim in enumerate(c.limits):
-            if states[i] is None:
-                states[i] = LimitState(lim, c.names[i], True, exempt=True)
-        final: tuple[LimitState, ...] = tuple(s for s in states if s is not None)
+                        _report_refunded(results, slots, checks)
         if admitted:
-            leases = tuple(ch for ch in checks if isinstance(ch, LeaseCheck))
-            grant = self._hold(leases) if leases else None
-            return Decision(rule, True, 200, 0.0, final, grant)
-        refused = [s for s in final if not s.admitted and not s.exempt and not s.skipped]
-        status = 429 if any(not s.limit.shared for s in refused) else 503
-        retry_after = max((s.retry_after for s in refused), default=0.0)
-        return Decision(rule, False, status, retry_after, final)
+            grant = None
+            if plan.min_lease != math.inf:
+                leases = tuple(ch for ch in checks if isinstance(ch, LeaseCheck))
+                if leases:
+                    grant = self._hold(leases)
+            return Decision(rule, True, 200, 0.0, plan, results, grant)
+        status = 503
+        wait = 0.0
+        for lim, res in zip(limits, results, strict=True):
+            if res is None or res is SKIPPED or res.admitted:
+                continue
+            if not lim.shared:
+                status = 429
+            wait = max(wait, retry_after(lim, res))
+        return Decision(rule, False, status, wait, plan, results)
 
-    async def _hit_window(
-        self, c: _Compiled, i: int, caller: str, cost: int
-    ) -> tuple[LimitState, bool]:
-        lim = c.limits[i]
+    async def _cost(self, rule: Rule, scope: Scope) -> int:
+        assert callable(rule.cost)
+        value = rule.cost(scope)
+        cost = await value if inspect.isawaitable(value) else value
+        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
+            raise ConfigError(
+                f"rules[{rule.name}].cost", "an integer >= 0 from the cost callable", cost
+            )
+        return cost
+
+    async def _hit_window(self, plan: Plan, i: int, skey: StoreKey, cost: int) -> CheckResult:
+        lim = plan.limits[i]
         assert isinstance(lim, Window)
         limiter = self._window_limiters.get(id(lim))
         if limiter is None:
             limiter = lim.limiter(self.backend.window_storage())
             self._window_limiters[id(lim)] = limiter
-        ids = (c.rule.name, c.names[i], caller)
+        ids = (skey.rule, skey.limit, skey.caller)
         ok = bool(await limiter.hit(lim.item, *ids, cost=cost))
         stats = await limiter.get_window_stats(lim.item, *ids)
         wait = max(0.0, stats.reset_time - time.time())
         remaining = max(0, int(stats.remaining))
-        return LimitState(
-            lim, c.names[i], ok, False, False, remaining, 0.0 if ok else wait, wait
-        ), ok
+        return CheckResult(ok, remaining, 0.0 if ok else wait, wait)
 
     # -- leases -----------------------------------------------------------------
 
