@@ -312,7 +312,9 @@ class Metrics:
                 previous(old, new)
 
         breaker.on_change = changed
-        changed(breaker.state, breaker.state)
+        if breaker.state != "closed":
+            opened.add(key)
+        gauge.set(len(opened))
 
     def publish_limits(self, engine: Engine) -> None:
         """Set the limit gauges to the limits `engine` enforces now."""
