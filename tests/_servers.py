@@ -138,6 +138,16 @@ class RedisServer:
         if proc.stderr is not None:
             proc.stderr.close()
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would: no shutdown, connections simply die."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
     def restart(self) -> None:
         """Stop and start on the same port: a fresh server, with no state and no scripts."""
         self.stop()
