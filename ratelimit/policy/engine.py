@@ -148,6 +148,7 @@ class Plan:
         "names",
         "params",
         "rule",
+        "specs",
         "window_index",
     )
 
@@ -167,6 +168,18 @@ class Plan:
         self.caches: tuple[dict[str, StoreKey], ...] = tuple({} for _ in rule.limits)
         #: (interval, burst) of a bucket, (limit, lease ttl) of a concurrency limit.
         self.params = tuple(_params(lim) for lim in rule.limits)
+        #: Everything the per-request loop reads about limit i, in one tuple.
+        self.specs = tuple(
+            zip(
+                range(len(self.limits)),
+                self.kinds,
+                self.fixed_keys,
+                self.key_funcs,
+                self.key_async,
+                *zip(*self.params, strict=True),
+                strict=True,
+            )
+        )
         leases = [lim.lease for lim in rule.limits if isinstance(lim, Concurrency)]
         self.min_lease = min(leases) if leases else math.inf
 
@@ -300,32 +313,27 @@ class Engine:
         if cost.__class__ is not int:
             cost = await self._cost(rule, scope)
         limits = plan.limits
-        n = len(limits)
-        results: list[CheckResult | None] = [None] * n
+        results: list[CheckResult | None] = [None] * len(limits)
         checks: list[Check] = []
         slots: list[int] = []  # index in the rule of each check
         window_key: StoreKey | None = None
-        for i in range(n):
-            skey = plan.fixed_keys[i]
+        for i, kind, skey, key_func, key_async, p1, p2 in plan.specs:
             if skey is None:
-                key = plan.key_funcs[i](scope)
+                key = key_func(scope)
                 if key is None:
                     continue
                 if key.__class__ is not str:
-                    if plan.key_async[i] or inspect.isawaitable(key):
-                        key = await key  # type: ignore[misc]
+                    if key_async or inspect.isawaitable(key):
+                        key = await key
                         if key is None:
                             continue
                     key = str(key)
                 skey = plan.store_key(i, key)
-            kind = plan.kinds[i]
             if kind == _BUCKET:
-                interval, burst = plan.params[i]
-                checks.append(BucketCheck(skey, interval, int(burst), cost))
+                checks.append(BucketCheck(skey, p1, int(p2), cost))
             elif kind == _LEASE:
-                limit, ttl = plan.params[i]
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
-                checks.append(LeaseCheck(skey, int(limit), ttl, lease_id))
+                checks.append(LeaseCheck(skey, int(p1), p2, lease_id))
             else:
                 window_key = skey
                 continue

@@ -58,7 +58,7 @@ class header:
         raw = self._raw
         for k, v in scope["headers"]:
             if k == raw:
-                return "h:" + bytes(v).decode("latin-1")
+                return bytes(v).decode("latin-1")
         return self.default
 
     def __repr__(self) -> str:
@@ -111,12 +111,12 @@ class client_ip:
         client = scope.get("client")
         peer = client[0] if client else None
         if not peer:
-            return "ip:unknown"
+            return "unknown"
         if self._trusted:
             peer = self._through_proxies(peer, scope)
         if ":" not in peer:
-            return "ip:" + peer  # IPv4 fast path: nothing to normalise
-        return "ip:" + self._normalise(peer)
+            return peer  # IPv4 fast path: nothing to normalise
+        return self._normalise(peer)
 
     def _is_trusted(self, address: str) -> bool:
         try:
