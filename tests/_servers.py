@@ -2,14 +2,19 @@
 
 `redis_server` is one `redis-server` for the whole session; `redis_url` hands a
 test that server's URL after `FLUSHALL`. Fault tests take `private_redis`, a
-server of their own that they may stop and restart freely. Without a
-`redis-server` binary these fixtures skip, saying how to install it.
+server of their own that they may stop and restart freely. `redis_cluster` is
+a real 3-master Redis Cluster for the session (three `redis-server
+--cluster-enabled yes` joined by `redis-cli --cluster create`), and
+`redis_cluster_url` its seed URL with every master emptied. Without the
+`redis-server` (or `redis-cli`) binary these fixtures skip, saying how to
+install it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,12 +28,16 @@ import pytest
 import redis
 
 from ratelimit.backends.redis import RedisBackend
-from ratelimit.backends.redis.scripts import load_scripts
+from ratelimit.backends.redis.scripts import Script, load_scripts
 
 __all__ = [
     "ManualClockRedisBackend",
+    "ManualClockRedisClusterBackend",
+    "RedisClusterServers",
     "RedisServer",
     "private_redis",
+    "redis_cluster",
+    "redis_cluster_url",
     "redis_server",
     "redis_url",
     "require_redis_server",
@@ -36,17 +45,30 @@ __all__ = [
 ]
 
 REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
 _START_TIMEOUT = 10.0
 
 
 def require_redis_server() -> str:
     """The redis-server binary, or skip the test saying how to get one."""
     if REDIS_SERVER is None:
-        reason = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("RATELIMIT_REQUIRE_REDIS"):  # CI: a missing server is a failure
-            pytest.fail(reason)
-        pytest.skip(reason)
+        _missing("redis-server is not installed (apt-get install redis-server)")
+    assert REDIS_SERVER is not None
     return REDIS_SERVER
+
+
+def require_redis_cli() -> str:
+    """The redis-cli binary (to create a cluster), or skip the test saying how to get one."""
+    if REDIS_CLI is None:
+        _missing("redis-cli is not installed (apt-get install redis-tools)")
+    assert REDIS_CLI is not None
+    return REDIS_CLI
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("RATELIMIT_REQUIRE_REDIS"):  # CI: a missing server is a failure
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -54,6 +76,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_cluster_port() -> int:
+    """A free loopback port P whose cluster bus port P + 10000 is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10_000 > 65_535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def command(port: int, *args: str, timeout: float = 1.0) -> bytes:
@@ -184,6 +221,81 @@ def start_redis(*options: str) -> RedisServer:
     raise AssertionError("unreachable")
 
 
+class RedisClusterServers:
+    """A real Redis Cluster on loopback: `masters` redis-servers, slots split among them."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.binary = require_redis_server()
+        self.cli = require_redis_cli()
+        self.nodes: list[RedisServer] = []
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        """A seed URL naming every node (any one would do: the client discovers the rest)."""
+        return "redis://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        """Start the nodes, join them with `redis-cli --cluster create`, wait for state ok."""
+        for _ in range(self.masters):
+            port = free_cluster_port()
+            node = RedisServer(self.binary, port)
+            node.options = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", os.path.join(node.dir, f"nodes-{port}.conf"),
+                "--cluster-node-timeout", "2000",
+            )  # fmt: skip
+            self.nodes.append(node)
+            node.start()
+        create = subprocess.run(
+            [self.cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout!r}")
+        deadline = time.monotonic() + 30
+        while not all(
+            b"cluster_state:ok" in command(n.port, "CLUSTER", "INFO") for n in self.nodes
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def flushall(self) -> None:
+        for node in self.nodes:
+            node.flushall()
+
+    def node_of(self, key: str) -> RedisServer:
+        """The node serving `key`'s slot (the others answer MOVED)."""
+        for node in self.nodes:
+            if not command(node.port, "EXISTS", key).startswith(b"-MOVED"):
+                return node
+        raise LookupError(f"no node serves {key!r}")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A 3-master Redis Cluster on free loopback ports for the session, stopped by PID."""
+    cluster = RedisClusterServers()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """The session cluster's seed URL, every master emptied (FLUSHALL) for this test."""
+    redis_cluster.flushall()
+    return redis_cluster.url
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One redis-server for the whole test session (pid in `.pid`, stopped at the end)."""
@@ -230,6 +342,39 @@ class ManualClockRedisBackend(RedisBackend):
         """Set the scripts' clock to `micros` microseconds since the epoch."""
         sec, usec = divmod(micros, 1_000_000)
         await self.client.set(CLOCK_KEY, f"{sec} {usec}")
+
+
+#: The cluster's test clock prelude: clock keys carry the hash tag of the call's keys.
+MANUAL_CLOCK_CLUSTER_LUA = (Path(__file__).parent / "manual_clock_cluster.lua").read_text(
+    encoding="utf-8"
+)
+_TAG = re.compile(r"\{[^}]*\}")
+
+
+class ManualClockRedisClusterBackend(RedisBackend):
+    """The cluster backend on a manual clock (tests/manual_clock_cluster.lua).
+
+    A script may touch only keys of its own slot, so the clock lives in one
+    key per hash tag; before each call the backend writes the current time to
+    the clock key of that call's slot (test only: a second round trip).
+    """
+
+    scripts = load_scripts(clock=MANUAL_CLOCK_CLUSTER_LUA)
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, cluster=True, **options)
+        self.micros = 0
+
+    async def set_time(self, micros: int) -> None:
+        """Set the scripts' clock to `micros` microseconds since the epoch."""
+        self.micros = micros
+
+    async def _eval(self, script: Script, keys: list[str], args: list[str]) -> Any:
+        match = _TAG.search(keys[0])
+        assert match is not None
+        sec, usec = divmod(self.micros, 1_000_000)
+        await self.client.set(f"{CLOCK_KEY}:{match.group()}", f"{sec} {usec}")
+        return await super()._eval(script, keys, args)
 
     async def asked_ttl_ms(self, key: str) -> int | None:
         """The ttl (ms) the scripts last asked for on `key`, or None."""

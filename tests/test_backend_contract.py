@@ -1,7 +1,8 @@
 """The Backend contract: the same behaviours on every backend.
 
-Each test runs on the memory backend and on a real Redis; time is a manual
-clock on both (the Redis scripts read it in place of TIME), so nothing sleeps.
+Each test runs on the memory backend, on a real Redis and on a real 3-master
+Redis Cluster; time is a manual clock on all of them (the Redis scripts read
+it in place of TIME), so nothing sleeps.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from _servers import ManualClockRedisBackend
+from _servers import ManualClockRedisBackend, ManualClockRedisClusterBackend
 from limits import parse
 from limits.aio.strategies import FixedWindowRateLimiter
 
 from ratelimit.backends.base import Backend, BucketCheck, Check, LeaseCheck, StoreKey
 from ratelimit.backends.memory import MemoryBackend
 
-#: The backends every contract test runs on. A Redis Cluster joins here as "redis-cluster".
-BACKENDS = ["memory", "redis"]
+#: The backends every contract test runs on.
+BACKENDS = ["memory", "redis", "redis-cluster"]
 
 #: Redis runs on an epoch-scale clock (as TIME is), memory on a monotonic-scale one.
 REDIS_EPOCH_US = 1_760_000_000_000_000
@@ -38,7 +39,7 @@ class Env:
 
     backend: Backend = field(init=False)
     micros: int = 0
-    _redis: ManualClockRedisBackend | None = None
+    _redis: ManualClockRedisBackend | ManualClockRedisClusterBackend | None = None
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     async def advance(self, seconds: float) -> None:
@@ -63,7 +64,11 @@ async def env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
         yield env
         await env.backend.aclose()
         return
-    backend = ManualClockRedisBackend(request.getfixturevalue("redis_url"))
+    backend: ManualClockRedisBackend | ManualClockRedisClusterBackend
+    if request.param == "redis-cluster":
+        backend = ManualClockRedisClusterBackend(request.getfixturevalue("redis_cluster_url"))
+    else:
+        backend = ManualClockRedisBackend(request.getfixturevalue("redis_url"))
     env = Env(_redis=backend)
     env.backend = backend
     await env.advance(0)
@@ -256,6 +261,7 @@ async def test_dead_leases_expire_and_free_their_slots(env: Env) -> None:
     [
         "memory",
         "redis",
+        "redis-cluster",
     ],
     indirect=True,
 )

@@ -1,10 +1,11 @@
 """Exactness across OS processes on one Redis key, and leases surviving a SIGKILL.
 
 Four spawned processes, each with many concurrent decisions in flight, hammer
-one key on a real Redis. A token bucket may never admit more than its burst
-plus its refill over the elapsed server time; a concurrency limit may never
-see more requests in flight than its limit. No decision may fail while Redis
-is alive: a busy Redis is not a dead one.
+one key on a real Redis, and again on a real 3-master Redis Cluster. A token
+bucket may never admit more than its burst plus its refill over the elapsed
+server time; a concurrency limit may never see more requests in flight than
+its limit. No decision may fail while Redis is alive: a busy Redis is not a
+dead one.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import os
 import random
 import signal
 import time
+from dataclasses import dataclass, field
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any
 
 import pytest
 import redis.asyncio
+from _servers import RedisClusterServers
 
 from ratelimit._errors import BackendError
 from ratelimit.backends.base import BucketCheck, LeaseCheck, StoreKey
@@ -37,6 +40,30 @@ SLOTS = StoreKey("mp", "slots", "*")
 INFLIGHT = "mp-test:inflight"
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the workers' backends point, and a plain server for the test's own keys."""
+
+    url: str
+    #: A single server: TIME (every cluster node shares this host's clock) and the
+    #: in-flight counter (on a cluster, the node serving that key).
+    plain_url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def backend(self) -> RedisBackend:
+        return RedisBackend(self.url, **self.options)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return Target(url, url)
+    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+    url = request.getfixturevalue("redis_cluster_url")
+    return Target(url, cluster.node_of(INFLIGHT).url, {"cluster": True})
+
+
 async def server_time(url: str) -> float:
     """The Redis server's clock, as the scripts compute it."""
     client = redis.asyncio.Redis.from_url(url)
@@ -47,21 +74,24 @@ async def server_time(url: str) -> float:
         await client.aclose()
 
 
-def _run_workers(target: Any, url: str, *args: Any) -> tuple[float, float, list[dict[str, Any]]]:
+def _run_workers(
+    worker: Any, target: Target, *args: Any
+) -> tuple[float, float, list[dict[str, Any]]]:
     """Start PROCESSES workers, release them together, return server times around the run."""
     barrier = SPAWN.Barrier(PROCESSES + 1)
     results = SPAWN.Queue()
     procs = [
-        SPAWN.Process(target=target, args=(url, barrier, results, *args)) for _ in range(PROCESSES)
+        SPAWN.Process(target=worker, args=(target, barrier, results, *args))
+        for _ in range(PROCESSES)
     ]
     for proc in procs:
         proc.start()
     try:
         barrier.wait(timeout=60)  # every worker connected and warmed up
-        started = asyncio.run(server_time(url))
+        started = asyncio.run(server_time(target.plain_url))
         barrier.wait(timeout=10)  # go
         outcomes = [results.get(timeout=60) for _ in procs]
-        ended = asyncio.run(server_time(url))
+        ended = asyncio.run(server_time(target.plain_url))
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -74,12 +104,16 @@ def _run_workers(target: Any, url: str, *args: Any) -> tuple[float, float, list[
 # -- token bucket -------------------------------------------------------------------
 
 
-def _bucket_worker(url: str, barrier: Barrier, results: Any, interval: float, burst: int) -> None:
-    results.put(asyncio.run(_hammer_bucket(url, barrier, interval, burst)))
+def _bucket_worker(
+    target: Target, barrier: Barrier, results: Any, interval: float, burst: int
+) -> None:
+    results.put(asyncio.run(_hammer_bucket(target, barrier, interval, burst)))
 
 
-async def _hammer_bucket(url: str, barrier: Barrier, interval: float, burst: int) -> dict[str, Any]:
-    backend = RedisBackend(url)
+async def _hammer_bucket(
+    target: Target, barrier: Barrier, interval: float, burst: int
+) -> dict[str, Any]:
+    backend = target.backend()
     counts: dict[str, Any] = {"admitted": 0, "decisions": 0, "slowest": 0.0, "failures": []}
     check = BucketCheck(BUCKET, interval, burst, 1)
     await backend.decide([BucketCheck(BUCKET, interval, burst, 0)])  # connect, load scripts
@@ -105,10 +139,10 @@ async def _hammer_bucket(url: str, barrier: Barrier, interval: float, burst: int
     return counts
 
 
-def test_token_bucket_is_exact_across_processes(redis_url: str) -> None:
+def test_token_bucket_is_exact_across_processes(target: Target) -> None:
     """Admissions never exceed burst + elapsed / interval, over 4 processes on one key."""
     interval, burst = 0.005, 20
-    started, ended, outcomes = _run_workers(_bucket_worker, redis_url, interval, burst)
+    started, ended, outcomes = _run_workers(_bucket_worker, target, interval, burst)
     admitted = sum(o["admitted"] for o in outcomes)
     decisions = sum(o["decisions"] for o in outcomes)
     allowed = burst + (ended - started) / interval
@@ -125,13 +159,13 @@ def test_token_bucket_is_exact_across_processes(redis_url: str) -> None:
 # -- concurrency ---------------------------------------------------------------------
 
 
-def _lease_worker(url: str, barrier: Barrier, results: Any, limit: int) -> None:
-    results.put(asyncio.run(_hammer_leases(url, barrier, limit)))
+def _lease_worker(target: Target, barrier: Barrier, results: Any, limit: int) -> None:
+    results.put(asyncio.run(_hammer_leases(target, barrier, limit)))
 
 
-async def _hammer_leases(url: str, barrier: Barrier, limit: int) -> dict[str, Any]:
-    backend = RedisBackend(url)
-    counter = redis.asyncio.Redis.from_url(url)
+async def _hammer_leases(target: Target, barrier: Barrier, limit: int) -> dict[str, Any]:
+    backend = target.backend()
+    counter = redis.asyncio.Redis.from_url(target.plain_url)
     counts: dict[str, Any] = {"admitted": 0, "lost": 0, "peak": 0, "failures": []}
     await backend.in_use(SLOTS)  # connect, load scripts
     await counter.ping()
@@ -167,10 +201,10 @@ async def _hammer_leases(url: str, barrier: Barrier, limit: int) -> dict[str, An
     return counts
 
 
-def test_concurrency_limit_holds_across_processes(redis_url: str) -> None:
+def test_concurrency_limit_holds_across_processes(target: Target) -> None:
     """The observed in-flight count never exceeds the limit, over 4 processes on one key."""
     limit = 3
-    _, _, outcomes = _run_workers(_lease_worker, redis_url, limit)
+    _, _, outcomes = _run_workers(_lease_worker, target, limit)
     peak = max(o["peak"] for o in outcomes)
     admitted = sum(o["admitted"] for o in outcomes)
     print(f"\n{admitted} leases granted, peak in flight {peak} (limit {limit})")
@@ -183,9 +217,9 @@ def test_concurrency_limit_holds_across_processes(redis_url: str) -> None:
 # -- crash safety ----------------------------------------------------------------------
 
 
-def _hold_leases(url: str, limit: int, ttl: float, ready: Event) -> None:
+def _hold_leases(target: Target, limit: int, ttl: float, ready: Event) -> None:
     async def hold() -> None:
-        backend = RedisBackend(url)
+        backend = target.backend()
         for i in range(limit):
             verdict = await backend.decide([LeaseCheck(SLOTS, limit, ttl, f"doomed-{i}")])
             assert verdict.admitted
@@ -195,13 +229,13 @@ def _hold_leases(url: str, limit: int, ttl: float, ready: Event) -> None:
     asyncio.run(hold())
 
 
-async def test_killed_holder_gives_its_slots_back_within_the_lease_time(redis_url: str) -> None:
+async def test_killed_holder_gives_its_slots_back_within_the_lease_time(target: Target) -> None:
     """A process holding every slot is SIGKILLed; another process gets them within the ttl."""
     limit, ttl = 2, 1.0
     ready = SPAWN.Event()
-    holder = SPAWN.Process(target=_hold_leases, args=(redis_url, limit, ttl, ready))
+    holder = SPAWN.Process(target=_hold_leases, args=(target, limit, ttl, ready))
     holder.start()
-    backend = RedisBackend(redis_url)
+    backend = target.backend()
     try:
         assert await asyncio.to_thread(ready.wait, 60)
         granted_by = time.monotonic()  # the leases were granted before this instant

@@ -21,6 +21,18 @@ instead of a connection attempt or a timeout. After `breaker_reset` seconds
 one call probes; when Redis answers again (scripts reloaded on `NOSCRIPT`) the
 breaker closes and decisions resume by themselves. Each state change is logged
 once on the "ratelimit" logger, never once per request.
+
+Redis Cluster: `RedisBackend("redis://node1:7000,node2:7001", cluster=True)`
+(any reachable nodes; the rest are discovered by redis-py's `RedisCluster`,
+which keeps the slot map). Each script call goes to the node serving its
+keys' slot, pipelined on one connection per node like a single server's, and
+follows MOVED/ASK redirects (see `transport`). TLS (`rediss://`) and a
+passed-in `RedisCluster` send calls through redis-py itself, one connection
+per call in flight. A rule is decided with one script call per hash slot:
+the keys of one rule and one caller share a hash tag, so a per-caller check
+set is one call, and shared (`*`) keys are another; if a later slot refuses,
+earlier slots are refunded. Nothing in a script touches a key it was not
+given, so no call can ever be cross-slot.
 """
 
 from __future__ import annotations
@@ -30,8 +42,10 @@ import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import unquote, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -40,6 +54,7 @@ from redis.exceptions import (
     RedisClusterException,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -49,7 +64,7 @@ from ..base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey, Verdic
 from ..breaker import BreakerState, CircuitBreaker
 from .keyspace import Keyspace
 from .scripts import SCRIPTS, Script, ScriptSet
-from .transport import ClientTransport, PipelinedTransport, Transport
+from .transport import ClientTransport, ClusterTransport, PipelinedTransport, Transport
 
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
@@ -80,6 +95,11 @@ _UNREACHABLE = (
     OSError,
     ClusterDownError,  # the cluster cannot serve the slot (a master is down)
 )
+#: Connections per node and process of the redis-py cluster client, which carries
+#: `Window` limits and, over TLS, script calls: it fails a call (it does not wait)
+#: when every connection to the node is busy. Other script calls are pipelined.
+CLUSTER_MAX_CONNECTIONS = 1000
+
 #: Every error a call may raise; each becomes a BackendError.
 _CALL_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
@@ -87,7 +107,10 @@ _CALL_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError
 class RedisBackend:
     """Limiter state in Redis, shared by every worker that names the same URL and prefix.
 
-    `url` is a redis-py URL (`redis://`, `unix://`, `rediss://`). `prefix` starts
+    `url` is a redis-py URL (`redis://`, `unix://`, `rediss://`); with
+    `cluster=True`, `redis://` or `rediss://` naming one or more nodes of a
+    Redis Cluster (`redis://[user:password@]host:port[,host:port...]`,
+    database 0). `prefix` starts
     every key (and the `Window` storage's keys). `timeout` bounds the wait for a
     reply once the request is written, `connect_timeout` the opening of a
     connection (with AUTH and SELECT), in seconds. Script calls made in the same
@@ -95,8 +118,9 @@ class RedisBackend:
     URLs and a passed-in `client` (a `redis.asyncio.Redis`, left open by
     `aclose`) go through redis-py instead, one call at a time. Nothing retries:
     a failure is reported once, at once. `split_by_slot` decides each hash slot
-    of a rule in its own script call, as Redis Cluster requires; on one server
-    a rule is decided in one call, atomically.
+    of a rule in its own script call, as Redis Cluster requires (`cluster=True`
+    implies it, as does passing a `RedisCluster` as `client`); on one server a
+    rule is decided in one call, atomically.
 
     `breaker_failures` failures to reach Redis in a row (connection errors and
     timeouts; calls that fail together, like a batch on one broken connection,
@@ -115,8 +139,9 @@ class RedisBackend:
         prefix: str = "ratelimit",
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        client: Redis | None = None,
+        client: Redis | RedisCluster | None = None,
         split_by_slot: bool = False,
+        cluster: bool = False,
         breaker_failures: int = 3,
         breaker_reset: float = 1.0,
         breaker: CircuitBreaker | None = None,
@@ -128,9 +153,17 @@ class RedisBackend:
         self.prefix = prefix
         self.timeout = _seconds("timeout", timeout)
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self.split_by_slot = bool(split_by_slot)
+        if not isinstance(cluster, bool):
+            raise ConfigError("cluster", "true or false", cluster)
+        #: Whether the store is a Redis Cluster (one script call per hash slot).
+        self.cluster = cluster or isinstance(client, RedisCluster)
+        self.split_by_slot = bool(split_by_slot) or self.cluster
         self._owns_client = client is None
-        if client is None:
+        cluster_options: dict[str, Any] = {}
+        if client is None and self.cluster:
+            cluster_options = self._cluster_options(url)
+            client = _RoutedCluster(**cluster_options)
+        elif client is None:
             try:
                 client = Redis.from_url(
                     url,
@@ -143,9 +176,18 @@ class RedisBackend:
                     "url", f"a redis://, rediss:// or unix:// URL ({exc})", url
                 ) from None
         #: The redis-py client: `Window` storage, and script calls that cannot be pipelined.
-        self.client = client
+        self.client: Redis | RedisCluster = client
         self._transport: Transport
-        if self._owns_client and PipelinedTransport.supports(url):
+        if self._owns_client and self.cluster and not cluster_options["ssl"]:
+            assert isinstance(client, RedisCluster)
+            self._transport = ClusterTransport(
+                client,
+                timeout=self.timeout,
+                connect_timeout=self.connect_timeout,
+                username=cluster_options.get("username"),
+                password=cluster_options.get("password"),
+            )
+        elif self._owns_client and not self.cluster and PipelinedTransport.supports(url):
             self._transport = PipelinedTransport(
                 url, timeout=self.timeout, connect_timeout=self.connect_timeout
             )
@@ -160,7 +202,8 @@ class RedisBackend:
         self._last_failure: BaseException | None = None
 
     def __repr__(self) -> str:
-        return f"RedisBackend({self.url!r}, prefix={self.prefix!r})"
+        cluster = ", cluster=True" if self.cluster else ""
+        return f"RedisBackend({self.url!r}, prefix={self.prefix!r}{cluster})"
 
     # -- the Backend protocol ---------------------------------------------------
 
@@ -206,17 +249,33 @@ class RedisBackend:
         return int(await self._eval(self.scripts.in_use, [self.keys.leases(key)], []))
 
     def window_storage(self) -> Storage:
-        """The `limits` async Redis storage on this backend's connections and prefix."""
-        if self._storage is None:
-            from limits.aio.storage import RedisStorage
+        """The `limits` async Redis storage on this backend's server (or cluster) and prefix.
 
-            options: dict[str, Any] = {"connection_pool": self.client.connection_pool}
-            self._storage = RedisStorage(
-                _limits_uri(self.url),
-                implementation="redispy",
-                key_prefix=f"{self.prefix}:window",
-                **options,
-            )
+        On one server it shares this backend's connection pool; on a cluster,
+        this backend's cluster client (so its nodes, credentials and timeouts).
+        Each window key lives in one slot.
+        """
+        if self._storage is None:
+            from limits.aio.storage import RedisClusterStorage, RedisStorage
+
+            prefix = f"{self.prefix}:window"
+            if isinstance(self.client, RedisCluster):
+                nodes = ",".join(f"{n.host}:{n.port}" for n in self._startup_nodes())
+                cluster_storage = RedisClusterStorage(
+                    f"async+redis+cluster://{nodes}", implementation="redispy", key_prefix=prefix
+                )
+                # limits builds a cluster client of its own (never connected) and takes
+                # none: hand it ours, with our nodes, credentials, timeouts and routing.
+                bridge = cluster_storage.bridge
+                bridge.storage = self.client  # type: ignore[attr-defined]
+                bridge.register_scripts()
+                storage: Storage = cluster_storage
+            else:
+                options: dict[str, Any] = {"connection_pool": self.client.connection_pool}
+                storage = RedisStorage(
+                    _limits_uri(self.url), implementation="redispy", key_prefix=prefix, **options
+                )
+            self._storage = storage
         return self._storage
 
     async def aclose(self) -> None:
@@ -227,15 +286,56 @@ class RedisBackend:
 
     # -- internals --------------------------------------------------------------
 
+    def _cluster_options(self, url: str) -> dict[str, Any]:
+        """`RedisCluster` arguments for a cluster URL: its nodes, credentials and our timeouts."""
+        expected = "redis://[user:password@]host:port[,host:port...] naming Redis Cluster nodes"
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigError("url", expected, url)
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        nodes: list[ClusterNode] = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon:
+                host, port = port, "6379"
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError("url", expected, url)
+            nodes.append(ClusterNode(host, int(port)))
+        if parts.path.strip("/") not in ("", "0"):
+            raise ConfigError("url", "database 0 (a Redis Cluster has only database 0)", url)
+        options: dict[str, Any] = {
+            "startup_nodes": nodes,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            # No retries: a failure is reported at once, and the breaker decides.
+            "retry": Retry(NoBackoff(), 0),
+            "max_connections": CLUSTER_MAX_CONNECTIONS,
+            "ssl": parts.scheme == "rediss",
+        }
+        if userinfo:
+            user, colon, password = userinfo.partition(":")
+            if colon:
+                options["username"] = unquote(user) or None
+                options["password"] = unquote(password)
+            else:
+                options["password"] = unquote(user)
+        return options
+
+    def _startup_nodes(self) -> list[ClusterNode]:
+        client = self.client
+        assert isinstance(client, RedisCluster)
+        return client.get_nodes() or client.startup_nodes
+
     def _groups(self, checks: Sequence[Check]) -> list[list[int]]:
-        """Indices of `checks` per script call: per hash tag when split, else all in one."""
+        """Indices of `checks` per script call: per hash slot when split, else all in one."""
         if not self.split_by_slot:
             return [list(range(len(checks)))]
-        by_tag: dict[str, list[int]] = {}
-        tag = self.keys.tag
+        by_slot: dict[int, list[int]] = {}
+        slot = self.keys.slot
         for i, check in enumerate(checks):
-            by_tag.setdefault(tag(check.key), []).append(i)
-        return list(by_tag.values())
+            by_slot.setdefault(slot(check.key), []).append(i)
+        return list(by_slot.values())
 
     def _decide_args(self, checks: Sequence[Check], commit: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of decide.lua (and refund.lua) for `checks`."""
@@ -261,9 +361,12 @@ class RedisBackend:
         results: list[CheckResult | None] = [None] * len(checks)
         for g, group in enumerate(groups):
             keys, args = self._decide_args([checks[i] for i in group], "1")
-            verdict, group_results = _parse_decide(
-                await self._eval(self.scripts.decide, keys, args)
-            )
+            try:
+                reply = await self._eval(self.scripts.decide, keys, args)
+            except BackendError:
+                await self._refund_quietly(checks, groups[:g])
+                raise
+            verdict, group_results = _parse_decide(reply)
             for i, result in zip(group, group_results, strict=True):
                 results[i] = result
             if verdict:
@@ -278,6 +381,19 @@ class RedisBackend:
                     results[i] = result
             return Verdict(False, tuple(r for r in results if r is not None))
         return Verdict(True, tuple(r for r in results if r is not None))
+
+    async def _refund_quietly(self, checks: Sequence[Check], groups: list[list[int]]) -> None:
+        """Best effort: undo slots already admitted when a later slot failed to answer.
+
+        What cannot be refunded (its node down too) comes back by itself: leases
+        expire within their ttl, bucket units refill.
+        """
+        for group in groups:
+            keys, args = self._decide_args([checks[i] for i in group], "1")
+            try:
+                await self._eval(self.scripts.refund, keys, args)
+            except BackendError as exc:  # debug: an outage must not log once per request
+                logger.debug("ratelimit: could not refund a slot after a failure (%s)", exc)
 
     async def _eval(self, script: Script, keys: list[str], args: list[str]) -> Any:
         """Run `script` (EVALSHA, reloaded if the server lost it) through the breaker.
@@ -326,7 +442,7 @@ class RedisBackend:
     def _settle(self, exc: BaseException, *, probe: bool = False) -> None:
         """Tell the breaker what a failed call says about Redis."""
         breaker = self.breaker
-        if isinstance(exc, _UNREACHABLE) and not isinstance(exc, MaxConnectionsError):
+        if _unreachable(exc):
             # Calls that failed together (one broken connection, one failed
             # connect) share one exception object: count it once, so a single
             # hiccup under load is one failure, not one per call in flight.
@@ -357,6 +473,21 @@ class RedisBackend:
             self._on_breaker_change(old, new)
 
 
+class _RoutedCluster(RedisCluster):
+    """A `RedisCluster` that finishes discovery before routing any command.
+
+    redis-py (8.1) routes a command issued before discovery completes as if
+    it had no key: to a random node. Concurrent first commands (the first
+    requests of a surge, on `Window` limits) then meet MOVED replies, and
+    every few MOVED the client closes all its connections, failing calls in
+    flight. Waiting for discovery first routes every command by its slot.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        await self.initialize()  # at once when already initialized
+        return await super().execute_command(*args, **kwargs)
+
+
 def _parse_decide(reply: list[Any]) -> tuple[bool, list[CheckResult]]:
     """The verdict and per-check results of a decide.lua reply."""
     return reply[0] == 1, [
@@ -370,6 +501,22 @@ def _limits_uri(url: str) -> str:
     if url.startswith("unix://"):
         return "async+redis+unix://" + url.removeprefix("unix://")
     return f"async+{url}"
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says Redis was not reached or did not answer in time.
+
+    A cluster client reports nodes it could not reach (at discovery, or a slot
+    left without a node) as RedisClusterException caused by a connection error.
+    A full connection pool is this process's limit, not Redis's failure.
+    """
+    if isinstance(exc, MaxConnectionsError):
+        return False
+    if isinstance(exc, _UNREACHABLE):
+        return True
+    return isinstance(exc, SlotNotCoveredError) or (
+        isinstance(exc, RedisClusterException) and isinstance(exc.__cause__, _UNREACHABLE)
+    )
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from redis.crc import key_slot
+
 from ..._errors import ConfigError
 from ..base import StoreKey
 
@@ -50,7 +52,11 @@ class Keyspace:
         """The hash tag (with braces): keys with equal tags share a cluster slot."""
         return self._locate(key)[2]
 
-    def _build(self, key: StoreKey) -> tuple[str, str, str]:
+    def slot(self, key: StoreKey) -> int:
+        """The Redis Cluster hash slot (0..16383) of every key of `key`'s tag."""
+        return self._locate(key)[3]
+
+    def _build(self, key: StoreKey) -> tuple[str, str, str, int]:
         rule, limit, caller = key
         if not isinstance(rule, str) or not _NAME.fullmatch(rule):
             raise ConfigError("StoreKey.rule", "a configuration name", rule)
@@ -60,4 +66,4 @@ class Keyspace:
             raise ConfigError("StoreKey.caller", "a lowercase hex digest or '*'", caller)
         tag = f"{{{rule}:{caller}}}"
         base = f"{self.prefix}:{tag}:{limit}"
-        return f"{base}:tat", f"{base}:leases", tag
+        return f"{base}:tat", f"{base}:leases", tag, key_slot(tag.encode())

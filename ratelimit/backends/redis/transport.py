@@ -14,8 +14,16 @@ bytes were written. Replies that arrived are always processed before the
 timer is checked (I/O callbacks run before timers in each loop turn), so a
 stalled event loop never times out a call that Redis answered in time.
 
-`ClientTransport` sends calls through a redis-py client: a client passed in by
-the user, and TLS URLs.
+`ClusterTransport` does the same on a Redis Cluster: one pipelined connection
+per node, each call sent to the node serving its keys' slot. The slot map comes
+from redis-py's `RedisCluster` (discovery, `CLUSTER SLOTS`, refreshes), which
+never carries a script call itself: its one-connection-per-call model would
+open hundreds of connections in a surge, and time calls out on a stalled
+event loop, turning load into failures.
+
+`ClientTransport` sends calls through a redis-py client, one call per pooled
+connection: a client passed in by the user (`Redis` or `RedisCluster`, which
+routes calls and follows redirects itself), and TLS URLs.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from collections import deque
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from redis import exceptions as rx
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import parse_url
 
 from ..._errors import ConfigError
@@ -53,18 +62,21 @@ class Transport(Protocol):
 
 
 class ClientTransport:
-    """Script calls through a redis-py client and its connection pool."""
+    """Script calls through a redis-py client (one server, or a cluster) and its connections."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis | RedisCluster) -> None:
         self.client = client
 
     async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-        """EVALSHA; on NOSCRIPT (the server lost its scripts) load it and call again."""
+        """EVALSHA; on NOSCRIPT (the server lost its scripts) EVAL the source once.
+
+        EVAL goes where the EVALSHA went (on a cluster, the node of the keys'
+        slot), loading the script there: each node reloads what it lost.
+        """
         try:
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
         except rx.NoScriptError:
-            await self.client.script_load(script.source)
-            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            return await self.client.eval(script.source, len(keys), *keys, *args)
 
     async def aclose(self) -> None:
         """Nothing to close: the client belongs to whoever made it."""
@@ -118,18 +130,28 @@ class PipelinedTransport:
         """Whether this transport can serve `url` (TLS goes through redis-py instead)."""
         return url.startswith(("redis://", "unix://"))
 
-    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
-        """EVALSHA in the current loop turn's batch; on NOSCRIPT, EVAL the source once."""
+    async def evalsha(
+        self, script: Script, keys: Sequence[str], args: Sequence[str], *, asking: bool = False
+    ) -> Any:
+        """EVALSHA in the current loop turn's batch; on NOSCRIPT, EVAL the source once.
+
+        `asking` sends ASKING right before it, in the same write (a cluster's
+        ASK redirect: the slot is migrating to this node).
+        """
         lane = self._lane
         if lane is None or lane.broken or lane.loop is not asyncio.get_running_loop():
             lane = await self._connect()
         n = str(len(keys))
         try:
+            if asking:
+                lane.call(_ASKING).add_done_callback(_retrieve)
             return await lane.call(pack("EVALSHA", script.sha, n, *keys, *args))
         except rx.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # The server lost its scripts (restart, SCRIPT FLUSH): EVAL loads and runs it.
+        if asking:
+            lane.call(_ASKING).add_done_callback(_retrieve)
         return await lane.call(pack("EVAL", script.source, n, *keys, *args))
 
     async def aclose(self) -> None:
@@ -263,6 +285,115 @@ class PipelinedTransport:
         return self.path if self.path is not None else f"{self.host}:{self.port}"
 
 
+_ASKING = pack("ASKING")
+
+#: Redirects one call may follow (a slot moves at most once or twice during a resharding).
+_MAX_REDIRECTS = 5
+
+
+class ClusterTransport:
+    """Script calls on a Redis Cluster, pipelined on one connection per node.
+
+    `client` is used for topology only: `initialize()` discovers the nodes
+    and slots, `get_node_from_key` maps a call's first key to its node (every
+    key of a call shares one slot), and `nodes_manager.initialize()` re-reads
+    the map after a MOVED redirect or a failure to reach a node (a failover
+    may have moved its slots). MOVED and ASK redirects are followed at once;
+    CLUSTERDOWN is reported as `ClusterDownError` (the slot has no serving
+    node: the store is unreachable for it).
+    """
+
+    def __init__(
+        self,
+        client: RedisCluster,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        auth = ""
+        if password is not None:
+            auth = f"{quote(username or '', safe='')}:{quote(password, safe='')}@"
+        self._auth = auth
+        self._nodes: dict[tuple[str, int], PipelinedTransport] = {}
+        self._ready = False
+        self._discovered = False
+        self._refreshing: asyncio.Task[None] | None = None
+
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """EVALSHA on the node serving `keys` (reloaded there on NOSCRIPT), following redirects."""
+        if not self._ready:
+            await self._refresh()
+        node = self.client.get_node_from_key(keys[0])
+        assert node is not None
+        address = (node.host, int(node.port))
+        asking = False
+        for _ in range(_MAX_REDIRECTS):
+            try:
+                return await self._node(address).evalsha(script, keys, args, asking=asking)
+            except rx.ResponseError as exc:
+                kind, _, rest = str(exc).partition(" ")
+                if kind == "CLUSTERDOWN":
+                    raise rx.ClusterDownError(str(exc)) from None
+                if kind not in ("MOVED", "ASK"):
+                    raise
+                _, _, target = rest.partition(" ")
+                host, _, port = target.rpartition(":")
+                address = (host or node.host, int(port))
+                asking = kind == "ASK"
+                if kind == "MOVED":  # the slot lives elsewhere now: re-read the map
+                    self._ready = False
+            except (rx.ConnectionError, rx.TimeoutError):
+                self._ready = False  # a failover may have moved this node's slots
+                raise
+        raise rx.ClusterError(f"too many redirects for a call on {keys[0]!r}")
+
+    async def aclose(self) -> None:
+        """Close every node's connection (the topology client is closed by its owner)."""
+        refreshing, self._refreshing = self._refreshing, None
+        if refreshing is not None and not refreshing.done():
+            refreshing.cancel()
+        nodes, self._nodes = self._nodes, {}
+        for transport in nodes.values():
+            await transport.aclose()
+
+    def _node(self, address: tuple[str, int]) -> PipelinedTransport:
+        transport = self._nodes.get(address)
+        if transport is None:
+            host, port = address
+            host = f"[{host}]" if ":" in host else host
+            transport = self._nodes[address] = PipelinedTransport(
+                f"redis://{self._auth}{host}:{port}/0",
+                timeout=self.timeout,
+                connect_timeout=self.connect_timeout,
+            )
+        return transport
+
+    async def _refresh(self) -> None:
+        """(Re)read the slot map, once however many callers are waiting for it."""
+        loop = asyncio.get_running_loop()
+        task = self._refreshing
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = self._refreshing = loop.create_task(self._read_map())
+            task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
+
+    async def _read_map(self) -> None:
+        client = self.client
+        # Discovery first (connects the client); later, a refresh of the slot map.
+        reading = client.nodes_manager.initialize() if self._discovered else client.initialize()
+        try:
+            await asyncio.wait_for(reading, self.connect_timeout + self.timeout)
+        except rx.RedisClusterException as exc:  # "cannot be connected": no node answered
+            raise rx.ConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+        self._discovered = True
+        self._ready = True
+
+
 class _Lane(asyncio.Protocol):
     """One connection: commands written once per loop turn, replies matched in order."""
 
@@ -391,10 +522,10 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a task's exception as retrieved (its callers saw it, or were cancelled)."""
-    if not task.cancelled():
-        task.exception()
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as retrieved (its callers saw it, or were cancelled)."""
+    if not future.cancelled():
+        future.exception()
 
 
 _INCOMPLETE = object()
