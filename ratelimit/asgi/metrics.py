@@ -204,6 +204,9 @@ class Metrics:
             namespace=ns,
             registry=None,
         )
+        self._bounds = tuple(bounds)
+        #: Created when a backend that reports its calls is attached (see `attach`).
+        self.backend_seconds: Histogram | None = None
         #: Created when a backend with a circuit breaker is attached (see `attach`).
         self.breaker_open: Gauge | None = None
         self._collectors: tuple[Collector, ...] = (
@@ -269,6 +272,20 @@ class Metrics:
                 if isinstance(lim, Concurrency):
                     self._in_flight_child(rule.name, name)
         self.backend_errors.labels("decide")
+        if hasattr(engine.backend, "observer"):
+            # The backend times each call and reports errors per operation itself.
+            if self.backend_seconds is None:
+                self.backend_seconds = Histogram(
+                    "backend_seconds",
+                    "Time of one call to the store, by operation (a Redis script round trip).",
+                    ["operation"],
+                    namespace=self.namespace,
+                    buckets=self._bounds,
+                    registry=None,
+                )
+                self.registry.register(self.backend_seconds)
+                self._collectors = (*self._collectors, self.backend_seconds)
+            engine.backend.observer = self.observe_backend_call
         breaker = getattr(engine.backend, "breaker", None)
         if isinstance(breaker, CircuitBreaker):
             self.watch_breaker(breaker)
@@ -379,7 +396,17 @@ class Metrics:
         """
         if policy != "local":
             self._decision_child(rule.name, "", f"failed_{policy}").inc()
-        self.observe_backend_error("decide")
+        if self.backend_seconds is None:  # else the backend reported the error itself
+            self.observe_backend_error("decide")
+
+    def observe_backend_call(
+        self, operation: str, seconds: float, error: BaseException | None
+    ) -> None:
+        """One call to the store finished (or failed): its latency, and its error if any."""
+        if self.backend_seconds is not None:
+            self.backend_seconds.labels(operation).observe(seconds)
+        if error is not None:
+            self.observe_backend_error(operation)
 
     def observe_backend_error(self, operation: str) -> None:
         """Count one failed backend call of `operation` (decide, release, renew, ...)."""

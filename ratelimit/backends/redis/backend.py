@@ -40,7 +40,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
@@ -196,6 +197,9 @@ class RedisBackend:
         self._storage: Storage | None = None
         #: Gates every call: open after repeated failures to reach Redis (see the module doc).
         self.breaker = _make_breaker(breaker, breaker_failures, breaker_reset)
+        #: Called after every call to Redis with (operation, seconds, error or None):
+        #: how metrics time calls and count errors per operation.
+        self.observer: Callable[[str, float, BaseException | None], None] | None = None
         self._on_breaker_change = self.breaker.on_change
         self.breaker.on_change = self._breaker_changed
         #: The last error counted against the breaker (a batch failing together counts once).
@@ -401,19 +405,32 @@ class RedisBackend:
         Errors become BackendError; with the breaker open, BackendUnavailable at once.
         """
         breaker = self.breaker
+        observer = self.observer
         if not breaker.allow():
-            raise BackendUnavailable(
+            error = BackendUnavailable(
                 f"redis {script.name}: circuit breaker open after repeated failures to "
                 f"reach {self.url} ({_describe(self._last_failure)}); not called"
             )
-        if breaker.state != "closed":  # this call is the half-open probe
-            return await self._probe(script, keys, args)
+            if observer is not None:
+                observer(script.name, 0.0, error)
+            raise error
+        started = perf_counter()
         try:
-            reply = await self._transport.evalsha(script, keys, args)
-        except _CALL_ERRORS as exc:
-            self._settle(exc)
-            raise BackendError(f"redis {script.name}: {exc}") from exc
-        breaker.success()
+            if breaker.state != "closed":  # this call is the half-open probe
+                reply = await self._probe(script, keys, args)
+            else:
+                try:
+                    reply = await self._transport.evalsha(script, keys, args)
+                except _CALL_ERRORS as exc:
+                    self._settle(exc)
+                    raise BackendError(f"redis {script.name}: {exc}") from exc
+                breaker.success()
+        except BackendError as exc:
+            if observer is not None:
+                observer(script.name, perf_counter() - started, exc)
+            raise
+        if observer is not None:
+            observer(script.name, perf_counter() - started, None)
         return reply
 
     async def _probe(self, script: Script, keys: list[str], args: list[str]) -> Any:
