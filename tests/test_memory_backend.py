@@ -5,12 +5,23 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+from collections.abc import Sequence
 
 import psutil
 import pytest
+from asgi_helpers import http_scope
 
-from ratelimit import ConfigError, MemoryBackend
-from ratelimit.backends.base import Backend, BucketCheck, LeaseCheck, StoreKey
+from ratelimit import Concurrency, ConfigError, MemoryBackend, Rule, TokenBucket, keys
+from ratelimit.backends.base import (
+    Backend,
+    BucketCheck,
+    Check,
+    LeaseCheck,
+    StoreKey,
+    Verdict,
+    nowait_method,
+)
+from ratelimit.policy.engine import Engine
 
 
 class ManualClock:
@@ -177,3 +188,53 @@ async def test_remaining_counts_only_live_leases() -> None:
     v = await b.decide([lease("c", limit=5)])
     assert v.results[0].remaining == 3
     assert await b.in_use(StoreKey("r", "cc", "*")) == 2
+
+
+async def test_nowait_twins_answer_exactly_as_the_coroutines() -> None:
+    """`decide_nowait`/`release_nowait` (the engine's shortcut) are `decide`/`release`."""
+    a, b = MemoryBackend(clock=ManualClock()), MemoryBackend(clock=ManualClock())
+    for checks in ([bucket()], [bucket(), lease("x", limit=2)], [lease("y", limit=2)]) * 3:
+        assert b.decide_nowait(checks) == await a.decide(checks)
+    assert b.release_nowait(lease("x")) == await a.release(lease("x"))
+    assert b.release_nowait(lease("x")) == await a.release(lease("x"))
+
+
+class CountingBackend(MemoryBackend):
+    """Overrides the coroutines only, as a test double or a fault injector would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def decide(self, checks: Sequence[Check]) -> Verdict:
+        self.calls.append("decide")
+        return await super().decide(checks)
+
+    async def release(self, lease: LeaseCheck) -> bool:
+        self.calls.append("release")
+        return await super().release(lease)
+
+
+def test_the_shortcut_is_taken_only_where_it_stands_for_the_coroutine() -> None:
+    """A subclass or instance overriding `decide`/`release` keeps them called."""
+    plain = MemoryBackend()
+    assert nowait_method(plain, "decide") == plain.decide_nowait
+    assert nowait_method(plain, "release") == plain.release_nowait
+    assert nowait_method(CountingBackend(), "decide") is None
+    assert nowait_method(CountingBackend(), "release") is None
+    patched = MemoryBackend()
+    patched.decide = CountingBackend().decide  # type: ignore[method-assign]
+    assert nowait_method(patched, "decide") is None
+    assert nowait_method(patched, "release") == patched.release_nowait
+
+
+async def test_the_engine_calls_an_overridden_decide_and_release() -> None:
+    """Through the engine, an override of the coroutines sees every decision and release."""
+    backend = CountingBackend()
+    engine = Engine(
+        [Rule("/x", limits=[TokenBucket("5/minute"), Concurrency(2, key=keys.GLOBAL)])], backend
+    )
+    decision = await engine.decide(engine.rules[0], http_scope("/x"))
+    assert decision.grant is not None
+    await engine.release(decision.grant)
+    assert backend.calls == ["decide", "release"]

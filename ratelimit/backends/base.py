@@ -12,8 +12,8 @@ and a tuple is several times cheaper to construct than a frozen dataclass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
@@ -113,3 +113,37 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release connections and background tasks."""
         ...
+
+
+class NowaitBackend(Backend, Protocol):
+    """Optional: a backend whose state lives in this process can answer without waiting.
+
+    `decide_nowait` and `release_nowait` must behave exactly as `decide` and
+    `release` (which then simply return them); the engine calls them directly
+    and saves a coroutine per request. Remote backends leave them out.
+    """
+
+    def decide_nowait(self, checks: Sequence[Check]) -> Verdict:
+        """`decide`, answered synchronously."""
+        ...
+
+    def release_nowait(self, lease: LeaseCheck) -> bool:
+        """`release`, answered synchronously."""
+        ...
+
+
+def nowait_method(backend: Backend, name: str) -> Callable[..., Any] | None:
+    """`backend.<name>_nowait`, if the backend offers it and it stands for `backend.<name>`.
+
+    A subclass that overrides `decide` (to count calls, inject faults) but not
+    `decide_nowait` must keep its `decide` called: the fast method is used only
+    when the class that defines `name` defines it too, and no instance
+    attribute replaces either.
+    """
+    fast = f"{name}_nowait"
+    if name in getattr(backend, "__dict__", ()) or fast in getattr(backend, "__dict__", ()):
+        return None
+    for klass in type(backend).__mro__:
+        if name in vars(klass):
+            return getattr(backend, fast) if fast in vars(klass) else None
+    return None

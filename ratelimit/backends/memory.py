@@ -25,6 +25,10 @@ from .base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey, Verdict
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
 
+#: Builds a NamedTuple from a tuple in C: half the cost of calling the class,
+#: whose generated `__new__` is a Python function (these run per request).
+_new = tuple.__new__
+
 #: Buckets examined per sweep step, one step every `_SWEEP_EVERY` writes: two looks per
 #: write, so full buckets are dropped faster than new keys arrive.
 _SWEEP_BATCH = 32
@@ -77,34 +81,46 @@ class MemoryBackend:
 
     async def decide(self, checks: Sequence[Check]) -> Verdict:
         """All-or-nothing over `checks`, atomically (no await inside)."""
+        return self.decide_nowait(checks)
+
+    def decide_nowait(self, checks: Sequence[Check]) -> Verdict:
+        """`decide` without the coroutine (see `NowaitBackend`): the engine's hot path."""
         now = self._clock()
         buckets = self._buckets
         if len(checks) == 1 and checks[0].__class__ is BucketCheck:
             # The commonest rule, one rate limit: no bookkeeping for all-or-nothing.
-            c = checks[0]
-            r = gcra.gcra(buckets.get(c.key), now, c.cost, c.interval, c.burst)
-            if r.admitted:
-                self._store_bucket(c.key, r.tat, now)
-            return Verdict(
-                r.admitted, (CheckResult(r.admitted, r.remaining, r.retry_after, r.reset_after),)
+            key, interval, burst, cost = checks[0]
+            ok, tat, remaining, retry, reset = gcra.gcra(
+                buckets.get(key), now, cost, interval, burst
             )
+            if ok:
+                self._store_bucket(key, tat, now)
+            return _new(Verdict, (ok, (_new(CheckResult, (ok, remaining, retry, reset)),)))
         results: list[CheckResult] = []
-        tats: list[float] = []  # new state of each bucket check, in order
+        # What to commit if every check admits: new bucket states, leases to add.
+        new_tats: list[tuple[StoreKey, float]] = []
+        new_leases: list[LeaseCheck] = []
         admitted = True
         for check in checks:
             if isinstance(check, BucketCheck):
-                r = gcra.gcra(buckets.get(check.key), now, check.cost, check.interval, check.burst)
-                results.append(CheckResult(r.admitted, r.remaining, r.retry_after, r.reset_after))
-                tats.append(r.tat)
-                admitted = admitted and r.admitted
+                key, interval, burst, cost = check
+                ok, tat, remaining, retry, reset = gcra.gcra(
+                    buckets.get(key), now, cost, interval, burst
+                )
+                results.append(_new(CheckResult, (ok, remaining, retry, reset)))
+                new_tats.append((key, tat))
             else:
                 table = self._leases.get(check.key)
-                if table is not None:
+                # `prune` inlined up to its cheap test: most decisions need no pruning.
+                if table is not None and now >= table.earliest:
                     table.prune(now)
                 in_use = len(table) if table else 0
-                ok = in_use < check.limit
-                results.append(CheckResult(ok, max(0, check.limit - in_use - ok), 0.0, 0.0))
-                admitted = admitted and ok
+                limit = check.limit
+                ok = in_use < limit
+                results.append(_new(CheckResult, (ok, max(0, limit - in_use - ok), 0.0, 0.0)))
+                new_leases.append(check)
+            if not ok:
+                admitted = False
         if not admitted:
             # Nothing is consumed: report the untouched state of the checks that would admit.
             for i, check in enumerate(checks):
@@ -117,16 +133,14 @@ class MemoryBackend:
                     results[i] = CheckResult(True, results[i].remaining + 1, 0.0, 0.0)
         else:
             # Commit what the first pass computed: nothing awaited in between.
-            tat_iter = iter(tats)
-            for check in checks:
-                if isinstance(check, BucketCheck):
-                    self._store_bucket(check.key, next(tat_iter), now)
-                else:
-                    table = self._leases.get(check.key)
-                    if table is None:
-                        table = self._leases[check.key] = _LeaseTable()
-                    table.add(check.lease_id, now + check.ttl)
-        return Verdict(admitted, tuple(results))
+            for key, tat in new_tats:
+                self._store_bucket(key, tat, now)
+            for lease in new_leases:
+                table = self._leases.get(lease.key)
+                if table is None:
+                    table = self._leases[lease.key] = _LeaseTable()
+                table.add(lease.lease_id, now + lease.ttl)
+        return _new(Verdict, (admitted, tuple(results)))
 
     async def refund(self, checks: Sequence[Check]) -> None:
         """Give back what an admitted `decide` of `checks` took."""
@@ -155,6 +169,10 @@ class MemoryBackend:
 
     async def release(self, lease: LeaseCheck) -> bool:
         """Free a slot; False if it was not held (never granted, released, or expired)."""
+        return self.release_nowait(lease)
+
+    def release_nowait(self, lease: LeaseCheck) -> bool:
+        """`release` without the coroutine (see `NowaitBackend`)."""
         table = self._leases.get(lease.key)
         if table is None:
             return False

@@ -22,7 +22,15 @@ from typing import Any, NamedTuple
 
 from .._errors import ConfigError, LeaseError
 from .._types import Scope
-from ..backends.base import Backend, BucketCheck, Check, CheckResult, LeaseCheck, StoreKey
+from ..backends.base import (
+    Backend,
+    BucketCheck,
+    Check,
+    CheckResult,
+    LeaseCheck,
+    StoreKey,
+    nowait_method,
+)
 from . import keys
 from .limits import Concurrency, Limit, TokenBucket, Window
 from .rules import Rule
@@ -125,6 +133,8 @@ SKIPPED = CheckResult(False, 0, 0.0, 0.0)
 
 _BUCKET, _LEASE, _WINDOW = 0, 1, 2
 
+_new = tuple.__new__
+
 #: Store keys kept per limit to skip re-hashing hot callers; cleared whole when full.
 _KEY_CACHE = 4096
 
@@ -148,6 +158,7 @@ class Plan:
         "names",
         "params",
         "rule",
+        "size",
         "specs",
         "window_index",
     )
@@ -155,6 +166,7 @@ class Plan:
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
         self.limits = rule.limits
+        self.size = len(rule.limits)
         self.names = tuple(rule.limit_names())
         self.kinds = tuple(_kind(lim) for lim in rule.limits)
         self.window_index = self.kinds.index(_WINDOW) if _WINDOW in self.kinds else -1
@@ -210,11 +222,12 @@ class Plan:
         return tuple(out)
 
 
-def _params(limit: Limit) -> tuple[float, float]:
+def _params(limit: Limit) -> tuple[Any, Any]:
+    """What a check of `limit` carries besides its key, typed as the check's fields."""
     if isinstance(limit, TokenBucket):
-        return (limit.interval, limit.burst)
+        return (limit.interval, int(limit.burst))
     if isinstance(limit, Concurrency):
-        return (limit.limit, limit.lease)
+        return (int(limit.limit), limit.lease)
     return (0.0, 0.0)
 
 
@@ -280,6 +293,10 @@ class Engine:
         self.backend = backend
         self._plans = tuple(plans)
         self._by_rule = {p.rule.name: p for p in plans}
+        self._matchers = tuple((p.rule.pattern.matches, p.rule.methods, p.rule) for p in plans)
+        #: The backend's synchronous twins of decide/release, if it has them (NowaitBackend).
+        self._decide_nowait = nowait_method(backend, "decide")
+        self._release_nowait = nowait_method(backend, "release")
         self._window_limiters: dict[int, Any] = {}
         self._lease_ids = itertools.count()
         self._lease_prefix = os.urandom(6).hex() + "-"
@@ -294,11 +311,8 @@ class Engine:
         """The first rule whose path and methods match, or None (the request passes)."""
         path = scope["path"]
         method = scope.get("method")
-        for p in self._plans:
-            rule = p.rule
-            if rule.pattern.matches(path) and (
-                rule.methods is None or (method is not None and method in rule.methods)
-            ):
+        for matches, methods, rule in self._matchers:
+            if matches(path) and (methods is None or (method is not None and method in methods)):
                 return rule
         return None
 
@@ -312,10 +326,9 @@ class Engine:
         cost = rule.cost
         if cost.__class__ is not int:
             cost = await self._cost(rule, scope)
-        limits = plan.limits
-        results: list[CheckResult | None] = [None] * len(limits)
         checks: list[Check] = []
         slots: list[int] = []  # index in the rule of each check
+        leases: list[LeaseCheck] = []
         window_key: StoreKey | None = None
         for i, kind, skey, key_func, key_async, p1, p2 in plan.specs:
             if skey is None:
@@ -328,22 +341,35 @@ class Engine:
                         if key is None:
                             continue
                     key = str(key)
-                skey = plan.store_key(i, key)
+                # Plan.store_key inlined for the hit, the common case.
+                skey = plan.caches[i].get(key) or plan.store_key(i, key)
+            # The records are built with tuple.__new__: half the cost of calling a
+            # NamedTuple class, whose generated __new__ is a Python function.
             if kind == _BUCKET:
-                checks.append(BucketCheck(skey, p1, int(p2), cost))
+                checks.append(_new(BucketCheck, (skey, p1, p2, cost)))
             elif kind == _LEASE:
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
-                checks.append(LeaseCheck(skey, int(p1), p2, lease_id))
+                lease = _new(LeaseCheck, (skey, p1, p2, lease_id))
+                checks.append(lease)
+                leases.append(lease)
             else:
                 window_key = skey
                 continue
             slots.append(i)
         admitted = True
         if checks:
-            verdict = await self.backend.decide(checks)
+            nowait = self._decide_nowait
+            verdict = nowait(checks) if nowait is not None else await self.backend.decide(checks)
             admitted = verdict.admitted
-            for i, r in zip(slots, verdict.results, strict=True):
-                results[i] = r
+            if len(slots) == plan.size:
+                # Every limit made a check, in order: no exempt limit, no window.
+                results: list[CheckResult | None] = list(verdict.results)
+            else:
+                results = [None] * plan.size
+                for i, r in zip(slots, verdict.results, strict=True):
+                    results[i] = r
+        else:
+            results = [None] * plan.size
         if window_key is not None:
             w = plan.window_index
             if not admitted:
@@ -357,15 +383,11 @@ class Engine:
                         await self.backend.refund(checks)
                         _report_refunded(results, slots, checks)
         if admitted:
-            grant = None
-            if plan.min_lease != math.inf:
-                leases = tuple(ch for ch in checks if isinstance(ch, LeaseCheck))
-                if leases:
-                    grant = self._hold(leases)
+            grant = self._hold(tuple(leases)) if leases else None
             return Decision(rule, True, 200, 0.0, plan, results, grant)
         status = 503
         wait = 0.0
-        for lim, res in zip(limits, results, strict=True):
+        for lim, res in zip(plan.limits, results, strict=True):
             if res is None or res is SKIPPED or res.admitted:
                 continue
             if not lim.shared:
@@ -416,9 +438,13 @@ class Engine:
             self.on_release(grant)
         for lease in grant.leases:
             self._held.pop(lease.lease_id, None)
+        nowait = self._release_nowait
         for lease in grant.leases:
             try:
-                await self.backend.release(lease)
+                if nowait is not None:
+                    nowait(lease)
+                else:
+                    await self.backend.release(lease)
             except Exception:
                 # The lease will expire by itself within its ttl; never fail the response.
                 logger.warning(
