@@ -81,6 +81,10 @@ class RateLimitMiddleware:
         self.on_refuse = on_refuse
         self.headers = True if headers is None else bool(headers)
         self._policy = {r.name: responses.policy_header(r) for r in self.engine.rules}
+        #: Per rule object: the static policy field and the compiled `RateLimit` field.
+        self._fields: dict[Rule, tuple[tuple[bytes, bytes], responses.RateLimitField]] = {}
+        for r in self.engine.rules:
+            self._compile(r)
         self._failing = False
         if (
             not isinstance(local_share, (int, float))
@@ -116,11 +120,11 @@ class RateLimitMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        rule = self.engine.match(scope)
+        engine = self.engine
+        rule = engine.match(scope)
         if rule is None:
             await self.app(scope, receive, send)
             return
-        engine = self.engine
         metrics = self.metrics
         started = perf_counter() if metrics is not None else 0.0
         try:
@@ -145,20 +149,36 @@ class RateLimitMiddleware:
         if not decision.allowed:
             await self._refuse(decision, scope, receive, send)
             return
-        extra: responses.Headers = []
+        fields: tuple[tuple[bytes, bytes], ...] = ()
         if self.headers:
-            policy = self._policy[rule.name]
-            extra = [
-                (b"ratelimit-policy", policy),
-                (b"ratelimit", responses.ratelimit_header(decision)),
-            ]
+            policy, field = self._fields.get(rule) or self._compile(rule)
+            fields = (policy, (b"ratelimit", field.render(decision.results)))
         grant = decision.grant
         if grant is None:
-            if extra:
-                send = _with_headers(send, extra)
+            if fields:
+                send = _FieldsSender(send, fields).send
             await self.app(scope, receive, send)
             return
-        await _Holder(engine, grant, extra).run(self.app, scope, receive, send)
+        holder = _Holder(engine, grant, receive, send, fields)
+        try:
+            await self.app(scope, holder.receive, holder.send)
+        finally:
+            # Error, cancellation or an app that never finished its body: don't
+            # await here (a cancelled scope would cancel the await too).
+            engine.release_soon(grant)
+
+    def _compile(self, rule: Rule) -> tuple[tuple[bytes, bytes], responses.RateLimitField]:
+        """The header fields of `rule`, compiled once (also for the `local` engine's scaled copies).
+
+        The policy comes from the configured rule of that name, as the client
+        was told; the `RateLimit` field from the rule that decided.
+        """
+        compiled = (
+            (b"ratelimit-policy", self._policy[rule.name]),
+            responses.RateLimitField(rule),
+        )
+        self._fields[rule] = compiled
+        return compiled
 
     def _note_failure(self, rule: Rule, policy: str, exc: Exception) -> None:
         """Count every failure; log only the change from answering to failing."""
@@ -176,7 +196,9 @@ class RateLimitMiddleware:
         return self._local
 
     async def _refuse(self, decision: Decision, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = responses.refusal_headers(decision, self._policy[decision.rule.name])
+        rule = decision.rule
+        field = (self._fields.get(rule) or self._compile(rule))[1]
+        headers = responses.refusal_headers(decision, self._policy[rule.name], field)
         if self.on_refuse is not None:
             result = self.on_refuse(scope, decision)
             app = await result if isinstance(result, Awaitable) else result
@@ -192,47 +214,65 @@ class RateLimitMiddleware:
         await self.backend.aclose()
 
 
+class _FieldsSender:
+    """Per-request state of an admitted request without leases: adds the header fields."""
+
+    __slots__ = ("_send", "fields")
+
+    def __init__(self, send: Send, fields: tuple[tuple[bytes, bytes], ...]) -> None:
+        self._send = send
+        self.fields = fields
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            # A new dict and list: the app's message is not ours to change (an app may
+            # send the same dict twice). Copy, then set: cheaper than {**m, key: v}.
+            start = {**message}
+            start["headers"] = [*message.get("headers", ()), *self.fields]
+            message = start
+        await self._send(message)
+
+
 class _Holder:
-    """Per-request state of an admitted request holding concurrency leases."""
+    """Per-request state of an admitted request holding concurrency leases.
 
-    __slots__ = ("engine", "extra", "grant")
+    Its bound `receive` and `send` wrap the server's: the grant is released
+    when the last body message goes out or the client disconnects.
+    """
 
-    def __init__(self, engine: Engine, grant: Grant, extra: responses.Headers) -> None:
+    __slots__ = ("_receive", "_send", "engine", "fields", "grant")
+
+    def __init__(
+        self,
+        engine: Engine,
+        grant: Grant,
+        receive: Receive,
+        send: Send,
+        fields: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
         self.engine = engine
         self.grant = grant
-        self.extra = extra
+        self._receive = receive
+        self._send = send
+        self.fields = fields
 
-    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await app(scope, self.receive_factory(receive), self.send_factory(send))
-        finally:
-            # Error, cancellation or an app that never finished its body: don't
-            # await here (a cancelled scope would cancel the await too).
-            self.engine.release_soon(self.grant)
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] in ("http.disconnect", "websocket.disconnect"):
+            await self._release()
+        return message
 
-    def receive_factory(self, receive: Receive) -> Receive:
-        async def wrapped() -> Message:
-            message = await receive()
-            if message["type"] in ("http.disconnect", "websocket.disconnect"):
-                await self._release()
-            return message
-
-        return wrapped
-
-    def send_factory(self, send: Send) -> Send:
-        extra = self.extra
-
-        async def wrapped(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start" and extra:
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
-            await send(message)
-            if (kind == "http.response.body" and not message.get("more_body", False)) or (
-                kind == "websocket.close"
-            ):
-                await self._release()
-
-        return wrapped
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and self.fields:
+            start = {**message}  # a copy: see _FieldsSender.send
+            start["headers"] = [*message.get("headers", ()), *self.fields]
+            message = start
+        await self._send(message)
+        if (kind == "http.response.body" and not message.get("more_body", False)) or (
+            kind == "websocket.close"
+        ):
+            await self._release()
 
     async def _release(self) -> None:
         if not self.grant.released:
