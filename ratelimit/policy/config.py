@@ -11,6 +11,8 @@ marked *required*; see ``examples/ratelimit.toml`` for a commented file)::
     fail = "open"          # "open" | "closed" | "local": what this file's rules do
                            # when the backend fails, unless a rule sets its own
     headers = true         # send the RateLimit header fields on allowed responses
+    shadow = false         # true: every rule of this file in shadow mode (decide and
+                           # count, refuse nothing) unless a rule sets its own
 
     [backend]              # omitted: the in-process MemoryBackend
     type = "memory"        # required: "memory" (option: max_keys) or "redis"
@@ -22,6 +24,7 @@ marked *required*; see ``examples/ratelimit.toml`` for a commented file)::
     name = "images"        # omitted: derived from the path
     cost = 1               # an integer >= 0, or "module:callable" of the scope
     fail = "closed"        # overrides the top-level fail for this rule
+    shadow = true          # shadow mode: would-be refusals are counted, not sent
 
     [[rules.limits]]       # required, at least one; all admit or none consumes
     type = "token_bucket"  # required: "token_bucket" | "concurrency" | "window"
@@ -67,8 +70,8 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["Settings", "load_config"]
 
-_TOP_KEYS = frozenset({"fail", "headers", "backend", "rules"})
-_RULE_KEYS = frozenset({"path", "methods", "name", "cost", "fail", "limits"})
+_TOP_KEYS = frozenset({"fail", "headers", "shadow", "backend", "rules"})
+_RULE_KEYS = frozenset({"path", "methods", "name", "cost", "fail", "shadow", "limits"})
 _LIMIT_COMMON = frozenset({"type", "key", "name", "shared"})
 _LIMIT_KEYS: dict[str, frozenset[str]] = {
     "token_bucket": _LIMIT_COMMON | {"rate", "burst"},
@@ -109,7 +112,8 @@ class Settings:
 
     `backend` is the `[backend]` table (None: the default MemoryBackend);
     `fail` and `headers` are None when the file does not set them. `fail` is
-    already applied to every rule of the file that has no `fail` of its own.
+    already applied to every rule of the file that has no `fail` of its own,
+    and the top-level `shadow` to every rule without a `shadow` of its own.
     """
 
     rules: tuple[Rule, ...] = ()
@@ -181,6 +185,9 @@ def _settings(data: Mapping[str, Any]) -> Settings:
     headers = data.get("headers")
     if headers is not None and not isinstance(headers, bool):
         raise _wrong("headers", "true or false", headers)
+    shadow = data.get("shadow", False)
+    if not isinstance(shadow, bool):
+        raise _wrong("shadow", "true or false", shadow)
     backend = _backend(data["backend"]) if "backend" in data else None
     rules: list[Rule] = []
     seen: dict[str, int] = {}
@@ -188,7 +195,7 @@ def _settings(data: Mapping[str, Any]) -> Settings:
         _array("rules", data.get("rules", ()), "an array of tables [[rules]]")
     ):
         with _under(f"rules[{i}]"):
-            rule = _rule(table, fail)
+            rule = _rule(table, fail, shadow)
             if rule.name in seen:
                 raise ConfigError(
                     "name",
@@ -220,7 +227,7 @@ def _backend(value: object) -> Mapping[str, Any]:
         return MappingProxyType(dict(table))
 
 
-def _rule(value: object, default_fail: FailPolicy | None) -> Rule:
+def _rule(value: object, default_fail: FailPolicy | None, default_shadow: bool) -> Rule:
     table = _table("", value, "a table [[rules]]")
     _check_keys(table, _RULE_KEYS, "a rule")
     path = _required(table, "path", 'a path like "/v1/images" or "/v1/*"')
@@ -244,7 +251,10 @@ def _rule(value: object, default_fail: FailPolicy | None) -> Rule:
     elif not callable(cost) and (not isinstance(cost, int) or isinstance(cost, bool)):
         raise _wrong("cost", f"an integer >= 0 or {_IMPORT_EXPECTED}", cost)
     fail = _fail("fail", table.get("fail")) or default_fail
-    return Rule(path, methods, limits, cost, name=table.get("name"), fail=fail)
+    shadow = table.get("shadow", default_shadow)
+    if not isinstance(shadow, bool):
+        raise _wrong("shadow", "true or false", shadow)
+    return Rule(path, methods, limits, cost, name=table.get("name"), fail=fail, shadow=shadow)
 
 
 def _limit(value: object) -> Limit:

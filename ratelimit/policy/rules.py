@@ -25,10 +25,13 @@ class Rule:
     (`/users/{id}`). `methods=None` matches every method (and websockets).
     `cost` is units taken from each token bucket and window: an int, or a
     callable of the scope (sync or async). `fail` says what to do when the
-    backend cannot answer (None: the middleware's default).
+    backend cannot answer (None: the middleware's default). `shadow=True`
+    decides and counts requests as usual but lets would-be refusals through
+    (metrics count them as `shadow_limited` / `shadow_rejected`): to try a new
+    rule on real traffic before enforcing it.
     """
 
-    __slots__ = ("cost", "fail", "limits", "methods", "name", "path", "pattern")
+    __slots__ = ("cost", "fail", "limits", "methods", "name", "path", "pattern", "shadow")
 
     def __init__(
         self,
@@ -39,6 +42,7 @@ class Rule:
         *,
         name: str | None = None,
         fail: FailPolicy | None = None,
+        shadow: bool = False,
     ) -> None:
         self.path = path
         self.pattern = PathPattern(path)
@@ -85,6 +89,9 @@ class Rule:
         if fail is not None and fail not in FAIL_POLICIES:
             raise ConfigError("fail", '"open", "closed" or "local"', fail)
         self.fail = fail
+        if not isinstance(shadow, bool):
+            raise ConfigError("shadow", "true or false", shadow)
+        self.shadow = shadow
 
     def scaled(self, share: float) -> Rule:
         """This rule with every limit multiplied by `share` (for per-process fallbacks)."""
@@ -95,6 +102,7 @@ class Rule:
             self.cost,
             name=self.name,
             fail=self.fail,
+            shadow=self.shadow,
         )
 
     def limit_names(self) -> list[str]:
@@ -111,7 +119,8 @@ class Rule:
 
     def __repr__(self) -> str:
         methods = sorted(self.methods) if self.methods else None
-        return f"Rule({self.path!r}, methods={methods}, limits={list(self.limits)!r})"
+        shadow = ", shadow=True" if self.shadow else ""
+        return f"Rule({self.path!r}, methods={methods}, limits={list(self.limits)!r}{shadow})"
 
 
 def derive_name(path: str) -> str:
