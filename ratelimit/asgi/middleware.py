@@ -272,11 +272,16 @@ class _Holder:
         if (kind == "http.response.body" and not message.get("more_body", False)) or (
             kind == "websocket.close"
         ):
-            await self._release()
+            # `_release`, inlined: this runs once per request.
+            grant = self.grant
+            if not grant.released and not self.engine.release_nowait(grant):
+                await self.engine.release(grant)
 
     async def _release(self) -> None:
-        if not self.grant.released:
-            await self.engine.release(self.grant)
+        grant = self.grant
+        # At once where the backend answers without waiting: no coroutine to await.
+        if not grant.released and not self.engine.release_nowait(grant):
+            await self.engine.release(grant)
 
 
 _FAILED_CLOSED: tuple[responses.Headers, bytes] = (

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 #: Builds a NamedTuple from a tuple in C: half the cost of calling the class,
 #: whose generated `__new__` is a Python function (these run per request).
 _new = tuple.__new__
+_INF = float("inf")
 
 #: Buckets examined per sweep step, one step every `_SWEEP_EVERY` writes: two looks per
 #: write, so full buckets are dropped faster than new keys arrive.
@@ -46,13 +47,13 @@ class _LeaseTable(dict[str, float]):
     __slots__ = ("earliest",)
 
     def __init__(self) -> None:
-        super().__init__()
-        self.earliest = float("inf")
+        # dict.__new__ already made the empty dict: no super().__init__() call needed.
+        self.earliest = _INF
 
     def prune(self, now: float) -> None:
         if now >= self.earliest:
             leases.prune(self, now)
-            self.earliest = min(self.values(), default=float("inf"))
+            self.earliest = min(self.values(), default=_INF)
 
     def add(self, lease_id: str, expiry: float) -> None:
         self[lease_id] = expiry
@@ -117,7 +118,8 @@ class MemoryBackend:
                 in_use = len(table) if table else 0
                 limit = check.limit
                 ok = in_use < limit
-                results.append(_new(CheckResult, (ok, max(0, limit - in_use - ok), 0.0, 0.0)))
+                # Free slots after this step: max(0, limit - in_use - ok), without the call.
+                results.append(_new(CheckResult, (ok, limit - in_use - 1 if ok else 0, 0.0, 0.0)))
                 new_leases.append(check)
             if not ok:
                 admitted = False
@@ -139,7 +141,10 @@ class MemoryBackend:
                 table = self._leases.get(lease.key)
                 if table is None:
                     table = self._leases[lease.key] = _LeaseTable()
-                table.add(lease.lease_id, now + lease.ttl)
+                # _LeaseTable.add, inlined: once per admitted request holding a slot.
+                expiry = table[lease.lease_id] = now + lease.ttl
+                if expiry < table.earliest:
+                    table.earliest = expiry
         return _new(Verdict, (admitted, tuple(results)))
 
     async def refund(self, checks: Sequence[Check]) -> None:

@@ -132,6 +132,8 @@ class Decision:
 SKIPPED = CheckResult(False, 0, 0.0, 0.0)
 
 _BUCKET, _LEASE, _WINDOW = 0, 1, 2
+#: A bucket whose check is cached whole per caller (the rule's cost is a constant).
+_READY_BUCKET = 3
 
 _new = tuple.__new__
 
@@ -145,13 +147,11 @@ def _digest(text: str) -> str:
 
 
 class Plan:
-    """A rule compiled for the hot path: per-limit kinds, keys and cached store keys."""
+    """A rule compiled for the hot path: per-limit kinds, keys and cached store keys or checks."""
 
     __slots__ = (
         "caches",
-        "fixed_keys",
-        "key_async",
-        "key_funcs",
+        "fixed",
         "kinds",
         "limits",
         "min_lease",
@@ -160,6 +160,7 @@ class Plan:
         "rule",
         "size",
         "specs",
+        "static_cost",
         "window_index",
     )
 
@@ -170,40 +171,51 @@ class Plan:
         self.names = tuple(rule.limit_names())
         self.kinds = tuple(_kind(lim) for lim in rule.limits)
         self.window_index = self.kinds.index(_WINDOW) if _WINDOW in self.kinds else -1
-        self.key_funcs = tuple(lim.key for lim in rule.limits)
-        self.key_async = tuple(lim.key_is_async for lim in rule.limits)
-        #: The store key of a limit on `keys.GLOBAL`, fixed once; None for per-caller limits.
-        self.fixed_keys = tuple(
-            StoreKey(rule.name, name, "*") if lim.key is keys.GLOBAL else None
-            for lim, name in zip(rule.limits, self.names, strict=True)
-        )
-        self.caches: tuple[dict[str, StoreKey], ...] = tuple({} for _ in rule.limits)
         #: (interval, burst) of a bucket, (limit, lease ttl) of a concurrency limit.
         self.params = tuple(_params(lim) for lim in rule.limits)
+        #: The rule's cost when it is a constant: bucket checks are then the same for
+        #: every request of one caller, and are built once and cached.
+        self.static_cost = rule.cost if rule.cost.__class__ is int else None
+        #: Per limit, caller text -> entry (see `entry`); cleared whole when full.
+        self.caches: tuple[dict[str, Any], ...] = tuple({} for _ in rule.limits)
+        #: The entry of a limit on `keys.GLOBAL`, fixed once; None for per-caller limits.
+        self.fixed = tuple(
+            self._entry(i, StoreKey(rule.name, name, "*")) if lim.key is keys.GLOBAL else None
+            for i, (lim, name) in enumerate(zip(rule.limits, self.names, strict=True))
+        )
         #: Everything the per-request loop reads about limit i, in one tuple.
-        self.specs = tuple(
-            zip(
-                range(len(self.limits)),
-                self.kinds,
-                self.fixed_keys,
-                self.key_funcs,
-                self.key_async,
-                *zip(*self.params, strict=True),
-                strict=True,
-            )
+        self.specs: tuple[tuple[Any, ...], ...] = tuple(
+            (i, self._step(i), self.fixed[i], lim.key, lim.key_is_async, self.caches[i], p1, p2)
+            for i, (lim, (p1, p2)) in enumerate(zip(rule.limits, self.params, strict=True))
         )
         leases = [lim.lease for lim in rule.limits if isinstance(lim, Concurrency)]
         self.min_lease = min(leases) if leases else math.inf
 
-    def store_key(self, i: int, text: str) -> StoreKey:
-        """The store key of limit `i` for caller `text` (hashed, cached)."""
+    def _step(self, i: int) -> int:
+        """What the per-request loop does for limit `i` with its entry."""
+        kind = self.kinds[i]
+        if kind == _BUCKET and self.static_cost is not None:
+            return _READY_BUCKET
+        return kind
+
+    def _entry(self, i: int, skey: StoreKey) -> Any:
+        cost = self.static_cost
+        if cost is not None and self.kinds[i] == _BUCKET:
+            interval, burst = self.params[i]
+            return BucketCheck(skey, interval, burst, cost)
+        return skey
+
+    def entry(self, i: int, text: str) -> Any:
+        """What limit `i` keeps for caller `text`, cached: its store key (hashed), or
+        its whole `BucketCheck` when the rule's cost is a constant (`_READY_BUCKET`)."""
         cache = self.caches[i]
-        skey = cache.get(text)
-        if skey is None:
+        entry = cache.get(text)
+        if entry is None:
             if len(cache) >= _KEY_CACHE:
                 cache.clear()
-            skey = cache[text] = StoreKey(self.rule.name, self.names[i], _digest(text))
-        return skey
+            skey = StoreKey(self.rule.name, self.names[i], _digest(text))
+            entry = cache[text] = self._entry(i, skey)
+        return entry
 
     def states(self, results: list[CheckResult | None]) -> tuple[LimitState, ...]:
         """Per-limit states from the raw results (see `Decision.states`)."""
@@ -253,6 +265,11 @@ def reset_after(limit: Limit, r: CheckResult) -> float:
     if not r.admitted:
         return r.retry_after
     return max(0.0, r.reset_after - (limit.burst - 1) * limit.interval)
+
+
+def _release_failed(lease: LeaseCheck) -> None:
+    # The lease will expire by itself within its ttl; never fail the response.
+    logger.warning("could not release lease %s; it expires in %ss", lease.key, lease.ttl)
 
 
 def _report_refunded(
@@ -330,8 +347,8 @@ class Engine:
         slots: list[int] = []  # index in the rule of each check
         leases: list[LeaseCheck] = []
         window_key: StoreKey | None = None
-        for i, kind, skey, key_func, key_async, p1, p2 in plan.specs:
-            if skey is None:
+        for i, step, entry, key_func, key_async, cache, p1, p2 in plan.specs:
+            if entry is None:
                 key = key_func(scope)
                 if key is None:
                     continue
@@ -341,19 +358,21 @@ class Engine:
                         if key is None:
                             continue
                     key = str(key)
-                # Plan.store_key inlined for the hit, the common case.
-                skey = plan.caches[i].get(key) or plan.store_key(i, key)
-            # The records are built with tuple.__new__: half the cost of calling a
-            # NamedTuple class, whose generated __new__ is a Python function.
-            if kind == _BUCKET:
-                checks.append(_new(BucketCheck, (skey, p1, p2, cost)))
-            elif kind == _LEASE:
+                # Plan.entry inlined for the hit, the common case.
+                entry = cache.get(key) or plan.entry(i, key)
+            if step == _READY_BUCKET:
+                checks.append(entry)
+            elif step == _LEASE:
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
-                lease = _new(LeaseCheck, (skey, p1, p2, lease_id))
+                # Built with tuple.__new__: half the cost of calling a NamedTuple
+                # class, whose generated __new__ is a Python function.
+                lease = _new(LeaseCheck, (entry, p1, p2, lease_id))
                 checks.append(lease)
                 leases.append(lease)
+            elif step == _BUCKET:
+                checks.append(_new(BucketCheck, (entry, p1, p2, cost)))
             else:
-                window_key = skey
+                window_key = entry
                 continue
             slots.append(i)
         admitted = True
@@ -431,6 +450,33 @@ class Engine:
 
     async def release(self, grant: Grant) -> None:
         """Free a grant's slots. Releasing the same grant twice raises `LeaseError`."""
+        if self.release_nowait(grant):
+            return
+        self._let_go(grant)
+        for lease in grant.leases:
+            try:
+                await self.backend.release(lease)
+            except Exception:
+                _release_failed(lease)
+
+    def release_nowait(self, grant: Grant) -> bool:
+        """`release`, done at once if the backend answers without waiting (`NowaitBackend`).
+
+        False, having done nothing, when the caller must `await release(grant)`.
+        """
+        nowait = self._release_nowait
+        if nowait is None:
+            return False
+        self._let_go(grant)
+        for lease in grant.leases:
+            try:
+                nowait(lease)
+            except Exception:
+                _release_failed(lease)
+        return True
+
+    def _let_go(self, grant: Grant) -> None:
+        """Mark `grant` released and stop renewing its leases."""
         if grant.released:
             raise LeaseError("this grant was already released")
         grant.released = True
@@ -438,18 +484,6 @@ class Engine:
             self.on_release(grant)
         for lease in grant.leases:
             self._held.pop(lease.lease_id, None)
-        nowait = self._release_nowait
-        for lease in grant.leases:
-            try:
-                if nowait is not None:
-                    nowait(lease)
-                else:
-                    await self.backend.release(lease)
-            except Exception:
-                # The lease will expire by itself within its ttl; never fail the response.
-                logger.warning(
-                    "could not release lease %s; it expires in %ss", lease.key, lease.ttl
-                )
 
     def release_soon(self, grant: Grant) -> None:
         """Release without waiting: for `finally` blocks of cancelled or failed requests."""
