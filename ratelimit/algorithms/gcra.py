@@ -64,3 +64,27 @@ def refund(tat: float, now: float, cost: int, interval: float) -> float | None:
     """Give back `cost` units taken earlier; None when the bucket is full again."""
     new_tat = tat - cost * interval
     return None if new_tat <= now else new_tat
+
+
+def gcra_tuple(
+    tat: float | None, now: float, cost: int, interval: float, burst: int
+) -> tuple[bool, float, int, float, float]:
+    """`gcra` as a plain tuple of the same fields: the memory backend's per-request step.
+
+    Calling a NamedTuple class runs its Python-level `__new__`, which costs as
+    much as the arithmetic here. These are `gcra`'s operations in the same
+    order; a test holds the two equal bit for bit.
+    """
+    base = now if tat is None or tat < now else tat
+    capacity = burst * interval
+    new_tat = base + cost * interval
+    allow_at = new_tat - capacity
+    if cost > 0 and allow_at > now + EPSILON:
+        used = base - now
+        free = capacity - used
+        remaining = int(free / interval + EPSILON) if free > 0 else 0
+        return (False, tat if tat is not None else now, remaining, allow_at - now, used)
+    used = new_tat - now
+    free = capacity - used
+    remaining = int(free / interval + EPSILON) if free > 0 else 0
+    return (True, new_tat, remaining, 0.0, used)

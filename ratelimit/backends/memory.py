@@ -91,7 +91,7 @@ class MemoryBackend:
         if len(checks) == 1 and checks[0].__class__ is BucketCheck:
             # The commonest rule, one rate limit: no bookkeeping for all-or-nothing.
             key, interval, burst, cost = checks[0]
-            ok, tat, remaining, retry, reset = gcra.gcra(
+            ok, tat, remaining, retry, reset = gcra.gcra_tuple(
                 buckets.get(key), now, cost, interval, burst
             )
             if ok:
@@ -105,7 +105,7 @@ class MemoryBackend:
         for check in checks:
             if isinstance(check, BucketCheck):
                 key, interval, burst, cost = check
-                ok, tat, remaining, retry, reset = gcra.gcra(
+                ok, tat, remaining, retry, reset = gcra.gcra_tuple(
                     buckets.get(key), now, cost, interval, burst
                 )
                 results.append(_new(CheckResult, (ok, remaining, retry, reset)))
