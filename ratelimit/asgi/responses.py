@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..backends.base import CheckResult
 from ..policy.engine import SKIPPED, Decision, reset_after
@@ -52,7 +52,7 @@ class RateLimitField:
     results positionally, without per-limit state objects.
     """
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "render")
 
     def __init__(self, rule: Rule) -> None:
         parts = []
@@ -67,29 +67,42 @@ class RateLimitField:
             else:
                 parts.append((_RATE, f'"{name}";r=%d;t=%d'.encode("ascii"), 0.0))
         self._parts = tuple(parts)
+        #: The field value for one decision's results (`Decision.results`).
+        self.render: Callable[[Sequence[CheckResult | None]], bytes] = (
+            self._render_one if len(parts) == 1 else self._render_all
+        )
 
-    def render(self, results: Sequence[CheckResult | None]) -> bytes:
-        """The field value for one decision's results (`Decision.results`)."""
+    def _render_all(self, results: Sequence[CheckResult | None]) -> bytes:
         out = []
-        for (kind, template, next_unit), r in zip(self._parts, results, strict=True):
-            if r is None or r is SKIPPED:
-                continue
-            admitted, remaining, retry, reset = r
-            if kind == _SLOTS:
-                out.append(template % remaining)
-                continue
-            # The engine's `reset_after` and `seconds`, inlined (conditionals, not max():
-            # the same values, at a fraction of a builtin call's cost).
-            if remaining or kind == _RATE:
-                t = reset
-            elif not admitted:
-                t = retry
-            else:
-                t = reset - next_unit
-                t = t if t > 0.0 else 0.0
-            whole = math.ceil(t - 1e-9)
-            out.append(template % (remaining, whole if whole > 0 else 0))
+        for part, r in zip(self._parts, results, strict=True):
+            if r is not None and r is not SKIPPED:
+                out.append(_render_part(part, r))
         return b", ".join(out)
+
+    def _render_one(self, results: Sequence[CheckResult | None]) -> bytes:
+        # The commonest rule, one limit: no list, no join.
+        r = results[0]
+        if r is None or r is SKIPPED:
+            return b""
+        return _render_part(self._parts[0], r)
+
+
+def _render_part(part: tuple[int, bytes, float], r: CheckResult) -> bytes:
+    kind, template, next_unit = part
+    admitted, remaining, retry, reset = r
+    if kind == _SLOTS:
+        return template % remaining
+    # The engine's `reset_after` and `seconds`, inlined (conditionals, not max():
+    # the same values, at a fraction of a builtin call's cost).
+    if remaining or kind == _RATE:
+        t = reset
+    elif not admitted:
+        t = retry
+    else:
+        t = reset - next_unit
+        t = t if t > 0.0 else 0.0
+    whole = math.ceil(t - 1e-9)
+    return template % (remaining, whole if whole > 0 else 0)
 
 
 def ratelimit_header(decision: Decision) -> bytes:
