@@ -728,8 +728,10 @@ class LiveOverrides:
                     "effective": describe_limit(eff),
                     "override": None if shaper is None else shaper.slot,
                 }
+            cost = e.rule.cost
             rules[e.rule.name] = {
                 "path": e.rule.path,
+                "cost": cost if isinstance(cost, int) else None,
                 "shadow": e.rule.shadow,
                 "blocked": e.block is not None,
                 "limits": limits,
