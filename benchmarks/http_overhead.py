@@ -77,6 +77,14 @@ VARIANTS: tuple[Variant, ...] = (
         "RateLimitMiddleware: TokenBucket per client IP only (like for like with the peers)",
     ),
     Variant(
+        "ratelimit-no-headers",
+        "ours_noheaders:app",
+        "bench",
+        _project_name(),
+        "RateLimitMiddleware(headers=False): TokenBucket per client IP only "
+        "(like for like with the peers, which send no header fields)",
+    ),
+    Variant(
         "slowapi",
         "slowapi_app:app",
         "bench",
