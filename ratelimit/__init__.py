@@ -22,6 +22,7 @@ from .policy.engine import LimitState as LimitState
 from .policy.limits import Concurrency as Concurrency
 from .policy.limits import TokenBucket as TokenBucket
 from .policy.limits import Window as Window
+from .policy.overrides import Override as Override
 from .policy.rules import Rule as Rule
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "LimitState",
     "MemoryBackend",
     "Metrics",
+    "Override",
     "RateLimitError",
     "RateLimitMiddleware",
     "RedisBackend",

@@ -414,7 +414,10 @@ def test_options_go_before_or_after_the_command_and_prefix_separates_apps(redis_
 
 def test_console_script_is_declared() -> None:
     """pyproject declares the `ratelimit` console script at the same entry point."""
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
 
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert data["project"]["scripts"] == {"ratelimit": "ratelimit.cli:main"}

@@ -338,6 +338,10 @@ class RedisOverrideStore:
                 while True:
                     wait = max(0.0, next_check - loop.time())
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                    if _cancel_requested():
+                        # redis-py's read timeout can absorb a cancellation that lands
+                        # as it expires: honour it here, or aclose() would wait forever.
+                        raise asyncio.CancelledError
                     if message is not None and message.get("type") == "message":
                         await refresh(_text(message["data"]))
                     if loop.time() >= next_check:
@@ -403,6 +407,25 @@ class RedisOverrideStore:
 
     async def aclose(self) -> None:
         return None  # the client belongs to the backend (or the CLI)
+
+
+def _cancel_requested() -> bool:
+    """Whether the running task was asked to cancel (Python 3.11+ can tell; 3.10 cannot)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling is not None and cancelling())
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait for it to end, cancelling again if a cancellation was absorbed."""
+    for _ in range(20):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
+            return
+    logger.warning("ratelimit overrides: a background task did not stop: %r", task)
 
 
 def _text(value: object) -> str:
@@ -751,8 +774,8 @@ class LiveOverrides:
             self._timer = None
         for task in (self._task, self._reporter):
             if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await _stop(task)
         self._task = self._reporter = None
+        for pending in list(self._pending):
+            await _stop(pending)
         await self.store.aclose()
