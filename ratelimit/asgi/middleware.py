@@ -81,8 +81,9 @@ class RateLimitMiddleware:
         self.on_refuse = on_refuse
         self.headers = True if headers is None else bool(headers)
         self._policy = {r.name: responses.policy_header(r) for r in self.engine.rules}
-        #: Per rule object: the static policy field and the compiled `RateLimit` field.
-        self._fields: dict[Rule, tuple[tuple[bytes, bytes], responses.RateLimitField]] = {}
+        #: Per rule name: the rule compiled for, its policy field, its compiled `RateLimit`
+        #: field. Keyed by name, one entry each, so rules replaced later cannot pile up.
+        self._fields: dict[str, tuple[Rule, tuple[bytes, bytes], responses.RateLimitField]] = {}
         for r in self.engine.rules:
             self._compile(r)
         self._failing = False
@@ -151,7 +152,10 @@ class RateLimitMiddleware:
             return
         fields: tuple[tuple[bytes, bytes], ...] = ()
         if self.headers:
-            policy, field = self._fields.get(rule) or self._compile(rule)
+            compiled = self._fields.get(rule.name)
+            if compiled is None or compiled[0] is not rule:
+                compiled = self._compile(rule)
+            _, policy, field = compiled
             fields = (policy, (b"ratelimit", field.render(decision.results)))
         grant = decision.grant
         if grant is None:
@@ -169,17 +173,18 @@ class RateLimitMiddleware:
             if not grant.released:
                 engine.release_soon(grant)
 
-    def _compile(self, rule: Rule) -> tuple[tuple[bytes, bytes], responses.RateLimitField]:
-        """The header fields of `rule`, compiled once (also for the `local` engine's scaled copies).
+    def _compile(self, rule: Rule) -> tuple[Rule, tuple[bytes, bytes], responses.RateLimitField]:
+        """The header fields of `rule`, compiled (also for the `local` engine's scaled copies).
 
         The policy comes from the configured rule of that name, as the client
         was told; the `RateLimit` field from the rule that decided.
         """
         compiled = (
+            rule,
             (b"ratelimit-policy", self._policy[rule.name]),
             responses.RateLimitField(rule),
         )
-        self._fields[rule] = compiled
+        self._fields[rule.name] = compiled
         return compiled
 
     def _note_failure(self, rule: Rule, policy: str, exc: Exception) -> None:
@@ -199,7 +204,10 @@ class RateLimitMiddleware:
 
     async def _refuse(self, decision: Decision, scope: Scope, receive: Receive, send: Send) -> None:
         rule = decision.rule
-        field = (self._fields.get(rule) or self._compile(rule))[1]
+        compiled = self._fields.get(rule.name)
+        if compiled is None or compiled[0] is not rule:
+            compiled = self._compile(rule)
+        field = compiled[2]
         headers = responses.refusal_headers(decision, self._policy[rule.name], field)
         if self.on_refuse is not None:
             result = self.on_refuse(scope, decision)
