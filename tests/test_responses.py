@@ -64,7 +64,7 @@ def test_compiled_field_renders_the_reference_bytes(
 
 
 def test_compiled_field_of_a_scaled_rule_uses_its_own_bucket() -> None:
-    """The `local` fallback's scaled copy renders `t` from its own burst and interval."""
+    """A scaled copy of a rule renders `t` from its own burst and interval, as the reference."""
     rule = Rule("/x", limits=[TokenBucket("10/minute", burst=10, name="b")])
     scaled = rule.scaled(0.5)
     # Admitted with nothing left: `t` is the time until the next unit of that bucket.
