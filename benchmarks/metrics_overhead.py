@@ -31,8 +31,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import _support
+
 SECTION = "metrics_overhead"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: name -> (path, description); rules are built in `_app` (imports wait for the child's env).
@@ -190,26 +192,6 @@ def render(rows: list[Row], n: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
-_HEADER = """# Benchmark results
-
-Each section below is written by the script it names, between its markers;
-run the script again rather than editing the numbers by hand.
-"""
-
-
-def write_section(name: str, body: str, path: Path = RESULTS) -> None:
-    """Replace section `name` of `path` between its start/end markers, keeping the rest."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    text = path.read_text() if path.exists() else _HEADER
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None, print_: Callable[[str], None] = print) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("-n", type=int, default=20_000, help="requests per round")
@@ -225,7 +207,7 @@ def main(argv: list[str] | None = None, print_: Callable[[str], None] = print) -
     body = render(run(n, rounds), n, rounds)
     print_(body)
     if not args.no_write:
-        write_section(SECTION, body)
+        _support.write_section(SECTION, body)
 
 
 if __name__ == "__main__":
