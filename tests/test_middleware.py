@@ -600,3 +600,16 @@ def test_local_share_must_be_a_fraction() -> None:
     """local_share outside (0, 1] is refused at construction."""
     with pytest.raises(ConfigError, match=r"^local_share: expected a fraction"):
         RateLimitMiddleware(starlette_app(), rules=IMAGES_RULES, local_share=2)
+
+
+async def test_fail_local_admits_when_the_fallback_fails_too() -> None:
+    """A key function that raises under fail="local" admits the request: never a 500."""
+
+    def broken_key(scope: Scope) -> str:
+        raise RuntimeError("key function bug")
+
+    rules = [Rule("/v1/models", limits=[TokenBucket("1/minute", key=broken_key)], fail="local")]
+    app = RateLimitMiddleware(starlette_app(), rules=rules)
+    async with client(app) as c:
+        codes = [(await c.get("/v1/models")).status_code for _ in range(3)]
+    assert codes == [200, 200, 200]

@@ -140,7 +140,14 @@ class RateLimitMiddleware:
                 await _send_plain(scope, receive, send, 503, *_FAILED_CLOSED)
                 return
             engine = self._local_engine()
-            decision = await engine.decide(rule, scope)
+            try:
+                decision = await engine.decide(rule, scope)
+            except Exception:
+                # Not the store then (e.g. a key function that raises): the limiter
+                # still must not turn it into a 500, so this request is admitted.
+                logger.exception("ratelimit: the in-process fallback failed too; admitting")
+                await self.app(scope, receive, send)
+                return
         else:
             if self._failing:
                 self._failing = False
