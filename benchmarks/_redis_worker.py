@@ -424,7 +424,7 @@ BUILDERS: dict[str, tuple[Builder, bool]] = {
     "raw pipelined EVALSHA": (build_raw_pipeline, False),
     "RedisBackend.decide bucket": (_backend_builder(lease=False), False),
     "RedisBackend.decide bucket+lease": (_backend_builder(lease=True), False),
-    "RedisBackend.decide bucket+lease, split by slot": (
+    "RedisBackend.decide bucket+lease split by slot": (
         _backend_builder(lease=True, split=True),
         False,
     ),

@@ -88,7 +88,7 @@ SUBJECTS: tuple[Subject, ...] = (
         "leases are not released here: they expire after 1 s",
     ),
     Subject(
-        "RedisBackend.decide bucket+lease, split by slot",
+        "RedisBackend.decide bucket+lease split by slot",
         "ours",
         "the same with `split_by_slot=True`: one call per hash slot, as on Redis Cluster",
     ),
@@ -217,7 +217,7 @@ class Settings:
     """How long and how hard to measure."""
 
     #: Seconds measured per cell (one subject at one concurrency in one round).
-    duration: float = 1.0
+    duration: float = 0.8
     warmup: float = 0.3
     rounds: int = 3
     concurrencies: tuple[int, ...] = (1, 32)
@@ -242,15 +242,15 @@ class Settings:
     def quick(cls) -> Settings:
         """About 90 seconds: one short round (a smoke run; the numbers are rougher)."""
         return cls(
-            duration=0.4,
-            warmup=0.15,
+            duration=0.3,
+            warmup=0.1,
             rounds=1,
             count_decisions=100,
             breaker_seconds=1.2,
             breaker_requests=2000,
             http_duration=2,
             http_rounds=1,
-            quiet_wait=2.0,
+            quiet_wait=1.0,
         )
 
 
@@ -610,7 +610,7 @@ def targets(report: Report) -> list[tuple[str, str, str]]:
     one = [
         ("RedisBackend.decide bucket", 1, "bucket"),
         ("RedisBackend.decide bucket+lease", 1, "bucket+lease on one server (2 slots, 1 call)"),
-        ("RedisBackend.decide bucket+lease, split by slot", 2, "split by slot (2 slots)"),
+        ("RedisBackend.decide bucket+lease split by slot", 2, "split by slot (2 slots)"),
     ]
     measured, met = [], True
     for subject, want, label in one:
@@ -903,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m benchmarks.redis_decisions", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="~90 s: one short round")
-    parser.add_argument("--duration", type=float, help="seconds measured per cell (default 1)")
+    parser.add_argument("--duration", type=float, help="seconds measured per cell (default 0.8)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     parser.add_argument("--subjects", help="comma-separated subset of: " + ", ".join(BY_NAME))
     parser.add_argument(
