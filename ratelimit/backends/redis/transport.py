@@ -36,7 +36,7 @@ import socket
 from collections import deque
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import quote
 
 from redis import exceptions as rx
@@ -420,8 +420,9 @@ class _Lane(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not an isinstance check: uvloop's TCP transport is no asyncio.Transport
+        # subclass, and a refused assert here left every call waiting forever.
+        self._transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -474,7 +475,10 @@ class _Lane(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.broken or not self._out or self._transport is None:
+        if self.broken or not self._out:
+            return
+        if self._transport is None:  # never connected: fail the calls, don't strand them
+            self._fail(rx.ConnectionError("Redis connection has no transport"))
             return
         out, self._out = self._out, []
         self._transport.write(b"".join(out))
