@@ -57,6 +57,43 @@ class LeaseCheck(NamedTuple):
 Check: TypeAlias = "BucketCheck | LeaseCheck"
 
 
+class QueueCheck(NamedTuple):
+    """Wait in line for a slot of `lease` when its limit is full (see `algorithms.queue`).
+
+    `lease.lease_id` is the ticket id, which becomes the lease id once a slot is
+    granted; it starts with the class rank (`algorithms.queue.ticket_id`).
+    """
+
+    lease: LeaseCheck
+    #: Waiters at most, fleet-wide.
+    capacity: int
+    #: The request's class: 0 is served first.
+    rank: int
+    #: The caller's digest for fair order within a class; "" for plain FIFO.
+    fair: str
+    #: (rank, slots) each class is guaranteed; empty without shares.
+    guaranteed: tuple[tuple[int, int], ...]
+    #: Refuse ("too_long") if the place in line would be past this (its wait would
+    #: outlast the timeout); `capacity` for no bound, -1 to refuse any wait.
+    max_position: int
+
+
+class Entry(NamedTuple):
+    """The answer to `Backend.enqueue`."""
+
+    #: "admitted" (a slot was free after all), "queued" (waiting: call `wait`),
+    #: "full" (no room in line), "too_long" (see `QueueCheck.max_position`), or
+    #: "refused" (another check refused: nothing consumed, see `verdict`).
+    outcome: str
+    #: The checks' results, as `decide` gives them. When queued, every check but
+    #: the queued lease has consumed; the lease's result reports no free slot.
+    verdict: Verdict
+    #: Place in line (0: next) for "queued"/"too_long"/"full"; -1 otherwise.
+    position: int
+    #: Waiters in line after this step.
+    length: int
+
+
 class CheckResult(NamedTuple):
     """What one check said. For a lease, `remaining` is free slots."""
 
@@ -112,6 +149,37 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and background tasks."""
+        ...
+
+
+@runtime_checkable
+class QueueBackend(Backend, Protocol):
+    """A backend that can hold waiting lines in front of concurrency slots (`queue=`)."""
+
+    async def enqueue(self, checks: Sequence[Check], queue: QueueCheck) -> Entry:
+        """Decide `checks` (which include `queue.lease`) and, if only that lease is short
+        of a slot, consume the others and put the request in line, all in one step.
+
+        A slot counts as free only when nobody waits: a newcomer never passes the line.
+        A full line may shed its lowest waiter for this one (that waiter's `wait`
+        then answers "shed"). Refusals consume nothing.
+        """
+        ...
+
+    async def wait(self, queue: QueueCheck, timeout: float) -> str:
+        """Wait up to `timeout` s for a queued request's slot: "granted", "timeout" or "shed".
+
+        "granted": the lease `queue.lease` is held (renew and release it as usual).
+        Otherwise the request has left the line and holds nothing. If the waiting
+        task is cancelled, the ticket leaves the line (a slot granted in the
+        meantime is released) before or shortly after the cancellation propagates.
+        Only the queued lease is the backend's concern: refunding the other checks
+        is the caller's.
+        """
+        ...
+
+    async def queue_length(self, key: StoreKey) -> int:
+        """Requests waiting in line for `key`'s slots (statistics, metrics, CLI)."""
         ...
 
 

@@ -13,14 +13,24 @@ oldest idle caller). Lease tables are dropped when their last lease goes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .._errors import ConfigError
 from .._types import Clock
-from ..algorithms import gcra, leases
-from .base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey, Verdict
+from ..algorithms import gcra, leases, queue
+from .base import (
+    BucketCheck,
+    Check,
+    CheckResult,
+    Entry,
+    LeaseCheck,
+    QueueCheck,
+    StoreKey,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
@@ -34,6 +44,9 @@ _INF = float("inf")
 #: write, so full buckets are dropped faster than new keys arrive.
 _SWEEP_BATCH = 32
 _SWEEP_EVERY = 16
+#: Seconds between a waiter's own looks at its line: a safety net for slots freed by
+#: lease expiry rather than a release (releases hand slots over at once).
+_WAIT_POLL = 1.0
 
 
 class _LeaseTable(dict[str, float]):
@@ -61,6 +74,18 @@ class _LeaseTable(dict[str, float]):
             self.earliest = expiry
 
 
+class _Line:
+    """The waiting line in front of one key's slots, with what a hand-off needs."""
+
+    __slots__ = ("guaranteed", "limit", "state", "ttl")
+
+    def __init__(self, limit: int, ttl: float, guaranteed: dict[int, int]) -> None:
+        self.state = queue.QueueState()
+        self.limit = limit
+        self.ttl = ttl
+        self.guaranteed = guaranteed
+
+
 class MemoryBackend:
     """Limiter state in this process: the default, and the `local` fallback for Redis."""
 
@@ -71,6 +96,10 @@ class MemoryBackend:
         self._clock = clock
         self._buckets: dict[StoreKey, float] = {}
         self._leases: dict[StoreKey, _LeaseTable] = {}
+        #: Non-empty waiting lines; a key with a line admits nobody past it.
+        self._lines: dict[StoreKey, _Line] = {}
+        #: Ticket id -> the future its waiter awaits: "granted" or "shed".
+        self._tickets: dict[str, asyncio.Future[str]] = {}
         self._writes = 0
         self._storage: Storage | None = None
         #: Buckets dropped before they were full because of `max_keys`.
@@ -117,7 +146,8 @@ class MemoryBackend:
                     table.prune(now)
                 in_use = len(table) if table else 0
                 limit = check.limit
-                ok = in_use < limit
+                # Nobody passes a waiting line (`_lines` is empty unless queues are used).
+                ok = in_use < limit and not (self._lines and check.key in self._lines)
                 # Free slots after this step: max(0, limit - in_use - ok), without the call.
                 results.append(_new(CheckResult, (ok, limit - in_use - 1 if ok else 0, 0.0, 0.0)))
                 new_leases.append(check)
@@ -184,12 +214,135 @@ class MemoryBackend:
         expiry = table.pop(lease.lease_id, None)
         if not table:
             del self._leases[lease.key]
+        if self._lines and lease.key in self._lines:
+            self._hand_off(lease.key)
         return expiry is not None and expiry > self._clock()
 
     async def in_use(self, key: StoreKey) -> int:
         """Live leases under `key`."""
         table = self._leases.get(key)
         return leases.live(table, self._clock()) if table else 0
+
+    async def enqueue(self, checks: Sequence[Check], queue_check: QueueCheck) -> Entry:
+        """Decide `checks`; if only the queued lease lacks a slot, consume the rest and wait."""
+        return self.enqueue_nowait(checks, queue_check)
+
+    def enqueue_nowait(self, checks: Sequence[Check], queue_check: QueueCheck) -> Entry:
+        """`enqueue` without the coroutine: one atomic step on the event loop."""
+        lease = queue_check.lease
+        key = lease.key
+        verdict = self.decide_nowait(checks)
+        line = self._lines.get(key)
+        if verdict.admitted:
+            return Entry("admitted", verdict, -1, len(line.state) if line else 0)
+        index = next(i for i, check in enumerate(checks) if check is lease)
+        if not all(r.admitted for i, r in enumerate(verdict.results) if i != index):
+            return Entry("refused", verdict, -1, len(line.state) if line else 0)
+        guaranteed = dict(queue_check.guaranteed)
+        fresh = line is None
+        if line is None:
+            line = _Line(lease.limit, lease.ttl, guaranteed)
+        else:
+            line.limit, line.ttl, line.guaranteed = lease.limit, lease.ttl, guaranteed
+        step = queue.enqueue(
+            line.state,
+            ticket=lease.lease_id,
+            rank=queue_check.rank,
+            fair=queue_check.fair,
+            capacity=queue_check.capacity,
+            max_position=queue_check.max_position,
+            in_use=self._in_use_by_rank(key) if guaranteed else {},
+            guaranteed=guaranteed,
+        )
+        if step.outcome != "queued":
+            return Entry(step.outcome, verdict, step.position, step.length)
+        if fresh:
+            self._lines[key] = line
+        results = list(verdict.results)
+        others = [check for i, check in enumerate(checks) if i != index]
+        if others:
+            # Nothing was awaited since the first pass: these admit as they did then.
+            taken = self.decide_nowait(others).results
+            results[:index], results[index + 1 :] = taken[:index], taken[index:]
+        self._tickets[lease.lease_id] = asyncio.get_running_loop().create_future()
+        if step.shed is not None:
+            self._settle(step.shed.ticket, "shed")
+        # A slot may be free (the line was only passing through): serve the head now.
+        self._hand_off(key)
+        return Entry("queued", Verdict(False, tuple(results)), step.position, step.length)
+
+    async def wait(self, queue_check: QueueCheck, timeout: float) -> str:
+        """Wait for the hand-off of a slot, up to `timeout` s (see `QueueBackend.wait`)."""
+        ticket = queue_check.lease.lease_id
+        future = self._tickets.get(ticket)
+        if future is None:
+            return "shed"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not future.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait((future,), timeout=min(left, _WAIT_POLL))
+                if not future.done():
+                    # Safety net: slots freed by a lease's expiry, not a release.
+                    self._hand_off(queue_check.lease.key)
+            if future.done():
+                return future.result()
+            self._leave(queue_check)
+            return "timeout"
+        except BaseException:
+            self._leave(queue_check)
+            raise
+        finally:
+            self._tickets.pop(ticket, None)
+
+    def _leave(self, queue_check: QueueCheck) -> None:
+        """Take a ticket out of line; if it was granted a slot meanwhile, give the slot back."""
+        lease = queue_check.lease
+        line = self._lines.get(lease.key)
+        if line is not None and line.state.remove(lease.lease_id) is not None:
+            if not line.state:
+                del self._lines[lease.key]
+            return
+        future = self._tickets.get(lease.lease_id)
+        if future is not None and future.done() and future.result() == "granted":
+            self.release_nowait(lease)
+
+    def _settle(self, ticket: str, outcome: str) -> None:
+        future = self._tickets.get(ticket)
+        if future is not None and not future.done():
+            future.set_result(outcome)
+
+    def _in_use_by_rank(self, key: StoreKey) -> dict[int, int]:
+        table = self._leases.get(key)
+        if not table:
+            return {}
+        table.prune(self._clock())
+        return queue.in_use_by_rank(table)
+
+    def _hand_off(self, key: StoreKey) -> None:
+        """Give free slots of `key` to the head of its line, in the queue's order."""
+        line = self._lines[key]
+        now = self._clock()
+        table = self._leases.get(key)
+        if table is not None:
+            table.prune(now)
+        while line.state and (len(table) if table else 0) < line.limit:
+            by_rank = queue.in_use_by_rank(table) if line.guaranteed and table else {}
+            waiter = line.state.pop_next(by_rank, line.guaranteed)
+            if table is None:
+                table = self._leases[key] = _LeaseTable()
+            table.add(waiter.ticket, now + line.ttl)
+            self._settle(waiter.ticket, "granted")
+        if not line.state:
+            del self._lines[key]
+
+    async def queue_length(self, key: StoreKey) -> int:
+        """Requests waiting in `key`'s line."""
+        line = self._lines.get(key)
+        return len(line.state) if line else 0
 
     def window_storage(self) -> Storage:
         """The `limits` package's async memory storage, created on first use."""
@@ -203,6 +356,10 @@ class MemoryBackend:
         """Drop all state."""
         self._buckets.clear()
         self._leases.clear()
+        self._lines.clear()
+        for future in self._tickets.values():
+            if not future.done():
+                future.set_result("shed")
         if self._storage is not None:
             await self._storage.reset()
 
