@@ -39,7 +39,13 @@ def base_config() -> dict[str, Any]:
                 "name": "images",
                 "limits": [
                     {"type": "token_bucket", "rate": "5/minute", "burst": 5, "key": "client_ip"},
-                    {"type": "concurrency", "limit": 8, "key": "global", "queue": 4},
+                    {
+                        "type": "concurrency",
+                        "limit": 8,
+                        "key": "global",
+                        "queue": 4,
+                        "timeout": 5.0,
+                    },
                 ],
             },
             {
@@ -269,7 +275,7 @@ BAD_CONFIGS = [
     ("rules[0].limits[1].timeout", "30s", r"^rules\[0\]\.limits\[1\]\.timeout: expected a number"),
     ("rules[0].limits[1].lease", 0.5, r"^rules\[0\]\.limits\[1\]\.lease: expected at least 1"),
     ("rules[0].limits[1].rate", "5/minute",
-     r"^rules\[0\]\.limits\[1\]\.rate: expected one of the keys of a concurrency limit \(key, "),
+     r"^rules\[0\]\.limits\[1\]\.rate: expected one of the keys of a concurrency limit \(clas"),
     ("rules[0].limits[1].priority", 3,
      r"^rules\[0\]\.limits\[1\]\.priority: expected an import string .*, got 3$"),
     ("rules[1].limits[0].strategy", "rolling", r"^rules\[1\]\.limits\[0\]\.strategy: expected"),

@@ -47,8 +47,14 @@ async def ok(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
+async def slow(request: Request) -> PlainTextResponse:
+    await asyncio.sleep(0.05)
+    return PlainTextResponse("ok")
+
+
 def starlette_app() -> Starlette:
-    return Starlette(routes=[Route(p, ok) for p in ("/work", "/shared", "/window", "/free")])
+    routes = [Route(p, ok) for p in ("/work", "/shared", "/window", "/free")]
+    return Starlette(routes=[*routes, Route("/line", slow)])
 
 
 RULES = [
@@ -428,8 +434,12 @@ async def busy_registry() -> CollectorRegistry:
     rules = [
         *RULES,
         Rule("/window", limits=[Window("3/minute", key=keys.GLOBAL), Concurrency(2)]),
+        Rule("/line", limits=[Concurrency(1, queue=1, timeout=5.0)]),
     ]
     app = RateLimitMiddleware(starlette_app(), rules=rules, metrics=metrics)
+    # Three at once on one slot and a line of one: one runs, one waits, one is refused.
+    lined = await asyncio.gather(*(drive(app, "/line", 1) for _ in range(3)))
+    assert sorted(code for codes in lined for code in codes) == [200, 200, 503]
     await drive(app, "/work", 12, **{"x-api-key": SECRET_KEY})
     await drive(app, "/shared", 3)
     await drive(app, "/window", 4)
@@ -456,6 +466,8 @@ async def test_exposition_parses_with_the_expected_names_and_types() -> None:
         "ratelimit_in_flight": ("gauge", {"rule", "limit"}),
         "ratelimit_limit": ("gauge", {"rule", "limit"}),
         "ratelimit_limit_rate_per_second": ("gauge", {"rule", "limit"}),
+        "ratelimit_queue_depth": ("gauge", {"rule", "limit"}),
+        "ratelimit_queue_wait_seconds": ("histogram", {"rule", "limit", "outcome", "le"}),
         "ratelimit_backend_errors": ("counter", {"operation"}),
     }
     assert set(families) == set(expected)
@@ -467,7 +479,7 @@ async def test_exposition_parses_with_the_expected_names_and_types() -> None:
         assert used == labels, name
     outcomes = {s.labels["outcome"] for s in families["ratelimit_decisions"].samples}
     assert outcomes <= set(OUTCOMES)
-    assert outcomes >= {"allowed", "limited", "rejected", "failed_closed"}
+    assert outcomes >= {"allowed", "limited", "rejected", "failed_closed", "queued"}
 
 
 async def test_the_caller_key_never_reaches_the_exposition() -> None:

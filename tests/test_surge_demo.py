@@ -195,7 +195,8 @@ def test_the_toml_config_loads_with_a_bucket_per_tier_and_a_pool_sized_to_the_gp
     assert isinstance(pool, Concurrency)
     assert pool.limit == FLEET_GPUS
     assert pool.shared
-    assert pool.queue == 0  # until fair queues land (issue 4)
+    assert (pool.queue, pool.timeout) == (16, 2.0)
+    assert dict(pool.guaranteed) == {pool.rank("paid"): 6, pool.rank("free"): 2}
     assert paid.interval < free.interval
     assert paid.burst > free.burst
     scope_paid = {"type": "http", "headers": [(b"x-api-key", b"paid-01")]}
@@ -203,6 +204,7 @@ def test_the_toml_config_loads_with_a_bucket_per_tier_and_a_pool_sized_to_the_gp
     assert (paid.key(scope_paid), free.key(scope_paid)) == ("paid-01", None)
     assert (paid.key(scope_free), free.key(scope_free)) == (None, "free-01")
     assert keys.priority(scope_paid) > keys.priority(scope_free)
+    assert pool.rank(keys.tier(scope_paid)) < pool.rank(keys.tier(scope_free))
 
 
 async def test_the_protected_app_refuses_a_free_key_past_its_burst_but_not_a_paid_one() -> None:

@@ -47,6 +47,12 @@ def free_key(scope: Scope) -> str | None:
 
 
 def priority(scope: Scope) -> int:
-    """Queue priority for the GPU pool (issue 4): paid callers wait less than free ones."""
+    """Queue priority as a number: paid callers (1) before free ones (0)."""
     key = api_key(scope)
     return 1 if key is not None and tier_of(key) == "paid" else 0
+
+
+def tier(scope: Scope) -> Tier:
+    """The request's class in the GPU pool's line ("paid" or "free", see `shares`)."""
+    key = api_key(scope)
+    return "paid" if key is not None and tier_of(key) == "paid" else "free"

@@ -125,7 +125,7 @@ class QueueState:
         i = next_index(self.waiters, in_use, guaranteed)
         waiter = self._pop(i)
         n = int(waiter.key[4 : 4 + _N_WIDTH])
-        if n > self.rounds.get(waiter.rank, 0):
+        if self.waiters and n > self.rounds.get(waiter.rank, 0):
             self.rounds[waiter.rank] = n
         return waiter
 

@@ -25,6 +25,12 @@ rules x limits x outcomes however many callers there are.
     ratelimit_limit_rate_per_second{rule,limit}      gauge (multiprocess: livemostrecent)
         Sustained rate of TokenBucket and Window limits, in units per second,
         comparable with `rate(ratelimit_decisions_total[1m])`.
+    ratelimit_queue_depth{rule,limit}               gauge (multiprocess: livesum)
+        Requests of this process waiting in a limit's line; summed over live
+        processes (the line is one, fleet-wide: the sum is its length).
+    ratelimit_queue_wait_seconds{rule,limit,outcome} histogram
+        Time spent in line by requests that waited, by how the wait ended
+        (queued = admitted, queue_timeout, shed, abandoned).
     ratelimit_backend_errors_total{operation}        counter
         Backend calls that failed, by operation ("decide", ...).
     ratelimit_breaker_open                           gauge (multiprocess: livesum)
@@ -65,18 +71,27 @@ from ..policy.rules import Rule
 
 logger = logging.getLogger("ratelimit")
 
-#: Every value of the `outcome` label. The queue outcomes (queued, queue_timeout,
-#: shed) are reserved for the admission queue; nothing emits them yet.
+#: Every value of the `outcome` label: exactly one per decided request.
 OUTCOMES: Final = (
-    "allowed",
+    "allowed",  # admitted without waiting
     "limited",  # 429: the caller's own quota is spent
-    "rejected",  # 503: a shared limit (the service) is full
+    "rejected",  # 503: a shared limit (the service) is full, its line too (or too long)
     "failed_open",  # backend failed, request admitted
     "failed_closed",  # backend failed, request refused with 503
-    "queued",
-    "queue_timeout",
-    "shed",
+    "queued",  # admitted after waiting in line
+    "queue_timeout",  # 503 after waiting its whole timeout
+    "shed",  # 503: pushed out of a full line by a higher class
+    "abandoned",  # the client left while waiting (no response sent)
 )
+
+#: `outcome` of a refused decision by its `Decision.reason`.
+_REASON_OUTCOME: Final = {
+    "queue_full": "rejected",
+    "too_long": "rejected",
+    "queue_timeout": "queue_timeout",
+    "shed": "shed",
+    "abandoned": "abandoned",
+}
 
 #: Decision latency buckets (seconds): sub-millisecond decisions of the memory
 #: backend, Redis round trips, and multi-second waits of queued requests.
@@ -197,6 +212,22 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=None,
         )
+        self.queue_depth = Gauge(
+            "queue_depth",
+            "Requests waiting in a limit's line (this process; summed over processes).",
+            ["rule", "limit"],
+            namespace=ns,
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds",
+            "Time requests spent waiting in line, by how the wait ended.",
+            ["rule", "limit", "outcome"],
+            namespace=ns,
+            buckets=tuple(b for b in bounds if b >= 0.001) or tuple(bounds),
+            registry=None,
+        )
         self.backend_errors = Counter(
             "backend_errors_total",
             "Backend calls that failed, by operation.",
@@ -216,6 +247,8 @@ class Metrics:
             self.in_flight,
             self.limit,
             self.limit_rate,
+            self.queue_depth,
+            self.queue_wait,
             self.backend_errors,
         )
         self._register()
@@ -261,6 +294,7 @@ class Metrics:
         override), call `publish_limits` so the gauges show the new values.
         """
         engine.on_release = self.observe_release
+        engine.on_queue = self.observe_queue
         self._watched.update(lim for rule in engine.rules for lim in rule.limits)
         self.publish_limits(engine)
         for rule in engine.rules:
@@ -271,6 +305,10 @@ class Metrics:
                 self._near_child(rule.name, name)
                 if isinstance(lim, Concurrency):
                     self._in_flight_child(rule.name, name)
+                    if lim.queue:
+                        self.queue_depth.labels(rule.name, name)
+                        for outcome in ("queued", "queue_timeout", "shed"):
+                            self._decision_child(rule.name, name, outcome)
         self.backend_errors.labels("decide")
         if hasattr(engine.backend, "observer"):
             # The backend times each call and reports errors per operation itself.
@@ -345,8 +383,16 @@ class Metrics:
     def observe_decision(self, decision: Decision, seconds: float) -> None:
         """Count one decision and its latency; track near-limit callers and held slots."""
         rule = decision.rule.name
-        if decision.allowed:
+        waited = decision.waited
+        if waited is not None:
+            outcome = "queued" if decision.allowed else _REASON_OUTCOME[decision.reason or ""]
+            line = decision.line or ""
+            key = (rule, line, outcome)
+            self.queue_wait.labels(rule, line, outcome).observe(waited)
+        elif decision.allowed:
             key = (rule, "", "allowed")
+        elif decision.reason is not None:
+            key = (rule, decision.line or "", _REASON_OUTCOME[decision.reason])
         else:
             key = (rule, _deciding_limit(decision), _refusal_outcome(decision))
         child = self._decision_children.get(key)
@@ -387,6 +433,10 @@ class Metrics:
                 gauge.dec()
         except Exception:  # a metrics bug must never keep a lease from being released
             logger.exception("ratelimit metrics: could not record a release")
+
+    def observe_queue(self, rule: str, limit: str, delta: int) -> None:
+        """A request of this process joined (+1) or left (-1) a limit's line."""
+        self.queue_depth.labels(rule, limit).inc(delta)
 
     def observe_failure(self, rule: Rule, policy: str, exc: BaseException) -> None:
         """The backend failed deciding for `rule`; `policy` ("open"/"closed"/"local") applies.

@@ -21,7 +21,7 @@ from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
 from ..policy.config import ConfigSource, Settings, load_config
-from ..policy.engine import Decision, Engine, Grant
+from ..policy.engine import ABANDONED, Decision, Engine, Grant
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from . import responses
 from .metrics import Metrics
@@ -128,8 +128,15 @@ class RateLimitMiddleware:
             return
         metrics = self.metrics
         started = perf_counter() if metrics is not None else 0.0
+        inbox = None
+        if engine.plan(rule).queued:
+            # The request may wait in line: watch for the client leaving meanwhile.
+            inbox = _Inbox(receive)
+            receive = inbox.receive
         try:
-            decision = await engine.decide(rule, scope)
+            decision = await engine.decide(
+                rule, scope, inbox.until_gone if inbox is not None else None
+            )
         except Exception as exc:
             fail = rule.fail or self.fail
             self._note_failure(rule, fail, exc)
@@ -141,7 +148,9 @@ class RateLimitMiddleware:
                 return
             engine = self._local_engine()
             try:
-                decision = await engine.decide(rule, scope)
+                decision = await engine.decide(
+                    rule, scope, inbox.until_gone if inbox is not None else None
+                )
             except Exception:
                 # Not the store then (e.g. a key function that raises): the limiter
                 # still must not turn it into a 500, so this request is admitted.
@@ -155,6 +164,8 @@ class RateLimitMiddleware:
         if metrics is not None:
             metrics.observe_decision(decision, perf_counter() - started)
         if not decision.allowed:
+            if decision.reason == ABANDONED:
+                return  # the client left while waiting: nobody to answer
             await self._refuse(decision, scope, receive, send)
             return
         fields: tuple[tuple[bytes, bytes], ...] = ()
@@ -248,6 +259,34 @@ def _adding(send: Send, fields: tuple[tuple[bytes, bytes], ...]) -> Send:
         await send(message)
 
     return send_with_fields
+
+
+class _Inbox:
+    """The server's `receive` for a request that may wait in line.
+
+    While it waits, `until_gone` reads ahead (keeping what it reads, e.g. the
+    request body) until the client disconnects; the app's `receive` then
+    gets the kept messages first. Nothing is read ahead unless the request waits.
+    """
+
+    __slots__ = ("_kept", "_receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._kept: list[Message] = []
+
+    async def until_gone(self) -> None:
+        """Return once the client has disconnected (a cancelled read loses nothing)."""
+        while True:
+            message = await self._receive()
+            self._kept.append(message)
+            if message["type"] in ("http.disconnect", "websocket.disconnect"):
+                return
+
+    async def receive(self) -> Message:
+        if self._kept:
+            return self._kept.pop(0)
+        return await self._receive()
 
 
 class _Holder:

@@ -30,7 +30,9 @@ marked *required*; see ``examples/ratelimit.toml`` for a commented file)::
     type = "token_bucket"  # required: "token_bucket" | "concurrency" | "window"
     ...                    # the keyword arguments of TokenBucket, Concurrency or
                            # Window: rate, burst, limit, queue, timeout, lease,
-                           # retry_after, strategy, name, shared, key, priority;
+                           # retry_after, strategy, name, shared, key, priority,
+                           # classes, shares (a table class = fraction), fair_key
+                           # (a key), deadline_header;
                            # key omitted: client_ip (global for concurrency)
 
 A limit's `key` is ``"global"``, ``"client_ip"``, ``"header:NAME"``, a table
@@ -76,7 +78,18 @@ _LIMIT_COMMON = frozenset({"type", "key", "name", "shared"})
 _LIMIT_KEYS: dict[str, frozenset[str]] = {
     "token_bucket": _LIMIT_COMMON | {"rate", "burst"},
     "concurrency": _LIMIT_COMMON
-    | {"limit", "queue", "timeout", "priority", "lease", "retry_after"},
+    | {
+        "limit",
+        "queue",
+        "timeout",
+        "priority",
+        "classes",
+        "shares",
+        "fair_key",
+        "deadline_header",
+        "lease",
+        "retry_after",
+    },
     "window": _LIMIT_COMMON | {"rate", "strategy"},
 }
 _LIMIT_REQUIRED = {
@@ -275,6 +288,9 @@ def _limit(value: object) -> Limit:
             raise _wrong("priority", f"{_IMPORT_EXPECTED} of a function (scope) -> class", priority)
         if isinstance(priority, str):
             options["priority"] = _import("priority", priority)
+    if "fair_key" in options:
+        with _under("fair_key"):
+            options["fair_key"] = _key(options["fair_key"])
     if "shared" in options and not isinstance(options["shared"], bool):
         raise _wrong("shared", "true or false", options["shared"])
     if kind == "token_bucket":

@@ -16,18 +16,22 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from .._errors import ConfigError, LeaseError
 from .._types import Scope
+from ..algorithms import queue
 from ..backends.base import (
     Backend,
     BucketCheck,
     Check,
     CheckResult,
     LeaseCheck,
+    QueueBackend,
+    QueueCheck,
     StoreKey,
     nowait_method,
 )
@@ -62,6 +66,23 @@ class Grant:
 
     leases: tuple[LeaseCheck, ...]
     released: bool = False
+    #: When the slots were taken (monotonic), for the service-time estimate.
+    started: float = 0.0
+    #: The plan whose limits the leases belong to.
+    plan: Plan | None = None
+
+
+#: Reasons a request that tried the waiting line was refused (`Decision.reason`).
+QUEUE_FULL, TOO_LONG, QUEUE_TIMEOUT, SHED, ABANDONED = (
+    "queue_full",
+    "too_long",
+    "queue_timeout",
+    "shed",
+    "abandoned",
+)
+
+#: Called with nothing; completes when the client has gone away (see `Engine.decide`).
+Abandon = Callable[[], Awaitable[object]]
 
 
 class Decision:
@@ -76,10 +97,13 @@ class Decision:
         "_states",
         "allowed",
         "grant",
+        "line",
+        "reason",
         "results",
         "retry_after",
         "rule",
         "status",
+        "waited",
     )
 
     def __init__(
@@ -103,6 +127,13 @@ class Decision:
         self.results = results
         self._plan = plan
         self._states: tuple[LimitState, ...] | None = None
+        #: Seconds spent in a waiting line; None if the request never waited.
+        self.waited: float | None = None
+        #: The name of the limit whose line the request joined; None if it joined none.
+        self.line: str | None = None
+        #: Why a request that went for the line was refused (QUEUE_FULL, TOO_LONG,
+        #: QUEUE_TIMEOUT, SHED, ABANDONED); None otherwise.
+        self.reason: str | None = None
 
     @property
     def states(self) -> tuple[LimitState, ...]:
@@ -134,6 +165,8 @@ SKIPPED = CheckResult(False, 0, 0.0, 0.0)
 _BUCKET, _LEASE, _WINDOW = 0, 1, 2
 #: A bucket whose check is cached whole per caller (the rule's cost is a constant).
 _READY_BUCKET = 3
+#: A concurrency limit with a waiting line or classes: its lease ids carry the class.
+_QUEUED_LEASE = 4
 
 _new = tuple.__new__
 
@@ -157,6 +190,7 @@ class Plan:
         "min_lease",
         "names",
         "params",
+        "queued",
         "rule",
         "size",
         "specs",
@@ -190,12 +224,18 @@ class Plan:
         )
         leases = [lim.lease for lim in rule.limits if isinstance(lim, Concurrency)]
         self.min_lease = min(leases) if leases else math.inf
+        #: Whether a request of this rule may wait in a line (the middleware then
+        #: watches for the client leaving while it waits).
+        self.queued = any(isinstance(lim, Concurrency) and lim.queue for lim in rule.limits)
 
     def _step(self, i: int) -> int:
         """What the per-request loop does for limit `i` with its entry."""
         kind = self.kinds[i]
         if kind == _BUCKET and self.static_cost is not None:
             return _READY_BUCKET
+        limit = self.limits[i]
+        if isinstance(limit, Concurrency) and limit.queued:
+            return _QUEUED_LEASE
         return kind
 
     def _entry(self, i: int, skey: StoreKey) -> Any:
@@ -252,8 +292,9 @@ def _kind(limit: Limit) -> int:
 
 
 def retry_after(limit: Limit, r: CheckResult) -> float:
-    """Seconds until `limit` could admit: exact for rates, the configured hint for a full pool."""
-    if not r.admitted and isinstance(limit, Concurrency):
+    """Seconds until `limit` could admit: exact for rates; for a full pool the engine's
+    estimate (see `Engine.estimate`), or the configured hint before there is one."""
+    if not r.admitted and isinstance(limit, Concurrency) and not r.retry_after:
         return limit.retry_after
     return r.retry_after
 
@@ -265,6 +306,36 @@ def reset_after(limit: Limit, r: CheckResult) -> float:
     if not r.admitted:
         return r.retry_after
     return max(0.0, r.reset_after - (limit.burst - 1) * limit.interval)
+
+
+async def _rank(limit: Concurrency, scope: Scope) -> int:
+    """The request's class in `limit`'s line (0 without a priority function)."""
+    if limit.priority is None:
+        return 0
+    value = limit.priority(scope)
+    if inspect.isawaitable(value):
+        value = await value
+    return limit.rank(value)
+
+
+def _client_timeout(scope: Scope, header: str | None) -> float | None:
+    """Seconds the client says it will wait (`deadline_header`), or None if absent or unreadable."""
+    if header is None:
+        return None
+    name = header.encode("latin-1")
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            try:
+                seconds = float(value.decode("latin-1"))
+            except ValueError:
+                return None
+            return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return None
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("ratelimit background cleanup failed: %r", task.exception())
 
 
 def _release_failed(lease: LeaseCheck) -> None:
@@ -323,6 +394,14 @@ class Engine:
         self._background: set[asyncio.Task[Any]] = set()
         #: Called with each grant as it is released (metrics count the slots in flight).
         self.on_release: Callable[[Grant], None] | None = None
+        #: Called with (rule, limit name, +1 or -1) as a request joins or leaves a line.
+        self.on_queue: Callable[[str, str, int], None] | None = None
+        #: (rule, limit index) -> moving average of how long a slot is held, in seconds.
+        self._service: dict[tuple[str, int], float] = {}
+        if any(p.queued for p in plans) and not isinstance(backend, QueueBackend):
+            raise ConfigError(
+                "backend", "a backend with waiting lines (queue=), e.g. MemoryBackend()", backend
+            )
 
     def match(self, scope: Scope) -> Rule | None:
         """The first rule whose path and methods match, or None (the request passes)."""
@@ -337,8 +416,14 @@ class Engine:
         """The compiled plan of `rule`."""
         return self._by_rule[rule.name]
 
-    async def decide(self, rule: Rule, scope: Scope) -> Decision:
-        """Decide `scope` against `rule`: all of its limits admit and consume, or none."""
+    async def decide(self, rule: Rule, scope: Scope, abandon: Abandon | None = None) -> Decision:
+        """Decide `scope` against `rule`: all of its limits admit and consume, or none.
+
+        If the rule's only refusal is a full concurrency limit with a `queue`, the
+        request waits in line (its other limits consumed meanwhile, refunded if it
+        is refused in the end). `abandon()`, if given, is awaited alongside: when
+        it completes (the client went away) the request leaves the line at once.
+        """
         plan = self._by_rule[rule.name]
         cost = rule.cost
         if cost.__class__ is not int:
@@ -346,6 +431,8 @@ class Engine:
         checks: list[Check] = []
         slots: list[int] = []  # index in the rule of each check
         leases: list[LeaseCheck] = []
+        #: Check index -> (limit index, rank) of leases that may wait in line.
+        lines: dict[int, tuple[int, int]] | None = None
         window_key: StoreKey | None = None
         for i, step, entry, key_func, key_async, cache, p1, p2 in plan.specs:
             if entry is None:
@@ -371,6 +458,17 @@ class Engine:
                 leases.append(lease)
             elif step == _BUCKET:
                 checks.append(_new(BucketCheck, (entry, p1, p2, cost)))
+            elif step == _QUEUED_LEASE:
+                limit = plan.limits[i]
+                rank = await _rank(limit, scope)
+                serial = f"{self._lease_prefix}{next(self._lease_ids)}"
+                lease = _new(LeaseCheck, (entry, p1, p2, queue.ticket_id(rank, serial)))
+                if limit.queue:
+                    if lines is None:
+                        lines = {}
+                    lines[len(checks)] = (i, rank)
+                checks.append(lease)
+                leases.append(lease)
             else:
                 window_key = entry
                 continue
@@ -380,15 +478,29 @@ class Engine:
             nowait = self._decide_nowait
             verdict = nowait(checks) if nowait is not None else await self.backend.decide(checks)
             admitted = verdict.admitted
+            raw: Sequence[CheckResult] = verdict.results
+            waited: float | None = None
+            reason: str | None = None
+            line_at = -1
+            if not admitted and lines is not None:
+                refused = [k for k, r in enumerate(raw) if not r.admitted]
+                if len(refused) == 1 and refused[0] in lines:
+                    k = refused[0]
+                    line_at = lines[k][0]
+                    admitted, raw, reason, waited = await self._line_up(
+                        plan, scope, checks, k, lines[k], abandon
+                    )
             if len(slots) == plan.size:
                 # Every limit made a check, in order: no exempt limit, no window.
-                results: list[CheckResult | None] = list(verdict.results)
+                results: list[CheckResult | None] = list(raw)
             else:
                 results = [None] * plan.size
-                for i, r in zip(slots, verdict.results, strict=True):
+                for i, r in zip(slots, raw, strict=True):
                     results[i] = r
         else:
             results = [None] * plan.size
+            waited = reason = None
+            line_at = -1
         if window_key is not None:
             w = plan.window_index
             if not admitted:
@@ -402,17 +514,166 @@ class Engine:
                         await self.backend.refund(checks)
                         _report_refunded(results, slots, checks)
         if admitted:
-            grant = self._hold(tuple(leases)) if leases else None
-            return Decision(rule, True, 200, 0.0, plan, results, grant)
+            grant = self._hold(tuple(leases), plan) if leases else None
+            decision = Decision(rule, True, 200, 0.0, plan, results, grant)
+            if waited is not None:
+                decision.waited = waited
+                decision.line = plan.names[line_at]
+            return decision
         status = 503
         wait = 0.0
-        for lim, res in zip(plan.limits, results, strict=True):
+        for i, (lim, res) in enumerate(zip(plan.limits, results, strict=True)):
             if res is None or res is SKIPPED or res.admitted:
                 continue
             if not lim.shared:
                 status = 429
+            if lim.__class__ is Concurrency and not res.retry_after:
+                estimate = self.estimate(plan, i, 0)
+                if estimate:
+                    res = results[i] = res._replace(retry_after=estimate)
             wait = max(wait, retry_after(lim, res))
-        return Decision(rule, False, status, wait, plan, results)
+        decision = Decision(rule, False, status, wait, plan, results)
+        if reason is not None:
+            decision.waited = waited
+            decision.reason = reason
+            decision.line = plan.names[line_at]
+        return decision
+
+    # -- waiting lines ----------------------------------------------------------
+
+    def estimate(self, plan: Plan, i: int, position: int) -> float:
+        """Seconds until limit `i` has a slot for the waiter at `position` (0: next), from
+        the observed service time; 0 before any slot was released."""
+        service = self._service.get((plan.rule.name, i), 0.0)
+        if service <= 0:
+            return 0.0
+        limit = plan.limits[i]
+        assert isinstance(limit, Concurrency)
+        return queue.estimate_wait(position, limit.limit, service)
+
+    async def _line_up(
+        self,
+        plan: Plan,
+        scope: Scope,
+        checks: list[Check],
+        k: int,
+        where: tuple[int, int],
+        abandon: Abandon | None,
+    ) -> tuple[bool, Sequence[CheckResult], str | None, float | None]:
+        """Wait in line for check `k`'s slot: (admitted, results, reason, seconds waited)."""
+        i, rank = where
+        limit = plan.limits[i]
+        assert isinstance(limit, Concurrency)
+        lease = checks[k]
+        assert isinstance(lease, LeaseCheck)
+        backend = self.backend
+        assert isinstance(backend, QueueBackend)
+        timeout = limit.timeout
+        asked = _client_timeout(scope, limit.deadline_header)
+        if asked is not None and asked < timeout:
+            timeout = asked
+        service = self._service.get((plan.rule.name, i), 0.0)
+        fair = ""
+        if limit.fair_key is not None:
+            value = limit.fair_key(scope)
+            if inspect.isawaitable(value):
+                value = await value
+            if value is not None:
+                fair = _digest(str(value))
+        line = QueueCheck(
+            lease,
+            limit.queue,
+            rank,
+            fair,
+            limit.guaranteed,
+            queue.max_position(timeout, limit.limit, service, limit.queue),
+        )
+        entry = await backend.enqueue(checks, line)
+        outcome = entry.outcome
+        if outcome == "admitted":
+            return True, entry.verdict.results, None, None
+        if outcome == "refused":
+            return False, entry.verdict.results, None, None
+        results = list(entry.verdict.results)
+        if outcome != "queued":
+            estimate = self.estimate(plan, i, entry.position)
+            results[k] = results[k]._replace(retry_after=estimate)
+            return False, results, QUEUE_FULL if outcome == "full" else TOO_LONG, None
+        others = [check for j, check in enumerate(checks) if j != k]
+        started = time.monotonic()
+        self._queue_changed(plan, i, 1)
+        try:
+            outcome = await self._await_slot(backend, line, timeout, abandon)
+        except BaseException:
+            if others:
+                self._spawn(backend.refund(others))
+            raise
+        finally:
+            self._queue_changed(plan, i, -1)
+        waited = time.monotonic() - started
+        if outcome == "granted":
+            results[k] = CheckResult(True, 0, 0.0, 0.0)
+            return True, results, None, waited
+        if others:
+            if outcome == ABANDONED:
+                self._spawn(backend.refund(others))
+            else:
+                await backend.refund(others)
+        estimate = self.estimate(plan, i, max(0, entry.length - 1))
+        results[k] = results[k]._replace(retry_after=estimate)
+        reason = {"timeout": QUEUE_TIMEOUT, "shed": SHED}.get(outcome, ABANDONED)
+        return False, results, reason, waited
+
+    async def _await_slot(
+        self, backend: QueueBackend, line: QueueCheck, timeout: float, abandon: Abandon | None
+    ) -> str:
+        """The backend's `wait`, cut short (ABANDONED) when `abandon()` completes first."""
+        if abandon is None:
+            return await backend.wait(line, timeout)
+        waiter = asyncio.ensure_future(backend.wait(line, timeout))
+        gone = asyncio.ensure_future(abandon())
+        try:
+            await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            waiter.cancel()  # the backend's wait then leaves the line
+            waiter.add_done_callback(partial(self._let_go_late, backend, line))
+            raise
+        finally:
+            if not gone.done():
+                gone.cancel()
+            elif not gone.cancelled():
+                gone.exception()  # retrieved: a receive that failed means the client is gone
+        if waiter.done():
+            return waiter.result()
+        waiter.cancel()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if not waiter.cancelled():
+                raise  # this task itself is being cancelled
+        else:
+            # The slot came just as the client left: give it back.
+            if waiter.result() == "granted":
+                self._spawn(backend.release(line.lease))
+        return ABANDONED
+
+    def _let_go_late(
+        self, backend: QueueBackend, line: QueueCheck, waiter: asyncio.Future[str]
+    ) -> None:
+        """Release a slot granted to a waiter whose request was cancelled meanwhile."""
+        if not waiter.cancelled() and waiter.exception() is None and waiter.result() == "granted":
+            self._spawn(backend.release(line.lease))
+
+    def _queue_changed(self, plan: Plan, i: int, delta: int) -> None:
+        if self.on_queue is not None:
+            self.on_queue(plan.rule.name, plan.names[i], delta)
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        """Run `work` in the background (cleanup that must outlive a cancelled request)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
 
     async def _cost(self, rule: Rule, scope: Scope) -> int:
         assert callable(rule.cost)
@@ -440,13 +701,13 @@ class Engine:
 
     # -- leases -----------------------------------------------------------------
 
-    def _hold(self, leases: tuple[LeaseCheck, ...]) -> Grant:
+    def _hold(self, leases: tuple[LeaseCheck, ...], plan: Plan) -> Grant:
         for lease in leases:
             self._held[lease.lease_id] = lease
         renewer = self._renewer
         if renewer is None or renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
-        return Grant(leases)
+        return Grant(leases, False, time.monotonic(), plan)
 
     async def release(self, grant: Grant) -> None:
         """Free a grant's slots. Releasing the same grant twice raises `LeaseError`."""
@@ -480,6 +741,15 @@ class Engine:
         if grant.released:
             raise LeaseError("this grant was already released")
         grant.released = True
+        plan = grant.plan
+        if plan is not None:
+            # A slot's service time: the moving average behind wait estimates.
+            held = time.monotonic() - grant.started
+            service = self._service
+            name = plan.rule.name
+            for i, kind in enumerate(plan.kinds):
+                if kind == _LEASE:
+                    service[name, i] = queue.ewma(service.get((name, i), 0.0), held)
         if self.on_release is not None:
             self.on_release(grant)
         for lease in grant.leases:
@@ -489,9 +759,7 @@ class Engine:
         """Release without waiting: for `finally` blocks of cancelled or failed requests."""
         if grant.released:
             return
-        task = asyncio.get_running_loop().create_task(self.release(grant))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.release(grant))
 
     def held(self) -> int:
         """Leases this engine holds for running requests."""

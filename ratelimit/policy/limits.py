@@ -6,10 +6,11 @@ precomputes what the engine needs per request.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from limits import RateLimitItem
@@ -17,6 +18,7 @@ from limits import parse as parse_rate
 
 from .._errors import ConfigError
 from .._types import KeyFunc, Scope
+from ..algorithms.queue import RANK_MAX
 from . import keys
 
 if TYPE_CHECKING:
@@ -138,17 +140,40 @@ class TokenBucket(Limit):
 
 
 class Concurrency(Limit):
-    """At most `limit` requests in flight per key, fleet-wide.
+    """At most `limit` requests in flight per key, fleet-wide, with an optional waiting line.
 
     Each admitted request holds a lease that expires `lease` seconds after its
     last renewal; running requests renew it, so only a crashed worker's
-    leases ever expire. `queue` and `timeout` bound waiting for a slot (0:
-    refuse at once). A refusal's `Retry-After` is `retry_after` seconds until
-    a service-time estimate replaces it.
+    leases ever expire. When every slot is taken, up to `queue` requests wait
+    up to `timeout` seconds (or the client's `deadline_header`, if shorter)
+    for one; 0 refuses at once.
+
+    Waiting order: `priority(scope)` gives a request's class, either an int
+    (higher first) or a name listed in `classes` (first listed first; a name
+    not listed comes last). `shares` maps classes to fractions of `limit`
+    each is guaranteed when it needs them (idle slots are borrowed by any
+    class); for named classes, `classes` defaults to the order of `shares`.
+    `fair_key(scope)` (e.g. the API key) orders each caller's n-th waiting
+    request after every other caller's earlier ones; without it, FIFO.
+
+    A refusal's `Retry-After` estimates when a slot frees from the observed
+    service time; before any is observed it is `retry_after` seconds.
     """
 
     kind = "concurrency"
-    __slots__ = ("lease", "limit", "priority", "queue", "retry_after", "timeout")
+    __slots__ = (
+        "classes",
+        "deadline_header",
+        "fair_key",
+        "guaranteed",
+        "lease",
+        "limit",
+        "priority",
+        "queue",
+        "retry_after",
+        "shares",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -158,6 +183,10 @@ class Concurrency(Limit):
         queue: int = 0,
         timeout: float = 0.0,
         priority: Callable[[Scope], Any] | None = None,
+        classes: Sequence[str] | None = None,
+        shares: Mapping[Any, float] | None = None,
+        fair_key: KeyFunc | None = None,
+        deadline_header: str | None = "x-request-timeout",
         lease: float = 30.0,
         retry_after: float = 1.0,
         name: str | None = None,
@@ -167,29 +196,99 @@ class Concurrency(Limit):
         self.limit = _positive_int("limit", limit)
         self.queue = _non_negative_int("queue", queue)
         self.timeout = _non_negative_float("timeout", timeout)
+        if self.queue and not self.timeout:
+            raise ConfigError("timeout", "seconds > 0 that a request may wait (queue > 0)", timeout)
         if priority is not None and not callable(priority):
             raise ConfigError("priority", "a callable (scope) -> class", priority)
         self.priority = priority
+        if fair_key is not None and not callable(fair_key):
+            raise ConfigError("fair_key", "a callable (scope) -> str | None", fair_key)
+        self.fair_key = fair_key
+        if deadline_header is not None and (
+            not isinstance(deadline_header, str) or not _HEADER_RE.match(deadline_header)
+        ):
+            raise ConfigError("deadline_header", "a header name, or None", deadline_header)
+        self.deadline_header = None if deadline_header is None else deadline_header.lower()
+        self.shares = dict(_check_shares(shares))
+        self.classes = _check_classes(classes, self.shares)
+        #: (rank, slots) guaranteed per class.
+        self.guaranteed = tuple(
+            sorted((self.rank(cls), math.floor(self.limit * f)) for cls, f in self.shares.items())
+        )
         self.lease = _non_negative_float("lease", lease)
         if self.lease < 1.0:
             raise ConfigError("lease", "at least 1 second (renewals run every lease/3)", lease)
         self.retry_after = _non_negative_float("retry_after", retry_after)
 
+    @property
+    def queued(self) -> bool:
+        """Whether requests may wait, or be told apart by class (leases then carry it)."""
+        return bool(self.queue or self.guaranteed)
+
+    def rank(self, cls: object) -> int:
+        """The place of a priority class in line: 0 first (see `algorithms.queue`)."""
+        if isinstance(cls, str):
+            classes = self.classes
+            return classes.index(cls) if cls in classes else len(classes)
+        if isinstance(cls, int) and not isinstance(cls, bool):
+            return min(RANK_MAX, max(0, _INT_RANK_ORIGIN - cls))
+        return len(self.classes) if self.classes else _INT_RANK_ORIGIN
+
     def scaled(self, share: float) -> Concurrency:
-        return Concurrency(
-            _scale(self.limit, share),
-            key=self.key,
-            queue=math.floor(self.queue * share),
-            timeout=self.timeout,
-            priority=self.priority,
-            lease=self.lease,
-            retry_after=self.retry_after,
-            name=self.name,
-            shared=self.shared,
+        clone = copy.copy(self)
+        clone.limit = _scale(self.limit, share)
+        clone.queue = math.floor(self.queue * share)
+        clone.guaranteed = tuple(
+            (rank, math.floor(clone.limit * self.shares[cls]))
+            for cls in self.shares
+            for rank in (self.rank(cls),)
         )
+        return clone
 
     def __repr__(self) -> str:
         return f"Concurrency({self.limit}, key={self.key!r}, queue={self.queue})"
+
+
+#: An int priority p ranks RANK_ORIGIN - p: higher ints first.
+_INT_RANK_ORIGIN = 5000
+_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _check_shares(shares: object) -> Mapping[Any, float]:
+    if shares is None:
+        return {}
+    if not isinstance(shares, Mapping):
+        raise ConfigError("shares", 'a mapping of class -> fraction, e.g. {"paid": 0.75}', shares)
+    total = 0.0
+    for cls, fraction in shares.items():
+        if not isinstance(cls, (str, int)) or isinstance(cls, bool):
+            raise ConfigError("shares", "class names (str) or int priorities as keys", cls)
+        if (
+            not isinstance(fraction, (int, float))
+            or isinstance(fraction, bool)
+            or not 0 < fraction <= 1
+        ):
+            raise ConfigError(f"shares.{cls}", "a fraction in (0, 1]", fraction)
+        total += fraction
+    if total > 1 + 1e-9:
+        raise ConfigError("shares", "fractions adding up to at most 1", dict(shares))
+    return shares
+
+
+def _check_classes(classes: object, shares: Mapping[Any, float]) -> tuple[str, ...]:
+    if classes is None:
+        return tuple(cls for cls in shares if isinstance(cls, str))
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise ConfigError("classes", "a list of class names, first served first", classes)
+    for cls in classes:
+        if not isinstance(cls, str):
+            raise ConfigError("classes", "class names (str)", cls)
+    if len(set(classes)) != len(classes):
+        raise ConfigError("classes", "distinct class names", list(classes))
+    for cls in shares:
+        if isinstance(cls, str) and cls not in classes:
+            raise ConfigError(f"shares.{cls}", f"a class listed in classes {list(classes)}", cls)
+    return tuple(classes)
 
 
 WindowStrategy = Literal["fixed", "moving", "sliding"]
