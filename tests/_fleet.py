@@ -6,9 +6,10 @@ outside the middleware, so a test knows the exact totals the merged
 exposition must show, whichever worker serves the scrape. Routes:
 
 - `/work`: a TokenBucket of burst 3 per `x-api-key` (rule "work", limit "per-key").
-- `/hold`: a global Concurrency of 4 (rule "hold", limit "slots"); the
-  response starts at once and its body never ends, so the slot stays held
-  (and counted in `ratelimit_in_flight`) until the client or the worker goes.
+- `/hold`: a Concurrency of 64 (rule "hold", limit "slots"), per worker since
+  each has its own MemoryBackend; the response starts at once and its body
+  never ends, so the slot stays held (and counted in `ratelimit_in_flight`)
+  until the client or the worker goes.
 
 Servers are started in their own session and stopped by process group id.
 """
@@ -71,7 +72,7 @@ def create_app():
             Rule("/work", limits=[
                 TokenBucket("1/hour", burst=3, key=keys.header("x-api-key"), name="per-key"),
             ]),
-            Rule("/hold", limits=[Concurrency(4, key=keys.GLOBAL, name="slots")]),
+            Rule("/hold", limits=[Concurrency(64, key=keys.GLOBAL, name="slots")]),
         ],
     )
     pid = str(os.getpid()).encode()
@@ -212,6 +213,30 @@ async def send_traffic(fleet: Fleet, batches: int = 50, per_batch: int = 12) -> 
                 fleet.seen[(r.headers["x-pid"], r.status_code)] += 1
             if len(fleet.pids) >= 2 and i >= 1:
                 return
+
+
+def hold_slot(fleet: Fleet) -> tuple[socket.socket, str]:
+    """GET /hold on a fresh connection; return the open socket and the answering worker's pid.
+
+    The worker holds one `hold/slots` slot until the socket is closed (or the
+    worker dies). A raw socket, so the body is never read to its (absent) end.
+    """
+    sock = socket.create_connection((HOST, fleet.port), timeout=10.0)
+    try:
+        sock.sendall(b"GET /hold HTTP/1.1\r\nHost: test\r\n\r\n")
+        data = b""
+        while b"holding" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"connection closed while holding: {data!r}")
+            data += chunk
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        assert head[0].split()[1] == "200", head
+        pid = next(v.strip() for k, v in (h.split(":", 1) for h in head[1:]) if k == "x-pid")
+    except BaseException:
+        sock.close()
+        raise
+    return sock, pid
 
 
 def scrape(url: str) -> Scrape:
