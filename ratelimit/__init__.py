@@ -13,6 +13,7 @@ from ._errors import RateLimitError as RateLimitError
 from .asgi.metrics import Metrics as Metrics
 from .asgi.metrics import metrics_app as metrics_app
 from .asgi.middleware import RateLimitMiddleware as RateLimitMiddleware
+from .asgi.top import top_app as top_app
 from .backends.base import Backend as Backend
 from .backends.memory import MemoryBackend as MemoryBackend
 from .backends.redis import RedisBackend as RedisBackend
@@ -24,6 +25,7 @@ from .policy.limits import TokenBucket as TokenBucket
 from .policy.limits import Window as Window
 from .policy.overrides import Override as Override
 from .policy.rules import Rule as Rule
+from .policy.top import TopCallers as TopCallers
 
 __version__ = "0.1.0"
 
@@ -44,7 +46,9 @@ __all__ = [
     "RedisBackend",
     "Rule",
     "TokenBucket",
+    "TopCallers",
     "Window",
     "keys",
     "metrics_app",
+    "top_app",
 ]

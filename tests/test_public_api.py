@@ -34,7 +34,8 @@ def test_all_lists_every_public_attribute() -> None:
         for name, value in vars(ratelimit).items()
         if not name.startswith("_") and not (hasattr(value, "__path__") and name != "keys")
     }
-    public -= {"algorithms", "backends", "policy", "asgi", "annotations", "cli"}  # cli: the command
+    # cli: the command; gunicorn: hooks a gunicorn config file imports (ratelimit.gunicorn).
+    public -= {"algorithms", "backends", "policy", "asgi", "annotations", "cli", "gunicorn"}
     assert public == set(ratelimit.__all__)
 
 
