@@ -37,6 +37,7 @@ from ratelimit import (
 )
 from ratelimit._types import Receive, Scope, Send
 from ratelimit.asgi.metrics import DECISION_BUCKETS, OUTCOMES
+from ratelimit.backends.breaker import CircuitBreaker
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -592,6 +593,10 @@ async def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     exported = {name for name, _ in samples(await busy_registry())}
+    # Series that appear only with a breaker-backed store (RedisBackend).
+    with_breaker = CollectorRegistry()
+    Metrics(with_breaker).watch_breaker(CircuitBreaker())
+    exported |= {name for name, _ in samples(with_breaker)}
     targets = [t for p in panels for t in p.get("targets", [])]
     assert len(targets) >= 10
     for target in targets:
