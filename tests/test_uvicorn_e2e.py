@@ -83,3 +83,39 @@ def test_client_disconnect_mid_stream_frees_the_slot(server: str) -> None:
         time.sleep(0.05)
     with httpx.stream("GET", f"{server}/stream", timeout=5) as r:
         assert r.status_code == 200
+
+
+def _state(server: str) -> dict[str, int]:
+    return dict(httpx.get(f"{server}/state", timeout=2).json())
+
+
+def _until(server: str, **want: int) -> None:
+    deadline = time.monotonic() + 5
+    while {k: _state(server)[k] for k in want} != want:
+        assert time.monotonic() < deadline, f"state never reached {want}: {_state(server)}"
+        time.sleep(0.02)
+
+
+def test_a_client_that_hangs_up_while_waiting_leaves_the_line(server: str) -> None:
+    """Over real sockets: a waiting request whose client closes the connection leaves the
+    line at once; a waiting request that stays gets the slot, and its body reaches the app."""
+    host, port = server.removeprefix("http://").split(":")
+    holder = socket.create_connection((host, int(port)))
+    holder.sendall(b"POST /line HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nA")
+    _until(server, line_in_use=1, line_waiting=0)
+    quitter = socket.create_connection((host, int(port)))
+    quitter.sendall(b"POST /line HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nB")
+    _until(server, line_waiting=1)
+    patient = socket.create_connection((host, int(port)))
+    patient.sendall(b"POST /line HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nC")
+    _until(server, line_waiting=2)
+    quitter.close()
+    _until(server, line_in_use=1, line_waiting=1)
+    httpx.post(f"{server}/line/open", timeout=2)
+    assert holder.recv(4096).startswith(b"HTTP/1.1 200")
+    reply = patient.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert reply.endswith(b"served:C")
+    holder.close()
+    patient.close()
+    _until(server, line_in_use=0, line_waiting=0)

@@ -29,14 +29,38 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(body())
 
 
+#: Set by POST /line/open: the request holding the line's one slot then finishes.
+line_gate = asyncio.Event()
+
+
+async def line(request: Request) -> Response:
+    body = await request.body()
+    await line_gate.wait()
+    return PlainTextResponse(b"served:" + body)
+
+
+async def line_open(request: Request) -> Response:
+    line_gate.set()
+    return PlainTextResponse("open")
+
+
 async def state(request: Request) -> Response:
-    return JSONResponse({"stream_in_use": await backend.in_use(StoreKey("stream", "slot", "*"))})
+    line_key = StoreKey("line", "slot", "*")
+    return JSONResponse(
+        {
+            "stream_in_use": await backend.in_use(StoreKey("stream", "slot", "*")),
+            "line_in_use": await backend.in_use(line_key),
+            "line_waiting": await backend.queue_length(line_key),
+        }
+    )
 
 
 app = Starlette(
     routes=[
         Route("/v1/images/generations", generate, methods=["POST"]),
         Route("/stream", stream),
+        Route("/line", line, methods=["POST"]),
+        Route("/line/open", line_open, methods=["POST"]),
         Route("/state", state),
     ]
 )
@@ -50,5 +74,10 @@ app.add_middleware(
             limits=[TokenBucket("3/minute", key=keys.header("x-api-key"), name="per-key")],
         ),
         Rule("/stream", limits=[Concurrency(1, key=keys.GLOBAL, name="slot")]),
+        Rule(
+            "/line",
+            methods=["POST"],
+            limits=[Concurrency(1, key=keys.GLOBAL, queue=4, timeout=30.0, name="slot")],
+        ),
     ],
 )
