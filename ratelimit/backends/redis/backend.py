@@ -61,9 +61,19 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._errors import BackendError, BackendUnavailable, ConfigError
-from ..base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey, Verdict
+from ..base import (
+    BucketCheck,
+    Check,
+    CheckResult,
+    Entry,
+    LeaseCheck,
+    QueueCheck,
+    StoreKey,
+    Verdict,
+)
 from ..breaker import BreakerState, CircuitBreaker
 from .keyspace import Keyspace
+from .pubsub import Subscriber, parse_message
 from .scripts import SCRIPTS, Script, ScriptSet
 from .transport import ClientTransport, ClusterTransport, PipelinedTransport, Transport
 
@@ -103,6 +113,27 @@ CLUSTER_MAX_CONNECTIONS = 1000
 
 #: Every error a call may raise; each becomes a BackendError.
 _CALL_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+
+#: Seconds between a waiter's polls of its line (wait.lua): the safety net under the
+#: pub/sub wake-ups (a lost message, slots freed by a lease's expiry), and the
+#: heartbeat that keeps its ticket alive.
+WAIT_POLL = 0.5
+#: Seconds a ticket lives without a heartbeat: the waiters of a worker that died
+#: leave the line within this. A heartbeat never extends a ticket past the waiter's
+#: deadline plus TICKET_MARGIN.
+TICKET_TTL = 5.0
+TICKET_MARGIN = 1.0
+
+
+class _Ticket:
+    """A waiter of this process: its member in line, and the future a message settles."""
+
+    __slots__ = ("future", "member")
+
+    def __init__(self, future: asyncio.Future[str]) -> None:
+        self.future = future
+        #: The ticket's text in line (from enqueue.lua); "" until it is queued.
+        self.member = ""
 
 
 class RedisBackend:
@@ -204,6 +235,20 @@ class RedisBackend:
         self.breaker.on_change = self._breaker_changed
         #: The last error counted against the breaker (a batch failing together counts once).
         self._last_failure: BaseException | None = None
+        #: Where the queue scripts publish hand-offs and sheds (one channel per prefix).
+        self.channel = f"{prefix}:queue"
+        #: This process's waiters by ticket id.
+        self._tickets: dict[str, _Ticket] = {}
+        self._subscriber = Subscriber(
+            self.channel,
+            self._subscribe_url,
+            self._on_queue_message,
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            retry_after=WAIT_POLL,
+        )
+        #: Leaves of cancelled waiters, finishing in the background.
+        self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         cluster = ", cluster=True" if self.cluster else ""
@@ -223,9 +268,10 @@ class RedisBackend:
         return await self._decide_slots(checks, groups)
 
     async def refund(self, checks: Sequence[Check]) -> None:
-        """Give back what an admitted `decide` of `checks` took, one call per slot."""
+        """Give back what an admitted `decide` of `checks` took, one call per slot
+        (a released slot goes to its line's head, if anyone waits)."""
         for group in self._groups(checks):
-            keys, args = self._decide_args([checks[i] for i in group], "1")
+            keys, args = self._refund_args([checks[i] for i in group])
             await self._eval(self.scripts.refund, keys, args)
 
     async def renew(self, leases: Sequence[LeaseCheck]) -> list[bool]:
@@ -244,13 +290,90 @@ class RedisBackend:
     async def release(self, lease: LeaseCheck) -> bool:
         """Free a lease's slot; False if it was not held (released before, or expired)."""
         reply = await self._eval(
-            self.scripts.release, [self.keys.leases(lease.key)], [lease.lease_id]
+            self.scripts.release,
+            [self.keys.leases(lease.key), *self.keys.queue(lease.key)],
+            [lease.lease_id, self.channel],
         )
         return bool(reply == 1)
 
     async def in_use(self, key: StoreKey) -> int:
         """Live leases under `key`, counted on the server's clock."""
         return int(await self._eval(self.scripts.in_use, [self.keys.leases(key)], []))
+
+    # -- the QueueBackend protocol ------------------------------------------------
+
+    async def enqueue(self, checks: Sequence[Check], queue: QueueCheck) -> Entry:
+        """Decide `checks`; if only `queue.lease` lacks a slot, consume the rest and get
+        in line (see `QueueBackend.enqueue`): one enqueue.lua call on one server.
+
+        Split by slot (a cluster), the checks on other slots than the lease's are
+        decided first, consuming; then the lease's slot runs enqueue.lua; if that
+        does not admit or queue, the other slots are refunded. Between the two,
+        other requests may see those units taken, as with `decide` across slots.
+        """
+        lease = queue.lease
+        index = next((i for i, check in enumerate(checks) if check is lease), -1)
+        if index < 0:
+            index = list(checks).index(lease)
+        ticket = _Ticket(asyncio.get_running_loop().create_future())
+        # Registered before the call: a hand-off may be published before its reply is read.
+        self._tickets[lease.lease_id] = ticket
+        self._subscriber.ensure()
+        try:
+            groups = self._groups(checks)
+            if len(groups) == 1:
+                entry, ticket.member = await self._enqueue_slot(checks, index, queue)
+            else:
+                entry, ticket.member = await self._enqueue_split(checks, groups, index, queue)
+        except BaseException:
+            self._tickets.pop(lease.lease_id, None)
+            raise
+        if entry.outcome != "queued":
+            self._tickets.pop(lease.lease_id, None)
+        return entry
+
+    async def wait(self, queue: QueueCheck, timeout: float) -> str:
+        """Wait up to `timeout` s for the hand-off of a slot (see `QueueBackend.wait`).
+
+        A published message wakes the waiter at once; every `WAIT_POLL` s it also
+        looks itself (wait.lua), which serves the line and keeps its ticket alive.
+        On timeout it leaves the line (if a slot came meanwhile, it keeps it); if
+        cancelled or failing, it leaves in a background task that releases any
+        slot granted meanwhile.
+        """
+        lease = queue.lease
+        ticket = self._tickets.get(lease.lease_id)
+        if ticket is None or not ticket.member:
+            return "shed"
+        future = ticket.future
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not future.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                self._subscriber.ensure()
+                await asyncio.wait((future,), timeout=min(left, WAIT_POLL))
+                left = deadline - loop.time()
+                if future.done() or left <= 0:
+                    break
+                state = await self._wait_call(lease, ticket.member, left)
+                if state != 0:
+                    return "granted" if state == 1 else "shed"
+            if future.done():
+                return future.result()
+            left_as = await self._leave_call(lease, ticket.member, release=False)
+            return "granted" if left_as == 1 else "timeout"
+        except BaseException:
+            self._leave_later(lease, ticket.member)
+            raise
+        finally:
+            self._tickets.pop(lease.lease_id, None)
+
+    async def queue_length(self, key: StoreKey) -> int:
+        """Requests waiting in `key`'s line (live tickets), on the server's clock."""
+        return int(await self._eval(self.scripts.queue_length, [self.keys.queue(key)[1]], []))
 
     def window_storage(self) -> Storage:
         """The `limits` async Redis storage on this backend's server (or cluster) and prefix.
@@ -283,7 +406,17 @@ class RedisBackend:
         return self._storage
 
     async def aclose(self) -> None:
-        """Close the connections this backend opened (a passed-in client stays open)."""
+        """Close the connections this backend opened (a passed-in client stays open).
+
+        Cancelled waiters' leaves still under way finish first; waiters still
+        waiting get "shed" (their tickets expire in Redis by themselves).
+        """
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for ticket in self._tickets.values():
+            if not ticket.future.done():
+                ticket.future.set_result("shed")
+        await self._subscriber.aclose()
         await self._transport.aclose()
         if self._owns_client:
             await self.client.aclose()
@@ -342,17 +475,32 @@ class RedisBackend:
         return list(by_slot.values())
 
     def _decide_args(self, checks: Sequence[Check], commit: str) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of decide.lua (and refund.lua) for `checks`."""
+        """KEYS and ARGV of decide.lua for `checks`: each lease check brings its line."""
+        keys, lines, args = self._check_args(checks, 1)
+        return keys + lines, [commit, *args]
+
+    def _refund_args(self, checks: Sequence[Check]) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of refund.lua: each lease check brings its line's four keys."""
+        keys, lines, args = self._check_args(checks, 4)
+        return keys + lines, [self.channel, *args]
+
+    def _check_args(
+        self, checks: Sequence[Check], queue_keys: int
+    ) -> tuple[list[str], list[str], list[str]]:
+        """The checks' state keys, the first `queue_keys` line keys of each lease check,
+        and the checks' ARGV (checks.lua's layout)."""
         keys: list[str] = []
-        args = [commit]
+        lines: list[str] = []
+        args: list[str] = []
         for check in checks:
             if isinstance(check, BucketCheck):
                 keys.append(self.keys.bucket(check.key))
                 args += ("t", repr(check.interval), str(check.burst), str(check.cost))
             else:
                 keys.append(self.keys.leases(check.key))
+                lines += self.keys.queue(check.key)[:queue_keys]
                 args += ("l", str(check.limit), repr(check.ttl), check.lease_id)
-        return keys, args
+        return keys, lines, args
 
     async def _decide_slots(self, checks: Sequence[Check], groups: list[list[int]]) -> Verdict:
         """Decide slot by slot; if one refuses, refund the slots before it.
@@ -376,7 +524,7 @@ class RedisBackend:
             if verdict:
                 continue
             for done in groups[:g]:
-                keys, args = self._decide_args([checks[i] for i in done], "1")
+                keys, args = self._refund_args([checks[i] for i in done])
                 await self._eval(self.scripts.refund, keys, args)
             for other in groups[:g] + groups[g + 1 :]:
                 keys, args = self._decide_args([checks[i] for i in other], "0")
@@ -393,11 +541,149 @@ class RedisBackend:
         expire within their ttl, bucket units refill.
         """
         for group in groups:
-            keys, args = self._decide_args([checks[i] for i in group], "1")
+            keys, args = self._refund_args([checks[i] for i in group])
             try:
                 await self._eval(self.scripts.refund, keys, args)
             except BackendError as exc:  # debug: an outage must not log once per request
                 logger.debug("ratelimit: could not refund a slot after a failure (%s)", exc)
+
+    # -- queue internals --------------------------------------------------------
+
+    async def _enqueue_slot(
+        self, checks: Sequence[Check], index: int, queue: QueueCheck
+    ) -> tuple[Entry, str]:
+        """One enqueue.lua call for `checks` (one slot), queued lease `checks[index]`."""
+        keys, lines, check_args = self._check_args(checks, 1)
+        lease_key = queue.lease.key
+        guaranteed = " ".join(f"{rank} {slots}" for rank, slots in queue.guaranteed)
+        args = [
+            str(index + 1),
+            self.channel,
+            str(queue.capacity),
+            str(queue.rank),
+            queue.fair,
+            str(queue.max_position),
+            guaranteed,
+            repr(TICKET_TTL),
+            *check_args,
+        ]
+        reply = await self._eval(
+            self.scripts.enqueue, [*keys, *lines, *self.keys.queue(lease_key)[1:]], args
+        )
+        outcome, position, length, member = (_text(part) for part in reply[:4])
+        verdict, results = _parse_decide(reply[4:])
+        entry = Entry(outcome, Verdict(verdict, tuple(results)), int(position), int(length))
+        return entry, member
+
+    async def _enqueue_split(
+        self, checks: Sequence[Check], groups: list[list[int]], index: int, queue: QueueCheck
+    ) -> tuple[Entry, str]:
+        """`enqueue` across hash slots: other slots first (consuming), the lease's last."""
+        home = next(group for group in groups if index in group)
+        others = [group for group in groups if group is not home]
+        results: list[CheckResult | None] = [None] * len(checks)
+        done: list[list[int]] = []
+        for group in others:
+            keys, args = self._decide_args([checks[i] for i in group], "1")
+            try:
+                reply = await self._eval(self.scripts.decide, keys, args)
+            except BackendError:
+                await self._refund_quietly(checks, done)
+                raise
+            verdict, group_results = _parse_decide(reply)
+            for i, result in zip(group, group_results, strict=True):
+                results[i] = result
+            if not verdict:
+                await self._undo_slots(checks, done, results)
+                keys, args = self._decide_args([checks[i] for i in home], "0")
+                _, home_results = _parse_decide(await self._eval(self.scripts.decide, keys, args))
+                for i, result in zip(home, home_results, strict=True):
+                    results[i] = result
+                for group_left in others[len(done) + 1 :]:
+                    await self._dry_run(checks, group_left, results)
+                length = await self.queue_length(queue.lease.key)
+                return Entry("refused", _verdict(False, results), -1, length), ""
+            done.append(group)
+        try:
+            entry, member = await self._enqueue_slot(
+                [checks[i] for i in home], home.index(index), queue
+            )
+        except BackendError:
+            await self._refund_quietly(checks, done)
+            raise
+        for i, result in zip(home, entry.verdict.results, strict=True):
+            results[i] = result
+        if entry.outcome not in ("admitted", "queued"):
+            await self._undo_slots(checks, done, results)
+        admitted = entry.outcome == "admitted"
+        return entry._replace(verdict=_verdict(admitted, results)), member
+
+    async def _undo_slots(
+        self, checks: Sequence[Check], groups: list[list[int]], results: list[CheckResult | None]
+    ) -> None:
+        """Refund slots that consumed, then report their untouched state (a dry run)."""
+        for group in groups:
+            keys, args = self._refund_args([checks[i] for i in group])
+            await self._eval(self.scripts.refund, keys, args)
+            await self._dry_run(checks, group, results)
+
+    async def _dry_run(
+        self, checks: Sequence[Check], group: list[int], results: list[CheckResult | None]
+    ) -> None:
+        keys, args = self._decide_args([checks[i] for i in group], "0")
+        _, group_results = _parse_decide(await self._eval(self.scripts.decide, keys, args))
+        for i, result in zip(group, group_results, strict=True):
+            results[i] = result
+
+    async def _wait_call(self, lease: LeaseCheck, member: str, left: float) -> int:
+        """wait.lua: 1 granted, 0 waiting (ticket kept alive), -1 gone."""
+        ttl = min(TICKET_TTL, left + TICKET_MARGIN)
+        reply = await self._eval(
+            self.scripts.wait,
+            [self.keys.leases(lease.key), *self.keys.queue(lease.key)],
+            [member, repr(ttl), self.channel],
+        )
+        return int(reply[0])
+
+    async def _leave_call(self, lease: LeaseCheck, member: str, *, release: bool) -> int:
+        """leave.lua: 0 left the line, 1 granted (kept), 2 granted (released), -1 gone."""
+        reply = await self._eval(
+            self.scripts.leave,
+            [self.keys.leases(lease.key), *self.keys.queue(lease.key)],
+            [member, "1" if release else "0", self.channel],
+        )
+        return int(reply)
+
+    def _leave_later(self, lease: LeaseCheck, member: str) -> None:
+        """Leave the line in a task of its own: the cancelled waiter's task cannot finish it."""
+        task = asyncio.get_running_loop().create_task(self._leave_quietly(lease, member))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _leave_quietly(self, lease: LeaseCheck, member: str) -> None:
+        try:
+            await self._leave_call(lease, member, release=True)
+        except BackendError as exc:  # the ticket expires, a granted lease too: nothing leaks
+            logger.debug("ratelimit: could not leave a line (%s)", exc)
+
+    async def _subscribe_url(self) -> str | None:
+        """Where to SUBSCRIBE: this server, any master of a cluster, or nowhere (TLS
+        and passed-in clients: their waiters poll)."""
+        transport = self._transport
+        if isinstance(transport, ClusterTransport):
+            return await transport.any_node_url()
+        if isinstance(transport, PipelinedTransport):
+            return self.url
+        return None
+
+    def _on_queue_message(self, data: bytes) -> None:
+        """Wake this process's waiters named in a published hand-off or shed."""
+        outcome, tickets = parse_message(data)
+        waiting = self._tickets
+        for ticket_id in tickets:
+            ticket = waiting.get(ticket_id)
+            if ticket is not None and not ticket.future.done():
+                ticket.future.set_result(outcome)
 
     async def _eval(self, script: Script, keys: list[str], args: list[str]) -> Any:
         """Run `script` (EVALSHA, reloaded if the server lost it) through the breaker.
@@ -511,6 +797,15 @@ def _parse_decide(reply: list[Any]) -> tuple[bool, list[CheckResult]]:
         CheckResult(reply[k] == 1, int(reply[k + 1]), float(reply[k + 2]), float(reply[k + 3]))
         for k in range(1, len(reply), 4)
     ]
+
+
+def _text(part: Any) -> str:
+    """A reply element as text (replies come as bytes, or int for integers)."""
+    return part.decode() if isinstance(part, bytes) else str(part)
+
+
+def _verdict(admitted: bool, results: list[CheckResult | None]) -> Verdict:
+    return Verdict(admitted, tuple(r for r in results if r is not None))
 
 
 def _limits_uri(url: str) -> str:

@@ -48,6 +48,14 @@ class Keyspace:
         """The sorted set holding a concurrency key's leases."""
         return self._locate(key)[1]
 
+    def queue(self, key: StoreKey) -> tuple[str, str, str, str]:
+        """The waiting line in front of `key`'s leases: line, tickets, fair counts, meta.
+
+        Same hash tag as the lease table, so a hand-off is one script call on one
+        slot (see `queue.lua` for what each key holds).
+        """
+        return self._locate(key)[4]
+
     def tag(self, key: StoreKey) -> str:
         """The hash tag (with braces): keys with equal tags share a cluster slot."""
         return self._locate(key)[2]
@@ -56,7 +64,7 @@ class Keyspace:
         """The Redis Cluster hash slot (0..16383) of every key of `key`'s tag."""
         return self._locate(key)[3]
 
-    def _build(self, key: StoreKey) -> tuple[str, str, str, int]:
+    def _build(self, key: StoreKey) -> tuple[str, str, str, int, tuple[str, str, str, str]]:
         rule, limit, caller = key
         if not isinstance(rule, str) or not _NAME.fullmatch(rule):
             raise ConfigError("StoreKey.rule", "a configuration name", rule)
@@ -66,4 +74,5 @@ class Keyspace:
             raise ConfigError("StoreKey.caller", "a lowercase hex digest or '*'", caller)
         tag = f"{{{rule}:{caller}}}"
         base = f"{self.prefix}:{tag}:{limit}"
-        return f"{base}:tat", f"{base}:leases", tag, key_slot(tag.encode())
+        queue = (f"{base}:line", f"{base}:tickets", f"{base}:fair", f"{base}:meta")
+        return f"{base}:tat", f"{base}:leases", tag, key_slot(tag.encode()), queue

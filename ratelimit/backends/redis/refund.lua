@@ -1,15 +1,22 @@
 -- refund.lua: undo an admitted decide.lua call on one hash slot.
 --
--- KEYS and ARGV are exactly those of the decide.lua call being undone (ARGV[1]
--- is ignored): bucket checks get `cost` units back, lease checks are released.
--- Buckets run refund() of ratelimit/algorithms/gcra.py in the same frame as
--- decide.lua (tat = (sec - now_sec) + offset, now = now_usec / 1e6); a bucket
--- that is full again is deleted. Returns the number of leases released.
+-- KEYS[1 .. n]  the state keys of the decide.lua call being undone
+-- KEYS[n + 4k - 3 .. n + 4k]  the waiting line of the k-th lease check: line,
+--          tickets, fair, meta (queue.lua)
+-- ARGV     those of the decide.lua call, except ARGV[1]: the channel hand-offs
+--          are published on
+-- Bucket checks get `cost` units back, lease checks are released (and their
+-- freed slots handed to their line's head, if anyone waits). Buckets run
+-- refund() of ratelimit/algorithms/gcra.py in the same frame as decide.lua
+-- (tat = (sec - now_sec) + offset, now = now_usec / 1e6); a bucket that is full
+-- again is deleted. Returns the number of leases released.
 
 local t = now_usec / 1000000
 local released = 0
+local n = (#ARGV - 1) / 4
+local line = n
 
-for i = 1, #KEYS do
+for i = 1, n do
   local key = KEYS[i]
   local j = 4 * i - 2
   if ARGV[j] == 't' then
@@ -31,6 +38,12 @@ for i = 1, #KEYS do
     end
   else
     released = released + redis.call('ZREM', key, ARGV[j + 3])
+    local Q = {leases = key, line = KEYS[line + 1], tickets = KEYS[line + 2],
+               fair = KEYS[line + 3], meta = KEYS[line + 4]}
+    line = line + 4
+    if redis.call('EXISTS', Q.line) == 1 then
+      q_hand_off(Q, ARGV[1])
+    end
   end
 end
 return released

@@ -1,8 +1,10 @@
 """The Lua scripts, read once from the package's `.lua` files and called by SHA.
 
 Each operation is one `.lua` file whose header states KEYS, ARGV and units.
-What runs on the server is a clock prelude (`clock.lua`: the server's `TIME`)
-followed by the operation, so an operation never takes "now" from a client.
+What runs on the server is a clock prelude (`clock.lua`: the server's `TIME`),
+the libraries the operation uses (`checks.lua`: deciding checks; `queue.lua`:
+waiting lines), then the operation, so an operation never takes "now" from a
+client and the steps shared by several operations are written once.
 Tests build the same operations on a manual clock prelude with `load_scripts`.
 """
 
@@ -13,7 +15,26 @@ from dataclasses import dataclass
 from importlib import resources
 
 #: The operation files, without `.lua`.
-OPERATIONS = ("decide", "refund", "renew", "release", "in_use")
+OPERATIONS = (
+    "decide",
+    "refund",
+    "renew",
+    "release",
+    "in_use",
+    "enqueue",
+    "wait",
+    "leave",
+    "queue_length",
+)
+#: The library files each operation runs on, in order, after the clock prelude.
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "decide": ("checks",),
+    "enqueue": ("checks", "queue"),
+    "refund": ("queue",),
+    "release": ("queue",),
+    "wait": ("queue",),
+    "leave": ("queue",),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +60,10 @@ class ScriptSet:
     renew: Script
     release: Script
     in_use: Script
+    enqueue: Script
+    wait: Script
+    leave: Script
+    queue_length: Script
 
 
 def read_lua(name: str) -> str:
@@ -48,9 +73,13 @@ def read_lua(name: str) -> str:
 
 
 def load_scripts(clock: str | None = None) -> ScriptSet:
-    """Every operation prefixed with `clock` (default: `clock.lua`, the server's TIME)."""
+    """Every operation prefixed with `clock` (default: `clock.lua`, the server's TIME)
+    and its libraries."""
     prelude = read_lua("clock") if clock is None else clock
-    built = {name: Script.build(name, f"{prelude}\n{read_lua(name)}") for name in OPERATIONS}
+    built = {}
+    for name in OPERATIONS:
+        libraries = [read_lua(library) for library in LIBRARIES.get(name, ())]
+        built[name] = Script.build(name, "\n".join([prelude, *libraries, read_lua(name)]))
     return ScriptSet(**built)
 
 

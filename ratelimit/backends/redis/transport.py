@@ -32,9 +32,10 @@ import asyncio
 import errno
 import ipaddress
 import os
+import random
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol, cast
 from urllib.parse import quote
@@ -107,7 +108,16 @@ def pack(*parts: str | bytes) -> bytes:
 class PipelinedTransport:
     """Script calls pipelined on one connection per event loop (see the module docstring)."""
 
-    def __init__(self, url: str, *, timeout: float, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        lane: Callable[[asyncio.AbstractEventLoop, float], _Lane] | None = None,
+    ) -> None:
+        #: Builds the connection's protocol (a subscriber's lane takes pushed messages).
+        self._lane_factory = lane
         try:
             params: dict[str, Any] = dict(parse_url(url))
         except ValueError as exc:
@@ -185,7 +195,7 @@ class PipelinedTransport:
             sock = await self._dial(loop)
         except OSError as exc:
             raise rx.ConnectionError(f"Error connecting to {self._where()}: {exc}") from exc
-        factory = partial(_Lane, loop, self.timeout)
+        factory = partial(self._lane_factory or _Lane, loop, self.timeout)
         if self.path is not None:
             _, lane = await loop.create_unix_connection(factory, sock=sock)
         else:
@@ -360,6 +370,15 @@ class ClusterTransport:
         nodes, self._nodes = self._nodes, {}
         for transport in nodes.values():
             await transport.aclose()
+
+    async def any_node_url(self) -> str:
+        """A `redis://` URL of one master (with credentials), for connections that need
+        no particular slot: a subscription (PUBLISH reaches every node of a cluster)."""
+        await self._refresh()
+        nodes = self.client.get_primaries() or self.client.get_nodes()
+        node = random.choice(nodes)
+        host = f"[{node.host}]" if ":" in node.host else node.host
+        return f"redis://{self._auth}{host}:{node.port}/0"
 
     def _node(self, address: tuple[str, int]) -> PipelinedTransport:
         transport = self._nodes.get(address)
