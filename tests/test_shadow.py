@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 from asgi_helpers import Exchange, eventually, http_scope
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -15,6 +16,7 @@ from starlette.routing import Route
 
 from ratelimit import (
     Concurrency,
+    ConfigError,
     MemoryBackend,
     Metrics,
     RateLimitMiddleware,
@@ -92,6 +94,21 @@ async def test_global_shadow_puts_every_rule_in_shadow_mode() -> None:
     assert [r.status_code for r in await statuses(app, "/work", 3)] == [200] * 3
     assert decisions(registry, "shared", "fleet", "shadow_rejected") == 2
     assert decisions(registry, "work", "per-key", "shadow_limited") == 1
+
+
+def test_global_shadow_copies_rules_and_leaves_the_callers_alone() -> None:
+    """`shadow=True` works on copies: a Rule the caller also uses elsewhere stays enforcing."""
+    mine = per_key_rule(shadow=False)
+    app = RateLimitMiddleware(inner(), rules=[mine], shadow=True)
+    assert app.engine.rules[0] is not mine
+    assert app.engine.rules[0].limits == mine.limits
+    assert not mine.shadow
+
+
+def test_shadow_must_be_a_bool() -> None:
+    """A non-bool `shadow=` fails at construction naming the field."""
+    with pytest.raises(ConfigError, match=r"^shadow: expected true or false, got 'yes'$"):
+        RateLimitMiddleware(inner(), rules=[per_key_rule(shadow=False)], shadow="yes")  # type: ignore[arg-type]
 
 
 async def test_shadow_concurrency_lets_the_extra_request_run_without_a_slot() -> None:
