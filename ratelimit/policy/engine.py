@@ -3,7 +3,9 @@
 It computes keys and cost, asks the backend for the rule's native limits in
 one call (all or nothing), then the rule's Window if any (refunding the native
 limits if the window refuses), and keeps the leases of running requests alive
-with one background renewal loop.
+with one background renewal loop. Live overrides recompile the rules they
+change (`swap_rules`), so a request never looks one up; a blocked rule is
+refused without a backend call.
 """
 
 from __future__ import annotations
