@@ -8,7 +8,10 @@ rules x limits x outcomes however many callers there are.
 
     ratelimit_decisions_total{rule,limit,outcome}   counter
         Exactly one per request a rule matched. `outcome` is one of OUTCOMES;
-        `limit` names the limit that decided a refusal, "" otherwise. Under
+        `limit` names the limit that decided a refusal (or would have: the
+        shadow_* outcomes of rules in shadow mode, whose requests went on to
+        the app), "" otherwise. `blocked`: refused by an operator's block
+        override, without consulting any limit. Under
         fail="local" the in-process verdict is counted (allowed, limited,
         rejected) and the failure shows in ratelimit_backend_errors_total.
     ratelimit_decision_seconds{rule}                 histogram
@@ -21,7 +24,8 @@ rules x limits x outcomes however many callers there are.
         over live processes. Per-caller limits: the sum over all callers.
     ratelimit_limit{rule,limit}                      gauge (multiprocess: livemostrecent)
         Effective capacity of each limit: slots (Concurrency), burst
-        (TokenBucket), requests per window (Window).
+        (TokenBucket), requests per window (Window); overrides included, and
+        0 for every limit of a rule an operator blocked.
     ratelimit_limit_rate_per_second{rule,limit}      gauge (multiprocess: livemostrecent)
         Sustained rate of TokenBucket and Window limits, in units per second,
         comparable with `rate(ratelimit_decisions_total[1m])`.
@@ -65,7 +69,7 @@ from prometheus_client.registry import Collector
 from .._errors import ConfigError
 from .._types import ASGIApp
 from ..backends.breaker import BreakerState, CircuitBreaker
-from ..policy.engine import Decision, Engine, Grant
+from ..policy.engine import BlockedDecision, Decision, Engine, Grant
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
 
@@ -78,6 +82,9 @@ OUTCOMES: Final = (
     "rejected",  # 503: a shared limit (the service) is full, its line too (or too long)
     "failed_open",  # backend failed, request admitted
     "failed_closed",  # backend failed, request refused with 503
+    "shadow_limited",  # shadow mode: would have been a 429; the request went on
+    "shadow_rejected",  # shadow mode: would have been a 503; the request went on
+    "blocked",  # 503 from an operator's block override
     "queued",  # admitted after waiting in line
     "queue_timeout",  # 503 after waiting its whole timeout
     "shed",  # 503: pushed out of a full line by a higher class
@@ -301,7 +308,10 @@ class Metrics:
             self._decision_child(rule.name, "", "allowed")
             self._seconds_child(rule.name)
             for lim, name in zip(rule.limits, rule.limit_names(), strict=True):
-                self._decision_child(rule.name, name, "rejected" if lim.shared else "limited")
+                outcome = "rejected" if lim.shared else "limited"
+                self._decision_child(rule.name, name, outcome)
+                if rule.shadow:
+                    self._decision_child(rule.name, name, f"shadow_{outcome}")
                 self._near_child(rule.name, name)
                 if isinstance(lim, Concurrency):
                     self._in_flight_child(rule.name, name)
@@ -372,13 +382,22 @@ class Metrics:
         gauge.set(len(opened))
 
     def publish_limits(self, engine: Engine) -> None:
-        """Set the limit gauges to the limits `engine` enforces now."""
+        """Set the limit gauges to the limits `engine` enforces now (0 for a blocked rule).
+
+        The middleware calls it after each live override applies. The new
+        limits are watched too: slots they grant count in `in_flight`.
+        """
+        blocked = engine.blocks()
         for rule in engine.rules:
+            off = rule.name in blocked
             for lim, name in zip(rule.limits, rule.limit_names(), strict=True):
-                self.limit.labels(rule.name, name).set(capacity(lim))
+                # Limits of earlier overrides stay watched: a request granted under one
+                # may be observed after the next applies (a few objects per change).
+                self._watched.add(lim)
+                self.limit.labels(rule.name, name).set(0 if off else capacity(lim))
                 rate = sustained_rate(lim)
                 if rate is not None:
-                    self.limit_rate.labels(rule.name, name).set(rate)
+                    self.limit_rate.labels(rule.name, name).set(0.0 if off else rate)
 
     def observe_decision(self, decision: Decision, seconds: float) -> None:
         """Count one decision and its latency; track near-limit callers and held slots."""
@@ -484,7 +503,10 @@ class Metrics:
 
 
 def _refusal_outcome(decision: Decision) -> str:
-    return "limited" if decision.status == 429 else "rejected"
+    if decision.__class__ is BlockedDecision:
+        return "blocked"
+    outcome = "limited" if decision.status == 429 else "rejected"
+    return f"shadow_{outcome}" if decision.rule.shadow else outcome
 
 
 def _deciding_limit(decision: Decision) -> str:

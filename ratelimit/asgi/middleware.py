@@ -10,6 +10,7 @@ fails or the task is cancelled.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
@@ -21,7 +22,9 @@ from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
 from ..policy.config import ConfigSource, Settings, load_config
-from ..policy.engine import ABANDONED, Decision, Engine, Grant
+from ..policy.engine import ABANDONED, BlockedDecision, Decision, Engine, Grant
+from ..policy.live import LiveOverrides, store_for
+from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from . import responses
 from .metrics import Metrics
@@ -41,6 +44,11 @@ class RateLimitMiddleware:
     rules without their own `fail=` do when the backend errors: `"open"`
     (admit), `"closed"` (503) or `"local"` (decide in this process, each
     limit multiplied by `local_share`: set it to 1 / the number of workers).
+
+    `shadow=True` puts every rule in shadow mode: decisions are made and
+    counted, would-be refusals reach the app (see `Rule(shadow=)`). Live
+    overrides are `overrides` (a `LiveOverrides` on the backend's store),
+    started at ASGI lifespan start-up, or on the first request without one.
     """
 
     def __init__(
@@ -55,6 +63,7 @@ class RateLimitMiddleware:
         metrics: Metrics | None = None,
         local_share: float = 1.0,
         config: ConfigSource | Settings | None = None,
+        shadow: bool = False,
     ) -> None:
         self.app = app
         if config is not None:
@@ -75,6 +84,11 @@ class RateLimitMiddleware:
             raise ConfigError("fail", '"open", "closed" or "local"', fail)
         if on_refuse is not None and not callable(on_refuse):
             raise ConfigError("on_refuse", "a callable (scope, decision) -> ASGI app", on_refuse)
+        if not isinstance(shadow, bool):
+            raise ConfigError("shadow", "true or false", shadow)
+        if shadow:
+            rules = [_in_shadow(r) for r in rules]
+        self.shadow = shadow
         self.engine = Engine(rules, backend)
         self.backend = backend
         self.fail = fail
@@ -100,6 +114,10 @@ class RateLimitMiddleware:
         self.metrics = metrics
         if metrics is not None:
             metrics.attach(self.engine)
+        #: Live overrides of the rules, in the backend's store (Redis: the fleet's).
+        self.overrides = LiveOverrides(self.engine.rules, store_for(backend), self._apply_overrides)
+        #: True until the overrides are started (lifespan start-up or first request).
+        self._unstarted = True
 
     @classmethod
     def from_config(
@@ -119,8 +137,12 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
+            if kind == "lifespan":
+                receive = self._lifespan_receive(receive)
             await self.app(scope, receive, send)
             return
+        if self._unstarted:
+            await self.start()
         engine = self.engine
         rule = engine.match(scope)
         if rule is None:
@@ -163,11 +185,16 @@ class RateLimitMiddleware:
                 logger.warning("ratelimit backend answers again")
         if metrics is not None:
             metrics.observe_decision(decision, perf_counter() - started)
-        if not decision.allowed:
-            if decision.reason == ABANDONED:
-                return  # the client left while waiting: nobody to answer
+        if not decision.allowed and decision.reason == ABANDONED:
+            return  # the client left while waiting: nobody to answer
+        if not decision.allowed and (
+            not decision.rule.shadow or decision.__class__ is BlockedDecision
+        ):
             await self._refuse(decision, scope, receive, send)
             return
+        # A refusal in shadow mode (a block is always enforced) goes on to the app, counted
+        # as a would-be refusal, holding nothing (a refusal consumed nothing), with the
+        # header fields it would have had.
         fields: tuple[tuple[bytes, bytes], ...] = ()
         if self.headers:
             compiled = self._fields.get(rule.name)
@@ -205,6 +232,73 @@ class RateLimitMiddleware:
         self._fields[rule.name] = compiled
         return compiled
 
+    # -- live overrides ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the live overrides: read the store, then follow it (shared stores).
+
+        Called on lifespan start-up, or by the first request if the server
+        sends no lifespan events; later calls return at once. A store that
+        cannot be read does not stop the app: it serves on its configuration
+        while the watcher keeps trying.
+        """
+        if not self._unstarted:
+            return
+        self._unstarted = False
+        try:
+            await self.overrides.start()
+        except Exception:
+            logger.exception("ratelimit: could not start live overrides; serving as configured")
+
+    def _apply_overrides(self, resolution: Resolution) -> None:
+        """Enforce the effective rules of `resolution`: swap plans, headers, fallback, gauges.
+
+        The policy field of a changed rule describes its effective limits; the
+        `fail="local"` fallback follows the same overrides, scaled.
+        """
+        changed = set(self.engine.apply_overrides(resolution))
+        for e in resolution.rules:
+            if e.rule.name in changed:
+                self._policy[e.rule.name] = responses.policy_header(e.rule)
+                self._compile(e.rule)
+        if self._local is not None:
+            share = self.local_share
+            local = self._local
+            blocks = self.engine.blocks()
+            current = {r.name: r for r in local.rules}
+            local.swap_rules(
+                [
+                    r.scaled(share) if r.name in changed else current[r.name]
+                    for r in self.engine.rules
+                ],
+                blocks,
+            )
+        if self.metrics is not None:
+            self.metrics.publish_limits(self.engine)
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        """Wrap a lifespan `receive`: start the overrides at start-up, stop them at shutdown.
+
+        The app's own lifespan runs as before: it receives every message.
+        """
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            kind = message["type"]
+            if kind == "lifespan.startup":
+                await self.start()
+            elif kind == "lifespan.shutdown":
+                await self._stop_overrides()
+            return message
+
+        return lifespan_receive
+
+    async def _stop_overrides(self) -> None:
+        try:
+            await self.overrides.aclose()
+        except Exception:
+            logger.exception("ratelimit: could not stop live overrides cleanly")
+
     def _note_failure(self, rule: Rule, policy: str, exc: Exception) -> None:
         """Count every failure; log only the change from answering to failing."""
         if self.metrics is not None:
@@ -217,7 +311,9 @@ class RateLimitMiddleware:
         """The in-process fallback for `fail="local"`: every limit times `local_share`."""
         if self._local is None:
             rules = [rule.scaled(self.local_share) for rule in self.engine.rules]
-            self._local = Engine(rules, MemoryBackend())
+            local = Engine(rules, MemoryBackend())
+            local.swap_rules(local.rules, self.engine.blocks())
+            self._local = local
         return self._local
 
     async def _refuse(self, decision: Decision, scope: Scope, receive: Receive, send: Send) -> None:
@@ -237,9 +333,19 @@ class RateLimitMiddleware:
         await _send_plain(scope, receive, send, decision.status, headers, body)
 
     async def aclose(self) -> None:
-        """Stop background work and close the backend."""
+        """Stop background work (overrides, lease renewal) and close the backend."""
+        await self._stop_overrides()
         await self.engine.aclose()
         await self.backend.aclose()
+
+
+def _in_shadow(rule: Rule) -> Rule:
+    """`rule` in shadow mode: a copy, so fields added to `Rule` later carry over."""
+    if rule.shadow:
+        return rule
+    clone = copy.copy(rule)
+    clone.shadow = True
+    return clone
 
 
 def _adding(send: Send, fields: tuple[tuple[bytes, bytes], ...]) -> Send:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..backends.base import CheckResult
-from ..policy.engine import SKIPPED, Decision, reset_after
+from ..policy.engine import SKIPPED, BlockedDecision, Decision, reset_after
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
 
@@ -159,7 +159,17 @@ def refusal_headers(
 def problem_body(decision: Decision) -> bytes:
     """The problem+json body of a refusal."""
     violated = decision.violated
-    if decision.status == 429:
+    if isinstance(decision, BlockedDecision):
+        # An operator's block: their words, or a plain statement of it.
+        detail = decision.message or "This endpoint is closed by its operator for now."
+        problem = {
+            "type": REDUCED_CAPACITY,
+            "title": "Request cannot be satisfied due to temporary reduced capacity",
+            "status": decision.status,
+            "detail": detail,
+            "violated-policies": violated,
+        }
+    elif decision.status == 429:
         problem = {
             "type": QUOTA_EXCEEDED,
             "title": "Request cannot be satisfied as assigned quota has been exceeded",

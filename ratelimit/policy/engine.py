@@ -3,7 +3,9 @@
 It computes keys and cost, asks the backend for the rule's native limits in
 one call (all or nothing), then the rule's Window if any (refunding the native
 limits if the window refuses), and keeps the leases of running requests alive
-with one background renewal loop.
+with one background renewal loop. Live overrides recompile the rules they
+change (`swap_rules`), so a request never looks one up; a blocked rule is
+refused without a backend call.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -37,6 +39,7 @@ from ..backends.base import (
 )
 from . import keys
 from .limits import Concurrency, Limit, TokenBucket, Window
+from .overrides import Override, Resolution
 from .rules import Rule
 
 logger = logging.getLogger("ratelimit")
@@ -274,6 +277,41 @@ class Plan:
         return tuple(out)
 
 
+#: Longest `Retry-After` hint of a block (seconds): an operator may lift it any time.
+BLOCK_RETRY_AFTER = 60.0
+
+
+class BlockedPlan(Plan):
+    """A rule under a block override: every request is refused, without a backend call."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, rule: Rule, block: Override) -> None:
+        super().__init__(rule)
+        self.block = block
+
+
+class BlockedDecision(Decision):
+    """A refusal by an operator's block: 503, the operator's `message`, no limit consulted.
+
+    Its `Retry-After` is the time until the block lapses, at most
+    `BLOCK_RETRY_AFTER` (a block "until cleared" says that much).
+    """
+
+    __slots__ = ("block", "message")
+
+    def __init__(self, plan: BlockedPlan) -> None:
+        block = plan.block
+        wait = BLOCK_RETRY_AFTER
+        if block.expires_at is not None:
+            # A hint on this process's clock; the store's decides when the block lapses.
+            wait = min(wait, max(1.0, block.expires_at - time.time()))
+        super().__init__(plan.rule, False, 503, wait, plan, [SKIPPED] * plan.size)
+        self.block = block
+        #: What the refused caller reads (None: the standard text).
+        self.message = block.message
+
+
 def _params(limit: Limit) -> tuple[Any, Any]:
     """What a check of `limit` carries besides its key, typed as the check's fields."""
     if isinstance(limit, TokenBucket):
@@ -385,7 +423,7 @@ class Engine:
         #: The backend's synchronous twins of decide/release, if it has them (NowaitBackend).
         self._decide_nowait = nowait_method(backend, "decide")
         self._release_nowait = nowait_method(backend, "release")
-        self._window_limiters: dict[int, Any] = {}
+        self._window_limiters: dict[int, tuple[Window, Any]] = {}
         self._lease_ids = itertools.count()
         self._lease_prefix = os.urandom(6).hex() + "-"
         self._held: dict[str, LeaseCheck] = {}
@@ -425,6 +463,8 @@ class Engine:
         it completes (the client went away) the request leaves the line at once.
         """
         plan = self._by_rule[rule.name]
+        if plan.__class__ is BlockedPlan:
+            return self._blocked(plan)
         cost = rule.cost
         if cost.__class__ is not int:
             cost = await self._cost(rule, scope)
@@ -482,7 +522,8 @@ class Engine:
             waited: float | None = None
             reason: str | None = None
             line_at = -1
-            if not admitted and lines is not None:
+            # A rule in shadow mode never makes a request wait: its refusals pass anyway.
+            if not admitted and lines is not None and not rule.shadow:
                 refused = [k for k, r in enumerate(raw) if not r.admitted]
                 if len(refused) == 1 and refused[0] in lines:
                     k = refused[0]
@@ -688,16 +729,77 @@ class Engine:
     async def _hit_window(self, plan: Plan, i: int, skey: StoreKey, cost: int) -> CheckResult:
         lim = plan.limits[i]
         assert isinstance(lim, Window)
-        limiter = self._window_limiters.get(id(lim))
-        if limiter is None:
-            limiter = lim.limiter(self.backend.window_storage())
-            self._window_limiters[id(lim)] = limiter
+        held = self._window_limiters.get(id(lim))
+        if held is None or held[0] is not lim:
+            # Keyed by id, checked by identity: overrides replace Window objects.
+            held = self._window_limiters[id(lim)] = (
+                lim,
+                lim.limiter(self.backend.window_storage()),
+            )
+        limiter = held[1]
         ids = (skey.rule, skey.limit, skey.caller)
         ok = bool(await limiter.hit(lim.item, *ids, cost=cost))
         stats = await limiter.get_window_stats(lim.item, *ids)
         wait = max(0.0, stats.reset_time - time.time())
         remaining = max(0, int(stats.remaining))
         return CheckResult(ok, remaining, 0.0 if ok else wait, wait)
+
+    # -- live overrides ---------------------------------------------------------
+
+    def swap_rules(
+        self, rules: Sequence[Rule], blocks: Mapping[str, Override] | None = None
+    ) -> list[str]:
+        """Enforce `rules` (the same names, in order) from now on; return the names changed.
+
+        For live overrides: `rules` are the effective rules, `blocks` the block
+        in force per rule name. A rule that is the same object as now, under the
+        same block, keeps its compiled plan and caches; the others are compiled
+        anew. Plans, matchers and rules are assigned together with no await in
+        between, so a request sees the old set or the new one, never a mix.
+        Requests decided before keep their plan: leases are stored by rule and
+        limit name, so they renew and release as before.
+        """
+        blocks = {} if blocks is None else blocks
+        names = [r.name for r in rules if isinstance(r, Rule)]
+        current = [p.rule.name for p in self._plans]
+        if names != current or len(names) != len(rules):
+            raise ConfigError("rules", f"the rules {current}, in that order", names)
+        plans: list[Plan] = []
+        changed: list[str] = []
+        for old, rule in zip(self._plans, rules, strict=True):
+            block = blocks.get(rule.name)
+            was = old.block if isinstance(old, BlockedPlan) else None
+            if rule is old.rule and block is was:
+                plans.append(old)
+                continue
+            plans.append(Plan(rule) if block is None else BlockedPlan(rule, block))
+            changed.append(rule.name)
+        if not changed:
+            return changed
+        windows = {id(lim) for p in plans for lim in p.limits if isinstance(lim, Window)}
+        # Assigned together: nothing else runs on the loop until this method returns.
+        self._plans = tuple(plans)
+        self._by_rule = {p.rule.name: p for p in plans}
+        self._matchers = tuple((p.rule.pattern.matches, p.rule.methods, p.rule) for p in plans)
+        self.rules = tuple(p.rule for p in plans)
+        self._renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
+        # Limiters of windows no plan holds any more: their ids could be reused.
+        for key in [k for k in self._window_limiters if k not in windows]:
+            del self._window_limiters[key]
+        return changed
+
+    def apply_overrides(self, resolution: Resolution) -> list[str]:
+        """Enforce the effective rules of `resolution` (see `swap_rules`); return those changed."""
+        blocks = {e.rule.name: e.block for e in resolution.rules if e.block is not None}
+        return self.swap_rules([e.rule for e in resolution.rules], blocks)
+
+    def blocks(self) -> dict[str, Override]:
+        """The block override in force per rule name (rules not blocked are absent)."""
+        return {p.rule.name: p.block for p in self._plans if isinstance(p, BlockedPlan)}
+
+    def _blocked(self, plan: Plan) -> Decision:
+        assert isinstance(plan, BlockedPlan)
+        return BlockedDecision(plan)
 
     # -- leases -----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ accident, so "until cleared" is said explicitly with `expires_at=None`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -407,6 +408,10 @@ def _apply(limit: Limit, o: Override, *, strict: bool) -> Limit:
     """`limit` changed by `o`. `strict`: every field of `o` must fit (a limit-specific override)."""
     if o.kind == "factor":
         assert o.factor is not None
+        if isinstance(limit, Concurrency):
+            # As Concurrency.scaled, but copied: see `_concurrency`.
+            slots = max(1, math.floor(limit.limit * o.factor))
+            return _concurrency(limit, slots, math.floor(limit.queue * o.factor), None)
         return limit.scaled(o.factor)
     given = {name for name in _SET_FIELDS if getattr(o, name) is not None}
     fits = _fits(limit)
@@ -433,17 +438,25 @@ def _apply(limit: Limit, o: Override, *, strict: bool) -> Limit:
             o.rate, strategy=limit.strategy, key=limit.key, name=limit.name, shared=limit.shared
         )
     assert isinstance(limit, Concurrency)
-    return Concurrency(
-        o.slots if o.slots is not None else limit.limit,
-        key=limit.key,
-        queue=o.queue if o.queue is not None else limit.queue,
-        timeout=o.timeout if o.timeout is not None else limit.timeout,
-        priority=limit.priority,
-        lease=limit.lease,
-        retry_after=limit.retry_after,
-        name=limit.name,
-        shared=limit.shared,
-    )
+    return _concurrency(limit, o.slots, o.queue, o.timeout)
+
+
+def _concurrency(
+    limit: Concurrency, slots: int | None, queue: int | None, timeout: float | None
+) -> Concurrency:
+    """A copy of `limit` with new slots, queue or timeout (validated by `Override`).
+
+    Copied rather than constructed, so every other field (and any the type
+    gains later) carries over unchanged.
+    """
+    new = copy.copy(limit)
+    if slots is not None:
+        new.limit = slots
+    if queue is not None:
+        new.queue = queue
+    if timeout is not None:
+        new.timeout = timeout
+    return new
 
 
 def _fits(limit: Limit) -> frozenset[str]:
