@@ -85,6 +85,23 @@ def test_client_disconnect_mid_stream_frees_the_slot(server: str) -> None:
         assert r.status_code == 200
 
 
+def _response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a Content-Length body) read from `sock`."""
+    sock.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
 def _state(server: str) -> dict[str, int]:
     return dict(httpx.get(f"{server}/state", timeout=2).json())
 
@@ -112,8 +129,8 @@ def test_a_client_that_hangs_up_while_waiting_leaves_the_line(server: str) -> No
     quitter.close()
     _until(server, line_in_use=1, line_waiting=1)
     httpx.post(f"{server}/line/open", timeout=2)
-    assert holder.recv(4096).startswith(b"HTTP/1.1 200")
-    reply = patient.recv(4096)
+    assert _response(holder).startswith(b"HTTP/1.1 200")
+    reply = _response(patient)
     assert reply.startswith(b"HTTP/1.1 200")
     assert reply.endswith(b"served:C")
     holder.close()
