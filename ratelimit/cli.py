@@ -654,6 +654,7 @@ async def status_data(ctx: Context) -> dict[str, Any]:
             }
             if isinstance(conf, Concurrency):
                 item["in_use"] = await _in_use(backend, e.rule.name, name, conf.shared)
+                item["waiting"] = await _waiting(backend, e.rule.name, name, conf.shared)
             limits.append(item)
         data_rules.append(
             {
@@ -696,6 +697,19 @@ async def _in_use(backend: Any, rule: str, limit: str, shared: bool) -> int:
     return total
 
 
+async def _waiting(backend: Any, rule: str, limit: str, shared: bool) -> int:
+    """Requests waiting in line now: the shared key's line, or the sum over callers' lines."""
+    if shared:
+        return int(await backend.queue_length(StoreKey(rule, limit, "*")))
+    total = 0
+    pattern = f"{backend.prefix}:{{{rule}:*}}:{limit}:line"
+    async for raw in backend.client.scan_iter(match=pattern, count=1000):
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        caller = name.split("{", 1)[1].split("}", 1)[0].split(":", 1)[1]
+        total += int(await backend.queue_length(StoreKey(rule, limit, caller)))
+    return total
+
+
 def _redact(url: str) -> str:
     """The URL without its password."""
     return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", url)
@@ -730,13 +744,14 @@ def print_status(out: Out, data: Mapping[str, Any]) -> None:
                     f"{o['change']} ({o['slot']})" if o else "",
                     human_seconds(o["time_left"]) if o else "",
                     str(lim["in_use"]) if "in_use" in lim else "",
+                    str(lim["waiting"]) if "waiting" in lim else "",
                     clean(o.get("reason") or "") if o else "",
                 ]
             )
     if rows:
         out.table(
             ["RULE", "MODE", "LIMIT", "CONFIGURED", "EFFECTIVE", "OVERRIDE", "LEFT", "IN USE",
-             "REASON"],
+             "WAITING", "REASON"],
             rows,
         )  # fmt: skip
     else:

@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from ratelimit import RedisBackend
-from ratelimit.backends.base import BucketCheck, LeaseCheck, StoreKey
+from ratelimit.backends.base import BucketCheck, LeaseCheck, QueueCheck, StoreKey
 from ratelimit.cli import Out, human_seconds, parse_duration
 from ratelimit.policy.engine import _digest
 
@@ -299,35 +299,55 @@ async def test_status_shows_effective_limits_overrides_and_slots_in_use(
 ) -> None:
     """Per rule and limit: configured and effective numbers, the override with time left, slots."""
     backend = RedisBackend(redis_url)
+    gpu = StoreKey("images", "gpu", "*")
+    verdict = await backend.decide(
+        [LeaseCheck(gpu, 2, 60.0, "lease-a"), LeaseCheck(gpu, 2, 60.0, "lease-b")]
+    )
+    assert verdict.admitted
+    # One request waits in line for the full pool, kept alive by its waiter's heartbeat.
+    ticket = LeaseCheck(gpu, 2, 60.0, "0000~lease-c")
+    line = QueueCheck(ticket, 4, 0, "", (), 4)
+    assert (await backend.enqueue([ticket], line)).outcome == "queued"
+    waiter = asyncio.ensure_future(backend.wait(line, 60.0))
     try:
-        gpu = StoreKey("images", "gpu", "*")
-        verdict = await backend.decide(
-            [LeaseCheck(gpu, 8, 60.0, "lease-a"), LeaseCheck(gpu, 8, 60.0, "lease-b")]
+        await asyncio.to_thread(
+            ratelimit, "override", "set", "images", "gpu", "--limit", "4", "--for", "2h",
+            "--reason", "half the GPUs", redis_url=redis_url,
+        )  # fmt: skip
+        await asyncio.to_thread(
+            ratelimit, "override", "set", "chat", "--enforce", "--until-cleared",
+            redis_url=redis_url,
+        )  # fmt: skip
+        doc = (
+            await asyncio.to_thread(
+                ratelimit, "status", "--config", config, "--json", redis_url=redis_url
+            )
+        ).json()
+        table = await asyncio.to_thread(
+            ratelimit, "status", "--config", config, redis_url=redis_url
         )
-        assert verdict.admitted
     finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
         await backend.aclose()
-    ratelimit("override", "set", "images", "gpu", "--limit", "4", "--for", "2h", "--reason",
-              "half the GPUs", redis_url=redis_url)  # fmt: skip
-    ratelimit("override", "set", "chat", "--enforce", "--until-cleared", redis_url=redis_url)
-    doc = ratelimit("status", "--config", config, "--json", redis_url=redis_url).json()
     assert doc["rules_from"] == "config"
     images = {lim["name"]: lim for lim in doc["rules"][0]["limits"]}
     assert images["gpu"]["configured"]["limit"] == 8
     assert images["gpu"]["effective"]["limit"] == 4
     assert images["gpu"]["in_use"] == 2
+    assert images["gpu"]["waiting"] == 1
     assert images["gpu"]["override"]["reason"] == "half the GPUs"
     assert 2 * 3600 - 60 < images["gpu"]["override"]["time_left"] <= 2 * 3600
     assert images["per-key"]["override"] is None
     assert "in_use" not in images["per-key"]
     chat = doc["rules"][1]
     assert chat["shadow"] is False  # configured shadow, enforced by the override
-    table = ratelimit("status", "--config", config, redis_url=redis_url)
     assert table.code == 0
     header = table.out.splitlines()[1]
     assert header.split()[:5] == ["RULE", "MODE", "LIMIT", "CONFIGURED", "EFFECTIVE"]
     gpu_row = next(line for line in table.out.splitlines() if " gpu " in line)
     assert gpu_row.split()[:6] == ["gpu", "8", "slots", "4", "slots", "slots=4"]
+    assert header.index("WAITING") == gpu_row.index(" 1 ", header.index("IN USE")) + 1
     assert header.index("EFFECTIVE") == gpu_row.index("4 slots")  # aligned
 
 
