@@ -549,3 +549,38 @@ def test_real_uvicorn_answers_503_when_redis_is_killed_then_recovers(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_window_limits_go_through_the_breaker(private_redis: RedisServer) -> None:
+    """A Window on Redis shares the backend's breaker: with Redis stopped, window calls open
+    it, then fail at once without a connection attempt, and a restarted Redis closes it."""
+    from ratelimit import BackendError, BackendUnavailable, Window
+
+    backend = RedisBackend(private_redis.url, breaker_reset=0.3)
+    app = RateLimitMiddleware(
+        hello,
+        rules=[Rule("/w", limits=[Window("100/minute", key=keys.GLOBAL)])],
+        backend=backend,
+        fail="closed",
+    )
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            assert (await c.get("/w")).status_code == 200
+            private_redis.stop()
+            codes = [(await c.get("/w")).status_code for _ in range(backend.breaker.failures)]
+            assert codes == [503] * backend.breaker.failures  # failed closed, never 500
+            assert state(backend) == "open"
+            storage = backend.window_storage()
+            started = time.perf_counter()
+            with pytest.raises(BackendUnavailable):
+                await storage.incr("probe", 60)
+            assert time.perf_counter() - started < OPEN_BOUND
+            private_redis.start()
+            await asyncio.sleep(0.35)
+            assert (await c.get("/w")).status_code == 200  # the probe closes the breaker
+            assert state(backend) == "closed"
+            assert issubclass(BackendUnavailable, BackendError)
+    finally:
+        await app.aclose()

@@ -40,9 +40,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -76,11 +76,14 @@ from .keyspace import Keyspace
 from .pubsub import Subscriber, parse_message
 from .scripts import SCRIPTS, Script, ScriptSet
 from .transport import ClientTransport, ClusterTransport, PipelinedTransport, Transport
+from .window import GuardedStorage
 
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
 
 logger = logging.getLogger("ratelimit")
+
+T = TypeVar("T")
 
 #: Default seconds from writing a call to its reply. Measured on a 2-core host with
 #: Redis and 10 worker processes x 32 concurrent decisions (5x oversubscribed), the
@@ -402,7 +405,7 @@ class RedisBackend:
                 storage = RedisStorage(
                     _limits_uri(self.url), implementation="redispy", key_prefix=prefix, **options
                 )
-            self._storage = storage
+            self._storage = GuardedStorage(storage, self._guard)
         return self._storage
 
     async def aclose(self) -> None:
@@ -690,47 +693,52 @@ class RedisBackend:
 
         Errors become BackendError; with the breaker open, BackendUnavailable at once.
         """
+        transport = self._transport
+        return await self._guard(script.name, lambda: transport.evalsha(script, keys, args))
+
+    async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Make the call `call()` through the breaker, timed and reported as `operation`."""
         breaker = self.breaker
         observer = self.observer
         if not breaker.allow():
             error = BackendUnavailable(
-                f"redis {script.name}: circuit breaker open after repeated failures to "
+                f"redis {operation}: circuit breaker open after repeated failures to "
                 f"reach {self.url} ({_describe(self._last_failure)}); not called"
             )
             if observer is not None:
-                observer(script.name, 0.0, error)
+                observer(operation, 0.0, error)
             raise error
         started = perf_counter()
         try:
             if breaker.state != "closed":  # this call is the half-open probe
-                reply = await self._probe(script, keys, args)
+                reply = await self._probe(operation, call)
             else:
                 try:
-                    reply = await self._transport.evalsha(script, keys, args)
+                    reply = await call()
                 except _CALL_ERRORS as exc:
                     self._settle(exc)
-                    raise BackendError(f"redis {script.name}: {exc}") from exc
+                    raise BackendError(f"redis {operation}: {exc}") from exc
                 breaker.success()
         except BackendError as exc:
             if observer is not None:
-                observer(script.name, perf_counter() - started, exc)
+                observer(operation, perf_counter() - started, exc)
             raise
         if observer is not None:
-            observer(script.name, perf_counter() - started, None)
+            observer(operation, perf_counter() - started, None)
         return reply
 
-    async def _probe(self, script: Script, keys: list[str], args: list[str]) -> Any:
+    async def _probe(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """The half-open probe: its outcome reaches the breaker even if the caller is cancelled.
 
         A probe abandoned without an outcome would leave the breaker half-open,
         refusing every call, for good.
         """
-        call = asyncio.ensure_future(self._transport.evalsha(script, keys, args))
-        call.add_done_callback(self._probe_done)
+        future = asyncio.ensure_future(call())
+        future.add_done_callback(self._probe_done)
         try:
-            return await asyncio.shield(call)
+            return await asyncio.shield(future)
         except _CALL_ERRORS as exc:
-            raise BackendError(f"redis {script.name}: {exc}") from exc
+            raise BackendError(f"redis {operation}: {exc}") from exc
 
     def _probe_done(self, call: asyncio.Future[Any]) -> None:
         if call.cancelled():  # closed by aclose() mid-probe: no answer from Redis
