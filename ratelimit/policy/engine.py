@@ -371,6 +371,13 @@ def _client_timeout(scope: Scope, header: str | None) -> float | None:
     return None
 
 
+def _cancelling() -> bool:
+    """Whether the current task has been asked to cancel (Python 3.11+; False before)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("ratelimit background cleanup failed: %r", task.exception())
@@ -690,7 +697,7 @@ class Engine:
         try:
             await waiter
         except asyncio.CancelledError:
-            if not waiter.cancelled():
+            if not waiter.cancelled() or _cancelling():
                 raise  # this task itself is being cancelled
         else:
             # The slot came just as the client left: give it back.
