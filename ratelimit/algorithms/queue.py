@@ -16,6 +16,18 @@ text (so Redis can order members of equal score the same way):
   is the same caller and the order is plain FIFO;
 - the arrival number `seq`, which breaks ties in arrival order.
 
+Appointments. A bounded line overflows: past it, a refusal's `Retry-After`
+is only honest if the caller gets in when it comes back, which it will not
+if newcomers keep the line full. With a fair key (the caller's identity) and
+an observed service time, every refusal therefore carries an appointment:
+come back at `due` and join the line whatever its length. Appointments of a
+class are spaced one service interval (`spacing` = service time / slots)
+apart after the line's own wait, and while any of the same or a higher class
+are outstanding, newcomers of that class get an appointment at the end of
+the book instead of a place in line. Callers are then served in the order
+they first came, the line holding only those whose turn is near. An
+appointment not kept within `grace_for(spacing)` of its time lapses.
+
 Shares. A class may be guaranteed `g` slots. A freed slot goes first to the
 highest-ranked waiting class still below its guarantee, then in plain order.
 Guarantees never preempt: idle slots are borrowed by any class. A full queue
@@ -74,7 +86,8 @@ class Waiter(NamedTuple):
 class Enqueued(NamedTuple):
     """What `enqueue` did."""
 
-    #: "queued", "full" (no room, nothing shed) or "too_long" (its wait would exceed the bound).
+    #: "queued", "full" (no room, nothing shed) or "too_long" (its wait would exceed the
+    #: bound, or the line is booked ahead of it: see `due`).
     outcome: str
     #: The newcomer's place in line (0: next), as if inserted when refused.
     position: int
@@ -82,6 +95,83 @@ class Enqueued(NamedTuple):
     length: int
     #: The waiter shed to make room, if any.
     shed: Waiter | None
+    #: A refused newcomer's appointment (absolute time; 0.0: none).
+    due: float = 0.0
+
+
+#: Appointments one book holds at most; past it, refusals carry only an estimate.
+BOOK_MAX = 10_000
+
+
+def grace_for(spacing: float) -> float:
+    """Seconds an appointment stays claimable after its time: clients round `Retry-After`
+    up to whole seconds and take a moment to send again."""
+    return max(2.0, 4 * spacing)
+
+
+class Book:
+    """Appointments handed out with refusals, per caller (see the module's Appointments)."""
+
+    __slots__ = ("by_rank", "due", "last")
+
+    def __init__(self) -> None:
+        #: Fair key -> (rank, time it is due).
+        self.due: dict[str, tuple[int, float]] = {}
+        #: Rank -> appointments outstanding.
+        self.by_rank: dict[int, int] = {}
+        #: Rank -> the time of the class's latest appointment.
+        self.last: dict[int, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.due)
+
+    def prune(self, now: float, grace: float) -> None:
+        """Drop appointments not kept within `grace` of their time."""
+        lapsed = [fair for fair, (_, due) in self.due.items() if due + grace < now]
+        for fair in lapsed:
+            self._drop(fair)
+        if not self.due:
+            self.last.clear()
+
+    def booked_ahead(self, rank: int) -> bool:
+        """Whether appointments of this class or a higher one are outstanding."""
+        return any(count for r, count in self.by_rank.items() if r <= rank)
+
+    def give(self, fair: str, rank: int, now: float, first_free: float, spacing: float) -> float:
+        """The caller's appointment: its outstanding one if still ahead, else the next free
+        one of its class (at least `first_free`, one `spacing` after the class's last);
+        0.0 when the book is full."""
+        held = self.due.get(fair)
+        if held is not None and held[1] > now:
+            return held[1]
+        if held is not None:
+            self._drop(fair)
+        if len(self.due) >= BOOK_MAX:
+            return 0.0
+        due = max(first_free, self.last.get(rank, 0.0) + spacing)
+        self.due[fair] = (rank, due)
+        self.by_rank[rank] = self.by_rank.get(rank, 0) + 1
+        self.last[rank] = due
+        return due
+
+    def claim(self, fair: str, now: float) -> float:
+        """Keep a due appointment (0.0, removed), or say when it is due (still booked);
+        -1.0 when the caller has none."""
+        held = self.due.get(fair)
+        if held is None:
+            return -1.0
+        if held[1] <= now:
+            self._drop(fair)
+            return 0.0
+        return held[1]
+
+    def _drop(self, fair: str) -> None:
+        rank, _ = self.due.pop(fair)
+        left = self.by_rank[rank] - 1
+        if left:
+            self.by_rank[rank] = left
+        else:
+            del self.by_rank[rank]
 
 
 class QueueState:
@@ -207,25 +297,50 @@ def enqueue(
     max_position: int,
     in_use: Mapping[int, int],
     guaranteed: Mapping[int, int],
+    book: Book | None = None,
+    now: float = 0.0,
+    spacing: float = 0.0,
 ) -> Enqueued:
     """Put a request in line, shedding a lower waiter if the line is full.
 
     `max_position` refuses a newcomer whose place in line is past it (its
     estimated wait would outlast its timeout; pass `capacity` for no bound, -1
-    when not even the next place would make it). Refusals change nothing.
+    when not even the next place would make it). Refusals change nothing in
+    the line. With a `book`, a fair key and a `spacing` > 0, appointments apply
+    (see the module's Appointments): a caller keeping its appointment joins the
+    line past every bound, and a refused one is given an appointment (`due`).
     """
     key = state.place(rank, fair)
     position = bisect_left(state.waiters, (key,))
     length = len(state.waiters)
+    booking = book is not None and fair != "" and spacing > 0
+    if booking:
+        assert book is not None
+        book.prune(now, grace_for(spacing))
+        held = book.claim(fair, now)
+        if held == 0.0:
+            waiter = state.insert(rank, fair, ticket)
+            return Enqueued("queued", state.waiters.index(waiter), len(state.waiters), None)
+        if held > 0 or book.booked_ahead(rank):
+            due = book.give(fair, rank, now, now + (length + 1) * spacing, spacing)
+            return Enqueued("too_long", position, length, None, due)
+
+    def refuse(outcome: str) -> Enqueued:
+        due = 0.0
+        if booking:
+            assert book is not None
+            due = book.give(fair, rank, now, now + (length + 1) * spacing, spacing)
+        return Enqueued(outcome, position, length, None, due)
+
     if position > max_position:
-        return Enqueued("too_long", position, length, None)
+        return refuse("too_long")
     shed = None
     if length >= capacity:
         ahead_in_class = sum(1 for w in state.waiters[:position] if w.rank == rank)
         claimed = claims(rank, ahead_in_class, in_use, guaranteed)
         i = victim_index(state.waiters, rank, claimed, in_use, guaranteed)
         if i < 0:
-            return Enqueued("full", position, length, None)
+            return refuse("full")
         shed = state._pop(i)
         # Popping may reset the counters of an emptied queue; place again.
     waiter = state.insert(rank, fair, ticket)

@@ -76,6 +76,9 @@ class QueueCheck(NamedTuple):
     #: Refuse ("too_long") if the place in line would be past this (its wait would
     #: outlast the timeout); `capacity` for no bound, -1 to refuse any wait.
     max_position: int
+    #: Seconds between appointments (service time / slots; see `algorithms.queue`);
+    #: 0.0: no appointments (no fair key, or no service time observed yet).
+    spacing: float = 0.0
 
 
 class Entry(NamedTuple):
@@ -92,6 +95,9 @@ class Entry(NamedTuple):
     position: int
     #: Waiters in line after this step.
     length: int
+    #: For "full"/"too_long": seconds until the appointment the request was given
+    #: (come back then and join the line); 0.0 when it was given none.
+    retry_in: float = 0.0
 
 
 class CheckResult(NamedTuple):
@@ -176,6 +182,11 @@ class QueueBackend(Backend, Protocol):
         Only the queued lease is the backend's concern: refunding the other checks
         is the caller's.
         """
+        ...
+
+    async def appoint(self, queue: QueueCheck) -> float:
+        """Give a request that left the line without a slot (timed out, shed) an
+        appointment; seconds until it, 0.0 for none (see `QueueCheck.spacing`)."""
         ...
 
     async def queue_length(self, key: StoreKey) -> int:

@@ -98,6 +98,8 @@ class MemoryBackend:
         self._leases: dict[StoreKey, _LeaseTable] = {}
         #: Non-empty waiting lines; a key with a line admits nobody past it.
         self._lines: dict[StoreKey, _Line] = {}
+        #: Appointments per key (see `algorithms.queue.Book`); dropped when empty.
+        self._books: dict[StoreKey, queue.Book] = {}
         #: Ticket id -> the future its waiter awaits: "granted" or "shed".
         self._tickets: dict[str, asyncio.Future[str]] = {}
         self._writes = 0
@@ -244,6 +246,10 @@ class MemoryBackend:
             line = _Line(lease.limit, lease.ttl, guaranteed)
         else:
             line.limit, line.ttl, line.guaranteed = lease.limit, lease.ttl, guaranteed
+        now = self._clock()
+        book = self._books.get(key) if queue_check.spacing > 0 else None
+        if book is None and queue_check.spacing > 0 and queue_check.fair:
+            book = self._books[key] = queue.Book()
         step = queue.enqueue(
             line.state,
             ticket=lease.lease_id,
@@ -253,9 +259,15 @@ class MemoryBackend:
             max_position=queue_check.max_position,
             in_use=self._in_use_by_rank(key) if guaranteed else {},
             guaranteed=guaranteed,
+            book=book,
+            now=now,
+            spacing=queue_check.spacing,
         )
+        if book is not None and not book:
+            del self._books[key]
         if step.outcome != "queued":
-            return Entry(step.outcome, verdict, step.position, step.length)
+            retry_in = step.due - now if step.due else 0.0
+            return Entry(step.outcome, verdict, step.position, step.length, retry_in)
         if fresh:
             self._lines[key] = line
         results = list(verdict.results)
@@ -339,6 +351,23 @@ class MemoryBackend:
         if not line.state:
             del self._lines[key]
 
+    async def appoint(self, queue_check: QueueCheck) -> float:
+        """An appointment for a request that left the line without a slot (see the protocol)."""
+        if not (queue_check.spacing > 0 and queue_check.fair):
+            return 0.0
+        key = queue_check.lease.key
+        now = self._clock()
+        book = self._books.get(key)
+        if book is None:
+            book = self._books[key] = queue.Book()
+        book.prune(now, queue.grace_for(queue_check.spacing))
+        line = self._lines.get(key)
+        first_free = now + ((len(line.state) if line else 0) + 1) * queue_check.spacing
+        due = book.give(queue_check.fair, queue_check.rank, now, first_free, queue_check.spacing)
+        if not book:
+            del self._books[key]
+        return due - now if due else 0.0
+
     async def queue_length(self, key: StoreKey) -> int:
         """Requests waiting in `key`'s line."""
         line = self._lines.get(key)
@@ -357,6 +386,7 @@ class MemoryBackend:
         self._buckets.clear()
         self._leases.clear()
         self._lines.clear()
+        self._books.clear()
         for future in self._tickets.values():
             if not future.done():
                 future.set_result("shed")

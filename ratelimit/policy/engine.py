@@ -635,6 +635,8 @@ class Engine:
             fair,
             limit.guaranteed,
             queue.max_position(timeout, limit.limit, service, limit.queue),
+            # Appointments need to know who comes back (a fair key) and how fast slots free.
+            service / limit.limit if fair else 0.0,
         )
         entry = await backend.enqueue(checks, line)
         outcome = entry.outcome
@@ -644,7 +646,7 @@ class Engine:
             return False, entry.verdict.results, None, None
         results = list(entry.verdict.results)
         if outcome != "queued":
-            estimate = self.estimate(plan, i, entry.position)
+            estimate = entry.retry_in or self.estimate(plan, i, entry.position)
             results[k] = results[k]._replace(retry_after=estimate)
             return False, results, QUEUE_FULL if outcome == "full" else TOO_LONG, None
         others = [check for j, check in enumerate(checks) if j != k]
@@ -667,9 +669,12 @@ class Engine:
                 self._spawn(backend.refund(others))
             else:
                 await backend.refund(others)
-        estimate = self.estimate(plan, i, max(0, entry.length - 1))
-        results[k] = results[k]._replace(retry_after=estimate)
         reason = {"timeout": QUEUE_TIMEOUT, "shed": SHED}.get(outcome, ABANDONED)
+        estimate = 0.0
+        if reason != ABANDONED and line.spacing:
+            estimate = await backend.appoint(line)
+        estimate = estimate or self.estimate(plan, i, max(0, entry.length - 1))
+        results[k] = results[k]._replace(retry_after=estimate)
         return False, results, reason, waited
 
     async def _await_slot(

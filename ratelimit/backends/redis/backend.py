@@ -374,6 +374,10 @@ class RedisBackend:
         finally:
             self._tickets.pop(lease.lease_id, None)
 
+    async def appoint(self, queue: QueueCheck) -> float:
+        """Appointments are not kept in Redis yet: none is given (refusals carry the estimate)."""
+        return 0.0
+
     async def queue_length(self, key: StoreKey) -> int:
         """Requests waiting in `key`'s line (live tickets), on the server's clock."""
         return int(await self._eval(self.scripts.queue_length, [self.keys.queue(key)[1]], []))
