@@ -393,3 +393,94 @@ async def test_queue_without_timeout_is_a_config_error() -> None:
         Concurrency(4, shares={"paid": 0.8, "free": 0.4})
     with pytest.raises(ConfigError, match=r"shares\.gold"):
         Concurrency(4, classes=["paid", "free"], shares={"gold": 0.5})
+
+
+# -- appointments -------------------------------------------------------------------
+
+
+def user(s: dict[str, Any]) -> str:
+    return str(dict(s["headers"])[b"x-user"].decode())
+
+
+async def test_a_refused_caller_gets_an_appointment_and_keeping_it_gets_it_in() -> None:
+    """With a fair key and a service time, a refusal from a full line carries an
+    appointment: the next ones are spaced a service interval apart, an early return is
+    told the same time, and a caller coming back on time joins even a full line."""
+    clock = ManualClock()
+    gpu = Concurrency(1, key=keys.GLOBAL, queue=1, timeout=30.0, fair_key=user, name="gpu")
+    eng = Engine([Rule("/gen", limits=[gpu], name="gen")], MemoryBackend(clock=clock))
+    line = Line(eng)
+    d = await line.hold(user="h")
+    await asyncio.sleep(0.02)
+    assert d.grant is not None
+    await eng.release(d.grant)  # one service time observed
+    spacing = eng._service[("gen", 0)]
+    await line.hold(user="h")
+    await line.park("a", user="a")  # the line (of one) is full
+    b = await eng.decide(line.rule, scope(user="b"))
+    assert (b.status, b.reason) == (503, "queue_full")
+    assert b.retry_after == pytest.approx(2 * spacing)  # after the line's own wait
+    c = await eng.decide(line.rule, scope(user="c"))
+    assert c.reason == "too_long"  # booked behind b, though c was refused for a full line too
+    assert c.retry_after == pytest.approx(3 * spacing)
+    early = await eng.decide(line.rule, scope(user="b"))
+    assert early.retry_after == pytest.approx(2 * spacing)  # the same appointment
+    clock.now += 2 * spacing
+    await line.park("b", user="b")  # on time: joins the full line
+    assert line.waiting() == 2
+    assert not line.tasks["b"].done()
+    newcomer = await eng.decide(line.rule, scope(user="n"))
+    assert newcomer.reason == "too_long"  # c is still booked ahead of it
+    # After the line's two waiters (c's appointment, one spacing from now, comes earlier).
+    assert newcomer.retry_after == pytest.approx(3 * spacing)
+
+
+async def test_an_appointment_not_kept_lapses() -> None:
+    clock = ManualClock()
+    gpu = Concurrency(1, key=keys.GLOBAL, queue=1, timeout=30.0, fair_key=user, name="gpu")
+    eng = Engine([Rule("/gen", limits=[gpu], name="gen")], MemoryBackend(clock=clock))
+    line = Line(eng)
+    d = await line.hold(user="h")
+    assert d.grant is not None
+    await eng.release(d.grant)
+    await line.hold(user="h")
+    await line.park("a", user="a")
+    assert (await eng.decide(line.rule, scope(user="b"))).reason == "queue_full"
+    clock.now += 60.0  # b never came back
+    again = await eng.decide(line.rule, scope(user="c"))
+    assert again.reason == "queue_full"  # nobody booked ahead: an ordinary refusal
+    backend = eng.backend
+    assert isinstance(backend, MemoryBackend)
+    assert set(backend._books[GPU].due) == {_digest_of("c")}
+
+
+async def test_a_higher_class_is_not_booked_behind_a_lower_one() -> None:
+    clock = ManualClock()
+    gpu = Concurrency(
+        1, key=keys.GLOBAL, queue=1, timeout=30.0, fair_key=user, priority=tier,
+        classes=["paid", "free"], name="gpu",
+    )  # fmt: skip
+    eng = Engine([Rule("/gen", limits=[gpu], name="gen")], MemoryBackend(clock=clock))
+    line = Line(eng)
+    d = await line.hold(user="h")
+    assert d.grant is not None
+    await eng.release(d.grant)
+    await line.hold(user="h")
+    await line.park("f1", user="f1", tier="free")
+    booked = await eng.decide(line.rule, scope(user="f2", tier="free"))
+    assert booked.reason == "queue_full"
+    # A paid newcomer is not put behind the free appointment: it sheds the free waiter.
+    paid = asyncio.ensure_future(eng.decide(line.rule, scope(user="p1", tier="paid")))
+    await until(lambda: line.tasks["f1"].done())
+    assert line.waiting() == 1
+    assert not paid.done()
+    assert line.tasks["f1"].result().reason == "shed"
+    assert line.tasks["f1"].result().retry_after > 0
+    paid.cancel()
+    await asyncio.gather(paid, return_exceptions=True)
+
+
+def _digest_of(text: str) -> str:
+    from ratelimit.policy.engine import _digest
+
+    return _digest(text)
