@@ -295,3 +295,27 @@ async def test_the_middleware_publishes_in_the_background_and_cleans_up(
     assert memory.top_publisher is None
     with pytest.raises(ConfigError, match=r"^top: expected a TopCallers"):
         RateLimitMiddleware(None, rules=rules, top=object())  # type: ignore[arg-type]
+
+
+async def test_publish_and_read_on_redis_cluster(redis_cluster_url: str) -> None:
+    """Every key shares the {top} hash tag: publishing and merging work on a cluster too."""
+    backend = RedisBackend(redis_cluster_url, cluster=True, prefix=PREFIX)
+    try:
+        pubs = []
+        for name, callers in (("w1", {"alice": 3}), ("w2", {"alice": 1, "bob": 2})):
+            top = TopCallers(capacity=8)
+            key = top.track(keys.header("x-api-key"), "api-key")
+            pubs.append(TopPublisher(top, backend.client, PREFIX, worker=name))
+            send_as(key, callers)  # counted in the window the publisher started
+        for pub in pubs:
+            await pub.publish()
+        fleet = await read_fleet(backend.client, PREFIX)
+        assert fleet.tables["api-key"].callers == [
+            Counted(_digest("alice"), 4, 0),
+            Counted(_digest("bob"), 2, 0),
+        ]
+        for pub in pubs:
+            await pub.aclose()
+        assert (await read_fleet(backend.client, PREFIX)).workers == []
+    finally:
+        await backend.aclose()
