@@ -6,6 +6,7 @@
     ratelimit override list
     ratelimit override clear RULE [LIMIT]
     ratelimit reset KEY [--rule RULE [--limit LIMIT]]
+    ratelimit top [NAME] [-n N] [--watch SECONDS]
 
 Every command takes `--json` (one stable JSON document on stdout, for
 scripts), `--redis URL` (default: $RATELIMIT_REDIS_URL, else the `[backend]`
@@ -41,6 +42,7 @@ from .policy.limits import Concurrency, Limit, TokenBucket, Window
 from .policy.live import RedisOverrideStore
 from .policy.overrides import Override, check_override, describe_limit, resolve
 from .policy.rules import Rule
+from .policy.top import read_fleet
 
 #: Exit codes (see the module docstring).
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
@@ -204,6 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("--rule", help="only this rule")
     reset.add_argument("--limit", help="only this limit of --rule")
     reset.add_argument("--config", help="check --rule and --limit against this config file")
+
+    top = commands.add_parser(
+        "top",
+        parents=[common],
+        help="the heaviest callers right now, merged over the live workers",
+        description=(
+            "The heaviest callers of each tracked key (TopCallers.track) over the fleet: "
+            "each live worker's last window (the `every` seconds, default 5, before its "
+            "last publish), summed. A caller's COUNT never undercounts and overcounts by "
+            "at most ERROR; SHARE is COUNT over the requests of the name. Callers are the "
+            "backend's digests unless every worker tracking the name has show_keys=True. "
+            "Needs RateLimitMiddleware(top=...) on a RedisBackend."
+        ),
+    )
+    top.add_argument("name", metavar="NAME", nargs="?", help="only this tracked name")
+    top.add_argument("-n", type=int, default=10, metavar="N", help="callers per name (default 10)")
+    top.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted"
+    )
     return parser
 
 
@@ -830,6 +851,109 @@ async def cmd_reset(ctx: Context) -> int:
     return OK
 
 
+async def top_data(ctx: Context) -> dict[str, Any]:
+    """Everything `top` shows, as its `--json` document."""
+    a = ctx.args
+    fleet = await read_fleet(ctx.backend().client, ctx.prefix, name=a.name, n=a.n)
+    tables: dict[str, Any] = {}
+    for name, t in fleet.tables.items():
+        tables[name] = {
+            "total": t.total,
+            "workers": t.workers,
+            "keys_shown": t.keys_shown,
+            "callers": [
+                {
+                    "caller": c.item,
+                    "count": c.estimate,
+                    "error": c.error,
+                    "share": round(c.estimate / t.total, 4) if t.total else 0.0,
+                }
+                for c in t.callers
+            ],
+        }
+    workers = [
+        {
+            "id": w.get("worker"),
+            "pid": w.get("pid"),
+            "every": w.get("every"),
+            "window_start": iso(w.get("start")),
+            "window_end": iso(w.get("end")),
+            "age": None if w.get("end") is None else round(max(0.0, fleet.time - w["end"]), 3),
+        }
+        for w in fleet.workers
+    ]
+    return {
+        "redis": _redact(ctx.url or ""),
+        "prefix": ctx.prefix,
+        "time": iso(fleet.time),
+        "workers": sorted(workers, key=lambda w: str(w["id"])),
+        "tables": tables,
+    }
+
+
+def print_top(out: Out, data: Mapping[str, Any]) -> None:
+    workers = data["workers"]
+    if not workers:
+        out.line(
+            "no worker publishes its heaviest callers: track keys with TopCallers and pass "
+            "RateLimitMiddleware(top=...) with a RedisBackend"
+        )
+        return
+    ages = [w["age"] for w in workers if w["age"] is not None]
+    every = sorted({w["every"] for w in workers if w["every"] is not None})
+    window = "/".join(f"{e:g}s" for e in every) or "?"
+    line = f"{data['redis']} prefix {data['prefix']}  {len(workers)} workers, windows of {window}"
+    if ages:
+        line += f" ended {min(ages):.1f}-{max(ages):.1f}s ago"
+    out.line(line)
+    for name, t in data["tables"].items():
+        out.line()
+        what = "keys" if t["keys_shown"] else "key digests"
+        out.line(
+            f"{out.paint(clean(name), 'bold')}: {t['total']} requests over {t['workers']} "
+            f"workers ({what})"
+        )
+        if not t["callers"]:
+            out.line(out.paint("  no callers in this window", "dim"))
+            continue
+        out.table(
+            ["CALLER", "COUNT", "±ERROR", "SHARE"],
+            [
+                [
+                    clean(c["caller"]),
+                    str(c["count"]),
+                    str(c["error"]),
+                    f"{100 * c['share']:.1f}%",
+                ]
+                for c in t["callers"]
+            ],
+        )
+
+
+async def cmd_top(ctx: Context) -> int:
+    out = ctx.out
+    a = ctx.args
+    if a.n < 1:
+        _usage("top: -n takes a number of callers >= 1")
+    if a.watch is not None and not a.watch > 0:
+        _usage("top: --watch takes a number of seconds > 0")
+    while True:
+        data = await top_data(ctx)
+        if a.watch is None and a.name is not None and data["workers"] and not data["tables"]:
+            raise Refused(f"no live worker tracks {a.name!r}")
+        if out.json:
+            json.dump(data, out.stream, sort_keys=True, ensure_ascii=False)
+            out.line()
+        else:
+            if a.watch is not None and out.stream.isatty():
+                out.stream.write("\x1b[H\x1b[2J")
+            print_top(out, data)
+        out.stream.flush()
+        if a.watch is None:
+            return OK
+        await asyncio.sleep(a.watch)
+
+
 def _usage(message: str) -> NoReturn:
     build_parser().error(message)
 
@@ -846,6 +970,8 @@ async def _run(ctx: Context) -> int:
             return await cmd_status(ctx)
         if a.command == "reset":
             return await cmd_reset(ctx)
+        if a.command == "top":
+            return await cmd_top(ctx)
         if a.action == "set":
             return await cmd_override_set(ctx)
         if a.action == "list":

@@ -8,16 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratelimit.algorithms.heavy_hitters import Counted, SpaceSaving
+from ratelimit.algorithms.heavy_hitters import Counted, SpaceSaving, Summary, merge
 
-#: Streams of (item, weight) from a small alphabet, skewed so some items are heavy.
-streams = st.lists(
-    st.tuples(
-        st.one_of(st.sampled_from("abc"), st.text(alphabet="defghijklmnop", max_size=2)),
-        st.integers(min_value=1, max_value=5),
-    ),
-    max_size=300,
+#: (item, weight) from a small alphabet, skewed so some items are heavy.
+weighted = st.tuples(
+    st.one_of(st.sampled_from("abc"), st.text(alphabet="defghijklmnop", max_size=2)),
+    st.integers(min_value=1, max_value=5),
 )
+#: Streams of them.
+streams = st.lists(weighted, max_size=300)
 
 
 @settings(max_examples=300, deadline=None)
@@ -103,3 +102,60 @@ def test_clear_starts_a_new_period() -> None:
     sketch.add("b")
     assert sketch.top() == [Counted("b", 1, 0)]
     assert sketch.total == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=st.lists(st.tuples(weighted, st.integers(0, 2)), max_size=300),
+    capacity=st.integers(min_value=1, max_value=8),
+    k=st.one_of(st.none(), st.integers(min_value=1, max_value=8)),
+)
+def test_merged_summaries_keep_the_guarantees_of_one_table(
+    stream: list[tuple[tuple[str, int], int]], capacity: int, k: int | None
+) -> None:
+    """Three workers' tables, cut to k, merged: totals add up; count >= true >= count - error;
+    an item left out weighed at most the sum of the floors."""
+    sketches = [SpaceSaving(capacity) for _ in range(3)]
+    exact: Counter[str] = Counter()
+    for (item, weight), worker in stream:
+        sketches[worker].add(item, weight)
+        exact[item] += weight
+    summaries = [s.summary(k) for s in sketches]
+    total, merged = merge(summaries)
+    assert total == sum(exact.values())
+    floors = sum(s.floor for s in summaries)
+    for c in merged:
+        assert c.estimate - c.error <= exact[c.item] <= c.estimate
+    assert [c.estimate for c in merged] == sorted((c.estimate for c in merged), reverse=True)
+    shown = {c.item for c in merged}
+    for item, weight in exact.items():
+        if item not in shown:
+            assert weight <= floors
+
+
+def test_merging_uncut_tables_below_capacity_is_exact() -> None:
+    """No table full, none cut: floors are 0 and merged counts are the exact sums."""
+    a, b = SpaceSaving(4), SpaceSaving(4)
+    for item in "aab":
+        a.add(item)
+    for item in "abcc":
+        b.add(item)
+    assert a.summary() == Summary(3, 0, (Counted("a", 2, 0), Counted("b", 1, 0)))
+    assert merge([a.summary(), b.summary()]) == (
+        7,
+        [Counted("a", 3, 0), Counted("b", 2, 0), Counted("c", 2, 0)],
+    )
+
+
+def test_a_cut_summary_charges_its_floor_to_the_items_it_left_out() -> None:
+    """Worker a shows only its heaviest; b's item unseen in a may have had up to a's floor there."""
+    a, b = SpaceSaving(4), SpaceSaving(4)
+    a.add("x", 5)
+    a.add("y", 2)
+    b.add("y", 3)
+    b.add("z", 1)
+    assert a.summary(1) == Summary(7, 2, (Counted("x", 5, 0),))
+    assert merge([a.summary(1), b.summary()]) == (
+        11,
+        [Counted("x", 5, 0), Counted("y", 5, 2), Counted("z", 3, 2)],
+    )

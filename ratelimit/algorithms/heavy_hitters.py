@@ -16,14 +16,24 @@ the total weight added:
 Adding a counted item is a dict update; taking over the smallest counter is
 amortised O(log capacity) through a heap whose entries may lag behind their
 counts (counts only grow, so a lagging entry is re-pushed when it surfaces).
+
+Tables of disjoint streams (several workers' traffic) merge by summing: a
+table's `summary(k)` is its k heaviest items and its `floor`, the most weight
+an item missing from them can have had in that stream (0 when the table kept
+every item it saw). `merge` gives each item the sum of its counts, and of the
+floors of the tables it is missing from; its error is the sum of its errors
+and of those same floors. The guarantee above carries over: the merged count
+never undercounts, and overcounts by at most the merged error (Agarwal et al.,
+"Mergeable Summaries", PODS 2012).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["Counted", "SpaceSaving"]
+__all__ = ["Counted", "SpaceSaving", "Summary", "merge"]
 
 
 class Counted(NamedTuple):
@@ -34,6 +44,17 @@ class Counted(NamedTuple):
     estimate: int
     #: The estimate exceeds the true weight by at most this (0: exact).
     error: int
+
+
+class Summary(NamedTuple):
+    """What a table says of its stream, in k entries: enough to merge with other streams'."""
+
+    #: Total weight of the stream (N).
+    total: int
+    #: An item not in `counted` had at most this weight in the stream (0: it had none).
+    floor: int
+    #: The heaviest items, heaviest first.
+    counted: tuple[Counted, ...]
 
 
 class SpaceSaving:
@@ -113,9 +134,45 @@ class SpaceSaving:
         errors = self._errors
         return [Counted(item, count, errors[item]) for item, count in ranked]
 
+    def summary(self, k: int | None = None) -> Summary:
+        """The `k` (default: all) heaviest items and the floor under those left out (see module).
+
+        The floor is the count of the heaviest item left out when `k` cuts the
+        table (every other item, in it or not, weighs no more), else the
+        smallest count (0 while a counter is free: nothing was ever evicted).
+        """
+        ranked = self.top()
+        if k is not None and len(ranked) > k:
+            return Summary(self.total, ranked[k].estimate, tuple(ranked[:k]))
+        return Summary(self.total, self.min_count(), tuple(ranked))
+
     def clear(self) -> None:
         """Forget everything (start a new period)."""
         self.total = 0
         self._counts.clear()
         self._errors.clear()
         self._heap.clear()
+
+
+def merge(summaries: Iterable[Summary]) -> tuple[int, list[Counted]]:
+    """Merge summaries of disjoint streams: the total weight, and every item heaviest first.
+
+    An item's count is the sum of its counts where it is counted plus the
+    floors of the summaries where it is not; its error likewise sums errors
+    and those floors. So, as in one table, count >= true weight >= count - error
+    (ties ranked by item).
+    """
+    total = 0
+    floors = 0
+    counts: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    for summary in summaries:
+        total += summary.total
+        floors += summary.floor
+        for c in summary.counted:
+            # Start from "missing everywhere" (all floors), then swap this summary's
+            # floor for the item's own count and error here.
+            counts[c.item] = counts.get(c.item, 0) + c.estimate - summary.floor
+            errors[c.item] = errors.get(c.item, 0) + c.error - summary.floor
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return total, [Counted(item, n + floors, errors[item] + floors) for item, n in ranked]

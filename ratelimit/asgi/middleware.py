@@ -26,6 +26,7 @@ from ..policy.engine import ABANDONED, BlockedDecision, Decision, Engine, Grant
 from ..policy.live import LiveOverrides, store_for
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
+from ..policy.top import TopCallers, publisher_for
 from . import responses
 from .metrics import Metrics
 
@@ -49,6 +50,8 @@ class RateLimitMiddleware:
     counted, would-be refusals reach the app (see `Rule(shadow=)`). Live
     overrides are `overrides` (a `LiveOverrides` on the backend's store),
     started at ASGI lifespan start-up, or on the first request without one.
+    With `top=` (a `TopCallers`) and a Redis backend, the heaviest callers
+    are published for `ratelimit top` the same way (`top_publisher`).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class RateLimitMiddleware:
         local_share: float = 1.0,
         config: ConfigSource | Settings | None = None,
         shadow: bool = False,
+        top: TopCallers | None = None,
     ) -> None:
         self.app = app
         if config is not None:
@@ -116,6 +120,12 @@ class RateLimitMiddleware:
             metrics.attach(self.engine)
         #: Live overrides of the rules, in the backend's store (Redis: the fleet's).
         self.overrides = LiveOverrides(self.engine.rules, store_for(backend), self._apply_overrides)
+        if top is not None and not isinstance(top, TopCallers):
+            raise ConfigError("top", "a TopCallers", top)
+        #: Publishes `top`'s windows to Redis for `ratelimit top` (None: nothing to publish).
+        self.top_publisher = (
+            None if top is None else publisher_for(top, backend, worker=self.overrides.worker)
+        )
         #: True until the overrides are started (lifespan start-up or first request).
         self._unstarted = True
 
@@ -249,6 +259,8 @@ class RateLimitMiddleware:
             await self.overrides.start()
         except Exception:
             logger.exception("ratelimit: could not start live overrides; serving as configured")
+        if self.top_publisher is not None:
+            await self.top_publisher.start()
 
     def _apply_overrides(self, resolution: Resolution) -> None:
         """Enforce the effective rules of `resolution`: swap plans, headers, fallback, gauges.
@@ -298,6 +310,8 @@ class RateLimitMiddleware:
             await self.overrides.aclose()
         except Exception:
             logger.exception("ratelimit: could not stop live overrides cleanly")
+        if self.top_publisher is not None:
+            await self.top_publisher.aclose()
 
     def _note_failure(self, rule: Rule, policy: str, exc: Exception) -> None:
         """Count every failure; log only the change from answering to failing."""

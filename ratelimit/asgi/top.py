@@ -8,7 +8,8 @@ only operators reach it, since with `show_keys=True` it shows key text.
 Answer (one process's view; under several workers, the answering one's):
 `{"pid": 123, "capacity": 64, "keys_shown": false, "tables": {"api-key":
 {"total": 1500, "callers": [{"key": "9f..", "estimate": 900, "error": 0}]}}}`.
-`?n=20` asks for more callers per table (at most the capacity).
+`?n=20` asks for more callers per table (at most the capacity). For the
+whole fleet's view, see `RateLimitMiddleware(top=)` and `ratelimit top`.
 """
 
 from __future__ import annotations

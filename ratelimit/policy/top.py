@@ -12,24 +12,53 @@ instead: API keys and IPs are personal data, so that is opt-in). Nothing of it
 reaches Prometheus labels; `top_app(top)` serves it as JSON at a path the app
 chooses to mount (none by default).
 
-The tables are per process: under several workers each shows its own share,
-and the answering worker's pid says whose. (A fleet-wide view, e.g. workers
-merging their tables into Redis for a `ratelimit top` command, is not built.)
+The tables of `top_app` are per process and count since start-up: under
+several workers each shows its own share, and the answering worker's pid says
+whose. The fleet-wide view is `ratelimit top`: with a `RedisBackend`,
+`RateLimitMiddleware(..., top=top)` starts a `TopPublisher` at lifespan
+start-up (beside the live overrides, under the same worker id) that every
+`every` seconds (default 5) writes, off the request path, the callers this
+worker counted *since its previous publish* (a tumbling window, separate from
+the since-start tables), its `k` heaviest per tracked name, in Redis:
+
+    <prefix>:{top}:w:<worker>   string: the worker's last window as JSON,
+                                expiring `keep` s (default 3 x every) after it is written
+    <prefix>:{top}:seen         sorted set: worker id -> server time of its last publish
+
+A worker that dies stops refreshing its key and vanishes within `keep`
+seconds; one that shuts down cleanly deletes it. `read_fleet` (the command's
+reader) merges the live windows: "right now" is each live worker's last
+complete window, i.e. the `every` seconds ending at most `every` seconds ago.
+The memory backend has nothing to publish (one process: `top_app` suffices).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
-from collections.abc import Awaitable
-from typing import Any
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 from .._errors import ConfigError
 from .._types import KeyFunc, Scope
-from ..algorithms.heavy_hitters import Counted, SpaceSaving
+from ..algorithms.heavy_hitters import Counted, SpaceSaving, Summary, merge
 from .engine import _digest
 from .limits import _is_async
+from .live import _stop
 
-__all__ = ["TopCallers"]
+logger = logging.getLogger("ratelimit")
+
+__all__ = ["FleetTable", "FleetTop", "TopCallers", "TopPublisher", "publisher_for", "read_fleet"]
+
+#: Seconds between a worker's publishes (the length of its window).
+DEFAULT_EVERY = 5.0
+#: Version of the published JSON (a reader skips versions it does not know).
+_FORMAT = 1
 
 
 class TopCallers:
@@ -42,7 +71,12 @@ class TopCallers:
             raise ConfigError("show_keys", "true or false", show_keys)
         self.capacity = capacity
         self.show_keys = show_keys
+        #: Per tracked name: callers counted since start-up (what `top_app` shows).
         self.tables: dict[str, SpaceSaving] = {}
+        #: Per tracked name: callers counted in the current window (None: no windows kept).
+        self._window: dict[str, SpaceSaving] | None = None
+        #: The publisher that takes the windows (at most one: a window is taken once).
+        self.publisher: TopPublisher | None = None
 
     def track(self, key: KeyFunc, name: str) -> KeyFunc:
         """`key`, counting each caller it returns in the table `name` (None is not counted)."""
@@ -52,24 +86,47 @@ class TopCallers:
             raise ConfigError("name", "a non-empty table name", name)
         if name in self.tables:
             raise ConfigError("name", "a name not tracked yet", name)
-        table = self.tables[name] = SpaceSaving(self.capacity)
+        self.tables[name] = SpaceSaving(self.capacity)
+        if self._window is not None:
+            self._window[name] = SpaceSaving(self.capacity)
         cls = _AsyncTracked if _is_async(key) else _Tracked
-        return cls(key, table, self.show_keys)
+        return cls(key, self, name)
 
     def top(self, n: int = 10) -> dict[str, tuple[int, list[Counted]]]:
         """Per table: total requests counted, and its `n` heaviest callers."""
         return {name: (t.total, t.top(n)) for name, t in self.tables.items()}
 
+    def take_window(self) -> dict[str, SpaceSaving]:
+        """The tables of the callers counted since the previous call; start new ones.
+
+        The first call starts keeping windows (and returns empty tables): until
+        then each request is counted once, in `tables`, and afterwards twice.
+        """
+        taken = self._window
+        self._window = {name: SpaceSaving(self.capacity) for name in self.tables}
+        if taken is None:
+            return {name: SpaceSaving(self.capacity) for name in self.tables}
+        return taken
+
+    def _count(self, name: str, text: object) -> None:
+        if text is not None:
+            text = str(text)
+            item = text if self.show_keys else _digest(text)
+            self.tables[name].add(item)
+            window = self._window
+            if window is not None:
+                window[name].add(item)
+
 
 class _Tracked:
     """A key function that counts the callers it returns."""
 
-    __slots__ = ("key", "show_keys", "table")
+    __slots__ = ("key", "name", "owner")
 
-    def __init__(self, key: KeyFunc, table: SpaceSaving, show_keys: bool) -> None:
+    def __init__(self, key: KeyFunc, owner: TopCallers, name: str) -> None:
         self.key = key
-        self.table = table
-        self.show_keys = show_keys
+        self.owner = owner
+        self.name = name
 
     @property
     def shared(self) -> bool:
@@ -77,9 +134,7 @@ class _Tracked:
         return bool(getattr(self.key, "shared", False))
 
     def _count(self, text: object) -> None:
-        if text is not None:
-            text = str(text)
-            self.table.add(text if self.show_keys else _digest(text))
+        self.owner._count(self.name, text)
 
     def __call__(self, scope: Scope) -> Any:
         text = self.key(scope)
@@ -107,3 +162,253 @@ class _AsyncTracked(_Tracked):
         text = await pending if inspect.isawaitable(pending) else pending
         self._count(text)
         return text
+
+
+# -- fleet-wide: publishing windows to Redis, reading them back -------------------------------
+
+
+class RedisClient(Protocol):
+    """The redis.asyncio client methods this module calls (`Redis`, or `RedisCluster`)."""
+
+    async def time(self) -> Any: ...
+    def pipeline(self, transaction: bool = True) -> Any: ...
+
+
+#: Index entries (sorted set) older than this many seconds are dropped by the next publish.
+_INDEX_KEEP = 300.0
+
+
+def _keys(prefix: str) -> tuple[str, str]:
+    """(key prefix of the workers' windows, key of the index): one hash tag, one cluster slot."""
+    return f"{prefix}:{{top}}:w:", f"{prefix}:{{top}}:seen"
+
+
+async def _server_time(client: RedisClient) -> float:
+    sec, usec = await client.time()
+    return int(sec) + int(usec) / 1e6
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _positive(field: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e9:
+        raise ConfigError(field, "a number of seconds > 0", value)
+    return float(value)
+
+
+class TopPublisher:
+    """Publishes a `TopCallers`' windows to Redis every `every` seconds (see the module).
+
+    `k` is how many callers per tracked name each publish keeps (default: the
+    capacity, i.e. the whole table); `keep` how long a published window
+    outlives its worker (default 3 x `every`). Creating it starts the
+    `TopCallers`' windows; `start` publishes in the background, `publish`
+    once now (tests, scripts); `aclose` stops and removes this worker's window.
+    """
+
+    def __init__(
+        self,
+        top: TopCallers,
+        client: RedisClient,
+        prefix: str,
+        *,
+        worker: str | None = None,
+        every: float = DEFAULT_EVERY,
+        k: int | None = None,
+        keep: float | None = None,
+    ) -> None:
+        if not isinstance(top, TopCallers):
+            raise ConfigError("top", "a TopCallers", top)
+        if top.publisher is not None:
+            raise ConfigError("top", "a TopCallers no other publisher takes windows from", top)
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigError("prefix", "a key prefix without braces", prefix)
+        self.every = _positive("every", every)
+        self.keep = 3 * self.every if keep is None else _positive("keep", keep)
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ConfigError("k", "a positive number of callers per name", k)
+        self.k = top.capacity if k is None else min(k, top.capacity)
+        self.top = top
+        self.client = client
+        self.prefix = prefix
+        #: This process's name: the live overrides' worker id when the middleware makes it.
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        window_prefix, self.seen_key = _keys(prefix)
+        self.key = window_prefix + self.worker
+        #: Server time of the last publish: where the current window began (None: not yet).
+        self.since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        top.publisher = self
+        top.take_window()
+
+    def record(self, window: Mapping[str, SpaceSaving], start: float | None, end: float) -> Any:
+        """One window as the JSON-able record stored in Redis."""
+        tables = {}
+        for name, table in window.items():
+            s = table.summary(self.k)
+            tables[name] = {
+                "total": s.total,
+                "floor": s.floor,
+                "callers": [[c.item, c.estimate, c.error] for c in s.counted],
+            }
+        return {
+            "v": _FORMAT,
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "every": self.every,
+            "start": start,
+            "end": end,
+            "keys_shown": self.top.show_keys,
+            "tables": tables,
+        }
+
+    async def publish(self) -> None:
+        """End the current window now and write it (one TIME, then one pipeline)."""
+        now = await _server_time(self.client)
+        window = self.top.take_window()
+        start, self.since = self.since, now
+        text = json.dumps(self.record(window, start, now), separators=(",", ":"))
+        pipe = self.client.pipeline(transaction=False)
+        try:
+            pipe.set(self.key, text, px=int(self.keep * 1000))
+            pipe.zadd(self.seen_key, {self.worker: now})
+            pipe.zremrangebyscore(self.seen_key, "-inf", now - _INDEX_KEEP)
+            pipe.pexpire(self.seen_key, int(_INDEX_KEEP * 1000))
+            await pipe.execute()
+        finally:
+            await pipe.reset()
+
+    async def start(self) -> None:
+        """Publish every `every` seconds in a background task until `aclose` (once; on a loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                await self.publish()
+            except Exception as exc:  # for people only: never let it fail the app
+                if not self._failing:
+                    logger.warning(
+                        "ratelimit top: could not publish (%s: %s); retrying",
+                        type(exc).__name__,
+                        exc,
+                    )
+                self._failing = True
+            else:
+                self._failing = False
+
+    async def aclose(self) -> None:
+        """Stop publishing and remove this worker's window (it no longer serves)."""
+        if self._task is not None:
+            await _stop(self._task)
+            self._task = None
+        with contextlib.suppress(Exception):
+            pipe = self.client.pipeline(transaction=False)
+            try:
+                pipe.delete(self.key)
+                pipe.zrem(self.seen_key, self.worker)
+                await asyncio.wait_for(pipe.execute(), 1.0)
+            finally:
+                await pipe.reset()
+
+
+def publisher_for(
+    top: TopCallers, backend: object, *, worker: str | None = None, every: float = DEFAULT_EVERY
+) -> TopPublisher | None:
+    """A publisher to the backend's Redis (and prefix), or None for a backend of one process."""
+    client = getattr(backend, "client", None)
+    prefix = getattr(backend, "prefix", None)
+    if client is not None and hasattr(client, "pipeline") and isinstance(prefix, str):
+        return TopPublisher(top, client, prefix, worker=worker, every=every)
+    return None
+
+
+class FleetTable(NamedTuple):
+    """One tracked name, merged over the live workers that track it."""
+
+    #: Requests counted in the workers' windows.
+    total: int
+    #: How many workers' windows were merged.
+    workers: int
+    #: Whether callers are key text (every one of those workers opted in) or digests.
+    keys_shown: bool
+    #: The heaviest callers, heaviest first: count >= true count >= count - error.
+    callers: list[Counted]
+
+
+class FleetTop(NamedTuple):
+    """What `read_fleet` found: the server time, the live workers' windows, merged tables."""
+
+    time: float
+    #: Per live worker: id, pid, every, start and end of its window (server time).
+    workers: list[dict[str, Any]]
+    tables: dict[str, FleetTable]
+
+
+async def read_fleet(
+    client: RedisClient, prefix: str, *, name: str | None = None, n: int | None = None
+) -> FleetTop:
+    """Merge the live workers' last windows (every tracked name, or `name`); `n` callers each.
+
+    Space-Saving tables merge by summing (see `heavy_hitters.merge`): a caller's
+    count is the sum of its counts, its error the sum of its errors, and a
+    worker whose table left the caller out adds its floor to both. If some of
+    the workers tracking a name show key text and others digests, the text is
+    digested here so the same caller merges (and its key is not shown).
+    """
+    window_prefix, seen_key = _keys(prefix)
+    now = await _server_time(client)
+    pipe = client.pipeline(transaction=False)
+    try:
+        pipe.zrange(seen_key, 0, -1)
+        (listed,) = await pipe.execute()
+        workers = sorted(_text(w) for w in listed)
+        for w in workers:
+            pipe.get(window_prefix + w)
+        raws = await pipe.execute() if workers else []
+    finally:
+        await pipe.reset()
+    records: list[dict[str, Any]] = []
+    for raw in raws:
+        if raw is None:
+            continue  # expired: a worker that died (the index is tidied by publishers)
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            record = json.loads(raw)
+            if record.get("v") == _FORMAT and isinstance(record.get("tables"), dict):
+                records.append(record)
+    by_name: dict[str, list[tuple[bool, Summary]]] = {}
+    for record in records:
+        for table_name, t in record["tables"].items():
+            if name is not None and table_name != name:
+                continue
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                summary = Summary(
+                    int(t["total"]),
+                    int(t["floor"]),
+                    tuple(Counted(str(i), int(c), int(e)) for i, c, e in t["callers"]),
+                )
+                by_name.setdefault(table_name, []).append(
+                    (record.get("keys_shown") is True, summary)
+                )
+    tables: dict[str, FleetTable] = {}
+    for table_name, shown in sorted(by_name.items()):
+        keys_shown = all(s for s, _ in shown)
+        summaries = [s if keys_shown or not text else _digested(s) for text, s in shown]
+        total, merged = merge(summaries)
+        tables[table_name] = FleetTable(
+            total, len(summaries), keys_shown, merged if n is None else merged[:n]
+        )
+    described = [{k: r.get(k) for k in ("worker", "pid", "every", "start", "end")} for r in records]
+    return FleetTop(now, described, tables)
+
+
+def _digested(summary: Summary) -> Summary:
+    """The same summary with key text replaced by the backend's digests."""
+    return summary._replace(
+        counted=tuple(c._replace(item=_digest(c.item)) for c in summary.counted)
+    )
