@@ -1,13 +1,15 @@
 """The queue scripts against `algorithms/queue.py`: same order, same sheds, same hand-offs.
 
 Hypothesis generates sequences of clock steps and queue operations (enqueue
-with a class and fair key, release of a held slot, a waiter leaving, a
-waiter's poll) on one concurrency key. Each runs through `RedisBackend` on a
-real server (its scripts on the manual clock) and through `LineModel`, which
-is what the memory backend does with the pure queue algorithm, plus the ticket
+with a class, fair key and appointment spacing, release of a held slot, a
+waiter leaving, a waiter's poll, an appointment for a waiter that gave up) on
+one concurrency key. Each runs through `RedisBackend` on a real server (its
+scripts on the manual clock) and through `LineModel`, which is what the memory
+backend does with the pure queue algorithm and its `Book`, plus the ticket
 expiry only Redis has (a waiter whose worker stops polling leaves the line).
 After every step the line (sort keys and tickets, in order), the live leases
-and their expiries must be equal.
+and their expiries, and the book (due times, ranks, counts, each class's last
+time) must be equal.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import pytest
 from _servers import ManualClockRedisBackend, RedisServer
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from ratelimit.algorithms import leases, queue
@@ -41,6 +43,7 @@ class LineModel:
     state: queue.QueueState | None = None
     table: dict[str, float] = field(default_factory=dict)
     expiry: dict[str, float] = field(default_factory=dict)
+    book: queue.Book = field(default_factory=queue.Book)
 
     def _drop_expired(self, now: float) -> None:
         if self.state is None:
@@ -72,13 +75,13 @@ class LineModel:
                 self.state = None
 
     def enqueue(
-        self, ticket: str, rank: int, fair: str, max_position: int, now: float
-    ) -> tuple[str, int, int]:
+        self, ticket: str, rank: int, fair: str, max_position: int, spacing: float, now: float
+    ) -> tuple[str, int, int, float]:
         self._drop_expired(now)
         leases.prune(self.table, now)
         if len(self.table) < self.limit and self.state is None:
             self.table[ticket] = now + self.ttl
-            return "admitted", -1, 0
+            return "admitted", -1, 0, 0.0
         line = self.state if self.state is not None else queue.QueueState()
         step = queue.enqueue(
             line,
@@ -89,15 +92,35 @@ class LineModel:
             max_position=max_position,
             in_use=queue.in_use_by_rank(self.table) if self.guaranteed else {},
             guaranteed=self.guaranteed,
+            book=self.book if spacing > 0 else None,
+            now=now,
+            spacing=spacing,
         )
+        self._forget_empty_book()
         if step.outcome != "queued":
-            return step.outcome, step.position, step.length
+            return step.outcome, step.position, step.length, step.due - now if step.due else 0.0
         self.state = line
         if step.shed is not None:
             del self.expiry[step.shed.ticket]
         self.expiry[ticket] = now + TICKET_TTL
         self.hand_off(now)
-        return "queued", step.position, step.length
+        return "queued", step.position, step.length, 0.0
+
+    def appoint(self, rank: int, fair: str, spacing: float, now: float) -> float:
+        """MemoryBackend.appoint, with the line's length counted as Redis counts it
+        (live tickets)."""
+        if not (spacing > 0 and fair):
+            return 0.0
+        self.book.prune(now, queue.grace_for(spacing))
+        length = sum(1 for expiry in self.expiry.values() if expiry > now)
+        due = self.book.give(fair, rank, now, now + (length + 1) * spacing, spacing)
+        self._forget_empty_book()
+        return due - now if due else 0.0
+
+    def _forget_empty_book(self) -> None:
+        # MemoryBackend drops an empty book, and with it its classes' last times.
+        if not self.book:
+            self.book = queue.Book()
 
     def release(self, lease_id: str, now: float) -> bool:
         expiry = self.table.pop(lease_id, None)
@@ -148,6 +171,8 @@ def harness(redis_server: RedisServer) -> Iterator[Harness]:
         loop.close()
 
 
+#: Seconds between appointments: mostly none (no estimate yet) or one service interval.
+spacings = st.sampled_from([0.0, 0.0, 0.3, 1.0, 2.5])
 steps_us = st.one_of(
     st.just(0),
     st.integers(0, 300_000),
@@ -163,8 +188,12 @@ operations = st.lists(
                 st.integers(0, 2),
                 st.sampled_from(["", "aa", "bb", "cc"]),
                 st.sampled_from([-1, 0, 2, 99]),
+                spacings,
             ),
-            st.tuples(st.just("enqueue"), st.integers(0, 2), st.just("aa"), st.just(99)),
+            st.tuples(st.just("enqueue"), st.integers(0, 2), st.just("aa"), st.just(99), spacings),
+            st.tuples(
+                st.just("appoint"), st.integers(0, 2), st.sampled_from(["", "aa", "bb"]), spacings
+            ),
             st.tuples(st.just("release"), st.integers(0, 1_000)),
             st.tuples(st.just("leave"), st.integers(0, 1_000)),
             st.tuples(st.just("poll"), st.integers(0, 1_000), st.sampled_from([0.5, 3.0, 9.0])),
@@ -190,13 +219,31 @@ operations = st.lists(
     capacity=5,
     guaranteed=((1, 2),),
     ops=[
-        (0, ("enqueue", 1, "aa", 99)),
-        (0, ("enqueue", 1, "aa", 99)),
-        (0, ("enqueue", 0, "aa", 99)),
-        (0, ("enqueue", 0, "bb", 99)),
-        (0, ("enqueue", 1, "bb", 99)),
+        (0, ("enqueue", 1, "aa", 99, 0.0)),
+        (0, ("enqueue", 1, "aa", 99, 0.0)),
+        (0, ("enqueue", 0, "aa", 99, 0.0)),
+        (0, ("enqueue", 0, "bb", 99, 0.0)),
+        (0, ("enqueue", 1, "bb", 99, 0.0)),
         (0, ("release", 2)),
         (0, ("release", 0)),
+    ],
+)
+# Appointments: a full line books "bb" then "cc"; "cc" comes back early (same
+# appointment), "bb" on time (joins the full line), "cc" late, past its grace (a new one).
+@example(
+    limit=1,
+    ttl=60.0,
+    capacity=1,
+    guaranteed=(),
+    ops=[
+        (0, ("enqueue", 0, "aa", 99, 1.0)),
+        (0, ("enqueue", 0, "aa", 99, 1.0)),
+        (0, ("enqueue", 0, "bb", 99, 1.0)),
+        (0, ("enqueue", 1, "cc", 99, 1.0)),
+        (500_000, ("enqueue", 0, "cc", 99, 1.0)),
+        (1_500_000, ("enqueue", 0, "bb", 99, 1.0)),
+        (0, ("appoint", 1, "aa", 1.0)),
+        (5_000_000, ("enqueue", 1, "cc", 99, 1.0)),
     ],
 )
 def test_queue_scripts_match_the_pure_queue(
@@ -209,6 +256,63 @@ def test_queue_scripts_match_the_pure_queue(
 ) -> None:
     """Outcomes, places, sheds, hand-offs and lease expiries of the scripts equal the model's."""
     harness.run(_scenario(harness, limit, ttl, capacity, guaranteed, ops))
+
+
+booking_enqueue = st.tuples(
+    st.just("enqueue"),
+    st.integers(0, 2),
+    st.sampled_from(["aa", "bb", "cc", "dd", ""]),
+    st.sampled_from([0, 99]),
+    st.sampled_from([0.3, 1.0]),
+)
+booking_ops = st.lists(
+    st.tuples(
+        st.one_of(st.just(0), st.integers(0, 3_000_000), st.integers(0, 12_000_000)),
+        st.one_of(
+            booking_enqueue,
+            booking_enqueue,
+            booking_enqueue,
+            st.tuples(st.just("release"), st.integers(0, 1_000)),
+            st.tuples(st.just("leave"), st.integers(0, 1_000)),
+            st.tuples(
+                st.just("appoint"), st.integers(0, 2), st.sampled_from(["aa", "bb"]), st.just(1.0)
+            ),
+        ),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    limit=st.integers(1, 2),
+    capacity=st.integers(1, 3),
+    guaranteed=st.sampled_from([(), ((0, 1),)]),
+    ops=booking_ops,
+)
+# On the edge of its grace (due + 2 s exactly) an appointment is still kept.
+@example(
+    limit=1,
+    capacity=1,
+    guaranteed=(),
+    ops=[
+        (0, ("enqueue", 0, "aa", 99, 0.5)),
+        (0, ("enqueue", 0, "bb", 99, 0.5)),
+        (0, ("enqueue", 0, "cc", 99, 0.5)),
+        (3_000_000, ("enqueue", 0, "cc", 99, 0.5)),
+    ],
+)
+def test_appointments_match_the_pure_book(
+    harness: Harness,
+    limit: int,
+    capacity: int,
+    guaranteed: tuple[tuple[int, int], ...],
+    ops: list[tuple[int, tuple[Any, ...]]],
+) -> None:
+    """Small pools with long holds and known callers: a line that is often full, so
+    refusals book appointments and callers come back early, on time and too late."""
+    harness.run(_scenario(harness, limit, 60.0, capacity, guaranteed, ops))
 
 
 async def _scenario(
@@ -233,17 +337,27 @@ async def _scenario(
         await backend.set_time(micros)
         kind = op[0]
         if kind == "enqueue":
-            _, rank, fair, max_position = op
+            _, rank, fair, max_position, spacing = op
             lease = LeaseCheck(key, limit, ttl, queue.ticket_id(rank, f"t{next(ids)}"))
-            check = QueueCheck(lease, capacity, rank, fair, guaranteed, max_position)
+            check = QueueCheck(lease, capacity, rank, fair, guaranteed, max_position, spacing)
             entry = await backend.enqueue([lease], check)
             waiter = backend._tickets.pop(lease.lease_id, None)
             member = waiter.member if waiter is not None else ""
-            expected = model.enqueue(lease.lease_id, rank, fair, max_position, now)
-            assert (entry.outcome, entry.position, entry.length) == expected, op
+            held = model.book.due.get(fair)
+            expected = model.enqueue(lease.lease_id, rank, fair, max_position, spacing, now)
+            assert (entry.outcome, entry.position, entry.length, entry.retry_in) == expected, op
+            if spacing > 0 and fair:
+                kept = held is not None and held[1] <= now <= held[1] + queue.grace_for(spacing)
+                given = "a due" if kept else "an" if entry.retry_in else "no"
+                event(f"appointments: {entry.outcome}, {given} appointment")
             if entry.outcome == "queued":
                 queued[lease.lease_id] = (check, member)
             holders.append(lease)
+        elif kind == "appoint":
+            _, rank, fair, spacing = op
+            lease = LeaseCheck(key, limit, ttl, queue.ticket_id(rank, f"t{next(ids)}"))
+            check = QueueCheck(lease, capacity, rank, fair, guaranteed, capacity, spacing)
+            assert await backend.appoint(check) == model.appoint(rank, fair, spacing, now), op
         elif kind == "release" and holders:
             lease = holders[op[1] % len(holders)]
             assert await backend.release(lease) == model.release(lease.lease_id, now), op
@@ -277,3 +391,18 @@ async def _assert_same_state(
     live = {m.decode(): score for m, score in table if score > now}
     assert live == {lease: expiry for lease, expiry in model.table.items() if expiry > now}
     assert await backend.queue_length(key) == sum(1 for e in model.expiry.values() if e > now)
+    due, ranks, meta = backend.keys.book(key)
+    book = model.book
+    got_due = await backend.client.zrange(due, 0, -1, withscores=True)
+    assert {m.decode(): score for m, score in got_due} == {f: d for f, (_, d) in book.due.items()}
+    got_ranks = await backend.client.hgetall(ranks)
+    assert {f.decode(): int(r) for f, r in got_ranks.items()} == {
+        f: r for f, (r, _) in book.due.items()
+    }
+    got_meta = {f.decode(): v.decode() for f, v in (await backend.client.hgetall(meta)).items()}
+    assert {f[1:]: int(v) for f, v in got_meta.items() if f[0] == "c"} == {
+        str(r): c for r, c in book.by_rank.items()
+    }
+    assert {f[1:]: float(v) for f, v in got_meta.items() if f[0] == "l"} == {
+        str(r): t for r, t in book.last.items()
+    }

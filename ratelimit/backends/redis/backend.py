@@ -375,8 +375,18 @@ class RedisBackend:
             self._tickets.pop(lease.lease_id, None)
 
     async def appoint(self, queue: QueueCheck) -> float:
-        """Appointments are not kept in Redis yet: none is given (refusals carry the estimate)."""
-        return 0.0
+        """An appointment for a request that left the line without a slot (see the
+        protocol): one appoint.lua call on the line's slot; 0.0 without spacing or a
+        fair key, or when the book is full."""
+        if not (queue.spacing > 0 and queue.fair):
+            return 0.0
+        key = queue.lease.key
+        reply = await self._eval(
+            self.scripts.appoint,
+            [self.keys.queue(key)[1], *self.keys.book(key)],
+            [str(queue.rank), queue.fair, repr(float(queue.spacing))],
+        )
+        return float(reply)
 
     async def queue_length(self, key: StoreKey) -> int:
         """Requests waiting in `key`'s line (live tickets), on the server's clock."""
@@ -572,14 +582,23 @@ class RedisBackend:
             str(queue.max_position),
             guaranteed,
             repr(TICKET_TTL),
+            repr(float(queue.spacing)),
             *check_args,
         ]
         reply = await self._eval(
-            self.scripts.enqueue, [*keys, *lines, *self.keys.queue(lease_key)[1:]], args
+            self.scripts.enqueue,
+            [*keys, *lines, *self.keys.queue(lease_key)[1:], *self.keys.book(lease_key)],
+            args,
         )
-        outcome, position, length, member = (_text(part) for part in reply[:4])
-        verdict, results = _parse_decide(reply[4:])
-        entry = Entry(outcome, Verdict(verdict, tuple(results)), int(position), int(length))
+        outcome, position, length, member, retry_in = (_text(part) for part in reply[:5])
+        verdict, results = _parse_decide(reply[5:])
+        entry = Entry(
+            outcome,
+            Verdict(verdict, tuple(results)),
+            int(position),
+            int(length),
+            float(retry_in),
+        )
         return entry, member
 
     async def _enqueue_split(

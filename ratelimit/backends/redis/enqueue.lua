@@ -4,7 +4,8 @@
 --
 -- KEYS[1 .. n]     the checks' state, as decide.lua
 -- KEYS[n + k]      the line of the k-th lease check, as decide.lua
--- KEYS[#KEYS - 2 .. #KEYS]  the queued lease's tickets, fair and meta keys
+-- KEYS[#KEYS - 5 .. #KEYS - 3]  the queued lease's tickets, fair and meta keys
+-- KEYS[#KEYS - 2 .. #KEYS]  its book: due, ranks and meta keys (book.lua)
 -- ARGV[1]  q: the index of the queued lease check (1-based)
 -- ARGV[2]  the channel hand-offs and sheds are published on
 -- ARGV[3]  capacity: waiters at most
@@ -14,9 +15,10 @@
 -- ARGV[7]  guaranteed slots, "rank slots rank slots ..." ("" for none)
 -- ARGV[8]  the ticket's ttl in seconds (a double): it expires unless wait.lua
 --          heart-beats it
--- ARGV[9 ..]  the checks, 4 per check as decide.lua (from ARGV[9])
--- Returns {outcome, position, length, member, verdict, per-check results as
--- decide.lua}: outcome "admitted" (every check admitted and consumed: nobody was
+-- ARGV[9]  spacing: seconds between appointments (a double; 0: none)
+-- ARGV[10 ..]  the checks, 4 per check as decide.lua (from ARGV[10])
+-- Returns {outcome, position, length, member, retry_in, verdict, per-check
+-- results as decide.lua}: outcome "admitted" (every check admitted and consumed: nobody was
 -- waiting and a slot was free), "refused" (another check refused: nothing
 -- consumed), "too_long" or "full" (the line would not take it: nothing consumed),
 -- or "queued" (every other check consumed; the lease's result reports no free
@@ -25,12 +27,21 @@
 -- line's length after the step. A full line may shed its lowest waiter for the
 -- newcomer (queue.victim_index); the shed ticket is published, and free slots
 -- are then handed to the head (the newcomer may get one at once).
+--
+-- Appointments (queue.enqueue with a book): with spacing > 0 and a non-empty fair
+-- key, lapsed appointments are pruned; a caller whose appointment is due keeps it
+-- and joins the line past capacity and max_position; one that is early, or whose
+-- class (or a higher one) has appointments outstanding, is refused "too_long"
+-- with its appointment; any "full"/"too_long" refusal gets one (book.lua b_give,
+-- the first free at now + (length + 1) * spacing). retry_in is that appointment
+-- in seconds from now as a '%.17g' string, "0" for none.
 
-local BASE = 8
+local BASE = 9
 local q = tonumber(ARGV[1])
 local channel = ARGV[2]
 local capacity, rank, fair = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local max_position, g_text, ticket_ttl = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local spacing = tonumber(ARGV[9])
 local n = (#ARGV - BASE) / 4
 local leases_before_q = 0
 for i = 1, q do
@@ -38,16 +49,21 @@ for i = 1, q do
     leases_before_q = leases_before_q + 1
   end
 end
-local Q = {leases = KEYS[q], line = KEYS[n + leases_before_q], tickets = KEYS[#KEYS - 2],
-           fair = KEYS[#KEYS - 1], meta = KEYS[#KEYS]}
+local Q = {leases = KEYS[q], line = KEYS[n + leases_before_q], tickets = KEYS[#KEYS - 5],
+           fair = KEYS[#KEYS - 4], meta = KEYS[#KEYS - 3]}
+local B = {due = KEYS[#KEYS - 2], ranks = KEYS[#KEYS - 1], meta = KEYS[#KEYS]}
 local ticket = ARGV[BASE + 4 * q]
 
 -- Dead workers' tickets hold no place, and may leave the line empty.
 q_drop_expired(Q, channel)
 
 local C = evaluate(BASE, n)
-local function answer(outcome, position, length, member)
-  return results(C, {outcome, position, length, member, C.verdict and 1 or 0})
+local function answer(outcome, position, length, member, due)
+  local retry_in = '0'
+  if due and due ~= 0 then
+    retry_in = string.format('%.17g', due - now)
+  end
+  return results(C, {outcome, position, length, member, retry_in, C.verdict and 1 or 0})
 end
 
 if C.verdict then
@@ -82,11 +98,35 @@ end
 
 local sort_key = place()
 local position = redis.call('ZLEXCOUNT', Q.line, '-', '(' .. sort_key)
-if position > max_position then
+
+-- Refuse (nothing consumed); a known caller gets an appointment.
+local booking = spacing > 0 and fair ~= ''
+local grace = booking and b_grace(spacing) or 0
+local function refuse(outcome)
   for k = 1, n do
     untouched(C, k)
   end
-  return answer('too_long', position, length, '')
+  local due = 0
+  if booking then
+    due = b_give(B, fair, rank, now + (length + 1) * spacing, spacing)
+    b_close(B, grace)
+  end
+  return answer(outcome, position, length, '', due)
+end
+
+local kept = false  -- an appointment is kept: past every bound
+if booking then
+  b_prune(B, grace)
+  local held = b_claim(B, fair)
+  if held == 0 then
+    kept = true
+  elseif held > 0 or b_booked_ahead(B, rank) then
+    return refuse('too_long')
+  end
+end
+
+if not kept and position > max_position then
+  return refuse('too_long')
 end
 
 local in_use = {}
@@ -94,7 +134,7 @@ if g then
   in_use = q_in_use_by_rank(Q.leases)  -- evaluate() pruned the dead leases
 end
 local shed = nil
-if length >= capacity then
+if not kept and length >= capacity then
   local ahead = redis.call('ZLEXCOUNT', Q.line, '[' .. string.format('%04d', rank), '(' .. sort_key)
   local claimed = q_claims(rank, ahead, in_use, g)
   -- queue.victim_index: the last waiter of the lowest class whose last waiter
@@ -115,12 +155,12 @@ if length >= capacity then
     end
   end
   if shed == nil then
-    for k = 1, n do
-      untouched(C, k)
-    end
-    return answer('full', position, length, '')
+    return refuse('full')
   end
   q_remove(Q, shed)
+end
+if booking then
+  b_close(B, grace)  -- a kept appointment or pruning may have emptied the book
 end
 
 -- Insert (placed again: shedding may have emptied the line and reset its counters).

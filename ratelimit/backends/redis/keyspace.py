@@ -56,6 +56,13 @@ class Keyspace:
         """
         return self._locate(key)[4]
 
+    def book(self, key: StoreKey) -> tuple[str, str, str]:
+        """The appointments given for `key`'s slots: due times, ranks, meta.
+
+        Same hash tag as the line (see `book.lua` for what each key holds).
+        """
+        return self._locate(key)[5]
+
     def tag(self, key: StoreKey) -> str:
         """The hash tag (with braces): keys with equal tags share a cluster slot."""
         return self._locate(key)[2]
@@ -64,7 +71,9 @@ class Keyspace:
         """The Redis Cluster hash slot (0..16383) of every key of `key`'s tag."""
         return self._locate(key)[3]
 
-    def _build(self, key: StoreKey) -> tuple[str, str, str, int, tuple[str, str, str, str]]:
+    def _build(
+        self, key: StoreKey
+    ) -> tuple[str, str, str, int, tuple[str, str, str, str], tuple[str, str, str]]:
         rule, limit, caller = key
         if not isinstance(rule, str) or not _NAME.fullmatch(rule):
             raise ConfigError("StoreKey.rule", "a configuration name", rule)
@@ -75,4 +84,5 @@ class Keyspace:
         tag = f"{{{rule}:{caller}}}"
         base = f"{self.prefix}:{tag}:{limit}"
         queue = (f"{base}:line", f"{base}:tickets", f"{base}:fair", f"{base}:meta")
-        return f"{base}:tat", f"{base}:leases", tag, key_slot(tag.encode()), queue
+        book = (f"{base}:book", f"{base}:bookranks", f"{base}:bookmeta")
+        return f"{base}:tat", f"{base}:leases", tag, key_slot(tag.encode()), queue, book

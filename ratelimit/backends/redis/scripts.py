@@ -3,8 +3,9 @@
 Each operation is one `.lua` file whose header states KEYS, ARGV and units.
 What runs on the server is a clock prelude (`clock.lua`: the server's `TIME`),
 the libraries the operation uses (`checks.lua`: deciding checks; `queue.lua`:
-waiting lines), then the operation, so an operation never takes "now" from a
-client and the steps shared by several operations are written once.
+waiting lines; `book.lua`: appointments), then the operation, so an operation
+never takes "now" from a client and the steps shared by several operations are
+written once.
 Tests build the same operations on a manual clock prelude with `load_scripts`.
 """
 
@@ -25,11 +26,13 @@ OPERATIONS = (
     "wait",
     "leave",
     "queue_length",
+    "appoint",
 )
 #: The library files each operation runs on, in order, after the clock prelude.
 LIBRARIES: dict[str, tuple[str, ...]] = {
     "decide": ("checks",),
-    "enqueue": ("checks", "queue"),
+    "enqueue": ("checks", "queue", "book"),
+    "appoint": ("book",),
     "refund": ("queue",),
     "release": ("queue",),
     "wait": ("queue",),
@@ -64,6 +67,7 @@ class ScriptSet:
     wait: Script
     leave: Script
     queue_length: Script
+    appoint: Script
 
 
 def read_lua(name: str) -> str:
