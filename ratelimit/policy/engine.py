@@ -672,7 +672,10 @@ class Engine:
         reason = {"timeout": QUEUE_TIMEOUT, "shed": SHED}.get(outcome, ABANDONED)
         estimate = 0.0
         if reason != ABANDONED and line.spacing:
-            estimate = await backend.appoint(line)
+            try:
+                estimate = await backend.appoint(line)
+            except Exception as exc:  # the refusal stands; it carries the estimate instead
+                logger.warning("could not book an appointment (%r)", exc)
         estimate = estimate or self.estimate(plan, i, max(0, entry.length - 1))
         results[k] = results[k]._replace(retry_after=estimate)
         return False, results, reason, waited
