@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -105,9 +103,7 @@ BY_NAME = {v.name: v for v in VARIANTS}
 OURS = "ratelimit"
 PEERS = ("slowapi", "asgi-ratelimit")
 TARGET_RATIO = 0.95
-#: A run during which other processes used more than this share of a core is
-#: disturbed: it is measured once more after waiting for the machine to calm down.
-DISTURBED = 0.25
+DISTURBED = _support.DISTURBED
 
 
 @dataclass(frozen=True)
@@ -206,10 +202,8 @@ def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environme
         "--loop", "uvloop" if fast else "asyncio",
         "--http", "httptools" if fast else "h11",
     )  # fmt: skip
-    taskset = shutil.which("taskset")
-    pinned = taskset is not None and (os.cpu_count() or 1) >= 2
-    server_pin = (taskset, "-c", "0") if pinned and taskset else ()
-    load_pin = (taskset, "-c", "1") if pinned and taskset else ()
+    server_pin, load_pin = _support.pin(0), _support.pin(1)
+    pinned = bool(server_pin)
     wanted = ["uvicorn", "uvloop", "httptools", "starlette", "limits"]
     versions = {}
     for name in settings.variants:
@@ -251,20 +245,10 @@ def _start_server(
         "--app-dir", str(APPS), "--host", HOST, "--port", str(port),
         *env.server_options,
     ]  # fmt: skip
-    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     with log_path.open("wb") as log:
-        return subprocess.Popen(cmd, cwd=APPS, env=child_env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the server we started, by its PID: SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        return subprocess.Popen(
+            cmd, cwd=APPS, env=_support.child_env(), stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def _get(url: str) -> int:
@@ -372,7 +356,7 @@ def measure_once(env: Environment, settings: Settings, variant: Variant, rnd: in
                 f"{variant.name} server died during the run:\n{log_path.read_text()[-2000:]}"
             )
     finally:
-        _stop_server(proc)
+        _support.stop_process(proc)
     rps, p99, requests, errors = parse_wrk(output)
     server_cpu = server1 - server0
     others = max(0.0, (busy1 - busy0) - server_cpu - (wrk1 - wrk0)) / elapsed
@@ -393,35 +377,46 @@ def run(
     env: Environment | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
-    """Measure every variant in `settings`, interleaved by round; one row per variant.
-
-    Each round runs every variant once, starting one place later than the
-    round before (A B C, B C A, ...), so no variant always goes first.
-    """
+    """Measure every variant in `settings`, interleaved by round; one row per variant."""
     settings = settings or Settings()
     env = env or prepare(settings, log)
-    names = list(settings.variants)
-    samples: dict[str, list[Sample]] = {n: [] for n in names}
-    for rnd in range(settings.rounds):
-        shift = rnd % len(names)
-        for name in names[shift:] + names[:shift]:
-            where = f"round {rnd + 1}/{settings.rounds}  {name:<24}"
-            for attempt in range(2):
-                s = measure_once(env, settings, BY_NAME[name], rnd)
-                flag = f"  ({s.errors} errors!)" if s.errors else ""
-                if s.others > DISTURBED:
-                    flag += f"  (disturbed: others used {s.others:.2f} core)"
-                log(
-                    f"{where} {s.rps:>9.0f} req/s  p99 {s.p99_ms:6.2f} ms  "
-                    f"{s.per_cpu:>7.0f} req/CPU-s{flag}"
-                )
-                if s.others <= DISTURBED or attempt:
-                    break
-            samples[name].append(s)
+    variants = [BY_NAME[name] for name in settings.variants]
+    return measure_variants(
+        env, settings, variants, lambda v: env.versions.get(v.name, {}).get(v.package, "?"), log
+    )
+
+
+def measure_variants(
+    env: Environment,
+    settings: Settings,
+    variants: Sequence[Variant],
+    version_of: Callable[[Variant], str],
+    log: Callable[[str], None] = print,
+    label: str = "",
+) -> list[Row]:
+    """`variants` interleaved by round (`_support.interleaved`); one row per variant.
+
+    Ratios are to the "bare" variant of the same round, when it is among them.
+    """
+    by_name = {v.name: v for v in variants}
+
+    def describe(s: Sample) -> str:
+        flag = f"  ({s.errors} errors!)" if s.errors else ""
+        return f"{s.rps:>9.0f} req/s  p99 {s.p99_ms:6.2f} ms  {s.per_cpu:>7.0f} req/CPU-s{flag}"
+
+    samples = _support.interleaved(
+        list(by_name),
+        settings.rounds,
+        lambda name, rnd: measure_once(env, settings, by_name[name], rnd),
+        lambda s: s.others,
+        describe,
+        log,
+        label,
+    )
     bare = {s.round: s for s in samples.get("bare", [])}
     rows = []
-    for name in names:
-        v, got = BY_NAME[name], samples[name]
+    for name, got in samples.items():
+        v = by_name[name]
         rates = [s.rps for s in got]
         ratios = [s.rps / bare[s.round].rps for s in got if s.round in bare]
         cpu_ratios = [
@@ -433,7 +428,7 @@ def run(
             Row(
                 variant=name,
                 description=v.description,
-                version=env.versions.get(name, {}).get(v.package, "?"),
+                version=version_of(v),
                 rps=statistics.median(rates),
                 rps_min=min(rates),
                 rps_max=max(rates),

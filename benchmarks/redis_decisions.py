@@ -27,18 +27,16 @@ section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -209,7 +207,7 @@ HTTP_BY_NAME = {v.name: v for v in HTTP_VARIANTS}
 HTTP_OURS = "ratelimit-redis"
 
 #: A cell during which other processes used more than this share of a core is measured again.
-DISTURBED = 0.25
+DISTURBED = _support.DISTURBED
 
 
 @dataclass(frozen=True)
@@ -304,20 +302,12 @@ class Report:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _pin(cpu: int) -> tuple[str, ...]:
-    taskset = shutil.which("taskset")
-    if taskset is None or (os.cpu_count() or 1) < 2:
-        return ()
-    return (taskset, "-c", str(cpu))
-
-
 def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environment:
     """Create or reuse the bench venv, find redis-server (and wrk), read versions."""
     venv = _support.standard_venvs()["bench"]
     python = _support.ensure_venv(venv, fresh=settings.fresh_venvs)
     redis_server = _support.ensure_tool("redis-server")
-    probe = subprocess.run([redis_server, "--version"], capture_output=True, text=True)
-    version = next((w.removeprefix("v=") for w in probe.stdout.split() if w.startswith("v=")), "?")
+    version = _support.redis_version(redis_server)
     wanted = [
         "surgelimit", "redis", "hiredis", "limits", "coredis", "slowapi", "fastapi-limiter",
         "throttled-py", "pyrate-limiter", "uvicorn", "uvloop", "httptools", "starlette",
@@ -334,8 +324,8 @@ def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environme
         python=python,
         redis_server=redis_server,
         redis_version=version,
-        worker_pin=_pin(0),
-        redis_pin=_pin(1),
+        worker_pin=_support.pin(0),
+        redis_pin=_support.pin(1),
         versions=_support.versions(python, wanted),
         code=_support.code_revision("ratelimit"),
         http=http_env,
@@ -352,52 +342,6 @@ def _http_settings(settings: Settings) -> http_overhead.Settings:
     )
 
 
-# -- the Redis server -------------------------------------------------------------------
-
-
-@contextmanager
-def redis_server(env: Environment, port: int | None = None) -> Iterator[tuple[int, int]]:
-    """A redis-server of our own on a free loopback port: yields (port, pid); stopped by PID."""
-    port = port or _support.free_port()
-    cmd = [
-        *env.redis_pin, env.redis_server, "--port", str(port), "--bind", HOST,
-        "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-    ]  # fmt: skip
-    _support.OUT.mkdir(exist_ok=True)
-    log_path = _support.OUT / "redis_decisions-redis.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_redis(proc, port, log_path)
-        yield port, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_for_redis(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    """Wait until the server answers PING (a raw socket: this process has no Redis client)."""
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited:\n{log_path.read_text()[-2000:]}")
-        try:
-            with socket.create_connection((HOST, port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"redis-server not answering on {port}")
-        time.sleep(0.05)
-
-
 # -- the run ------------------------------------------------------------------------------
 
 
@@ -406,16 +350,23 @@ def run(
     env: Environment | None = None,
     log: Callable[[str], None] = print,
     redis_port: int | None = None,
+    redis: tuple[int, int] | None = None,
 ) -> Report:
     """Measure everything in `settings` against one redis-server of our own.
 
-    `redis_port` picks the port for the server this run starts (a free one by
-    default); the server is stopped when the run ends.
+    `redis` is the (port, pid) of a server already running (the suite's);
+    otherwise one is started on `redis_port` (a free one by default) and
+    stopped when the run ends.
     """
     settings = settings or Settings()
     env = env or prepare(settings, log)
     started = time.monotonic()
-    with redis_server(env, redis_port) as (port, pid):
+    with contextlib.ExitStack() as stack:
+        if redis is None:
+            redis = stack.enter_context(
+                _support.redis_server(env.redis_server, port=redis_port, prefix=env.redis_pin)
+            )
+        port, pid = redis
         log(f"redis-server {env.redis_version} on {HOST}:{port} (pid {pid})")
         result = _run_worker(env, settings, port, pid)
         http_rows = _run_http(env, settings, port, log) if env.http is not None else []
@@ -454,9 +405,8 @@ def _run_worker(env: Environment, settings: Settings, port: int, pid: int) -> di
         spec_path.write_text(json.dumps(spec))
         # The repository root stays off sys.path (as for the HTTP apps): the venv's
         # editable install is what imports `ratelimit`.
-        child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         cmd = [*env.worker_pin, str(env.python), str(WORKER), str(spec_path), str(result_path)]
-        subprocess.run(cmd, cwd=_support.HERE, env=child_env, check=True)
+        subprocess.run(cmd, cwd=_support.HERE, env=_support.child_env(), check=True)
         data: dict[str, Any] = json.loads(result_path.read_text())
         return data
 
@@ -467,60 +417,23 @@ def _run_http(
     """The HTTP variants under uvicorn and wrk, interleaved by round, via http_overhead."""
     assert env.http is not None
     hsettings = _http_settings(settings)
-    names = list(settings.http_variants)
-    samples: dict[str, list[http_overhead.Sample]] = {n: [] for n in names}
+    variants = [HTTP_BY_NAME[name] for name in settings.http_variants]
     previous = os.environ.get(URL_VARIABLE)
     os.environ[URL_VARIABLE] = f"redis://{HOST}:{port}/0"  # the servers inherit it
     try:
-        for rnd in range(settings.http_rounds):
-            shift = rnd % len(names)
-            for name in names[shift:] + names[:shift]:
-                for attempt in range(2):
-                    s = http_overhead.measure_once(env.http, hsettings, HTTP_BY_NAME[name], rnd)
-                    flag = f"  ({s.errors} errors!)" if s.errors else ""
-                    if s.others > DISTURBED:
-                        flag += f"  (disturbed: others used {s.others:.2f} core)"
-                    log(
-                        f"http round {rnd + 1}/{settings.http_rounds}  {name:<24}"
-                        f"{s.rps:>9.0f} req/s  p99 {s.p99_ms:6.2f} ms{flag}"
-                    )
-                    if s.others <= DISTURBED or attempt:
-                        break
-                samples[name].append(s)
+        return http_overhead.measure_variants(
+            env.http,
+            hsettings,
+            variants,
+            lambda v: env.versions.get(v.package, "?"),
+            log,
+            label="http ",
+        )
     finally:
         if previous is None:
             os.environ.pop(URL_VARIABLE, None)
         else:
             os.environ[URL_VARIABLE] = previous
-    bare = {s.round: s for s in samples.get("bare", [])}
-    rows = []
-    for name in names:
-        v, got = HTTP_BY_NAME[name], samples[name]
-        rates = [s.rps for s in got]
-        ratios = [s.rps / bare[s.round].rps for s in got if s.round in bare]
-        cpu_ratios = [
-            s.per_cpu / bare[s.round].per_cpu
-            for s in got
-            if s.round in bare and bare[s.round].per_cpu
-        ]
-        rows.append(
-            http_overhead.Row(
-                variant=name,
-                description=v.description,
-                version=env.versions.get(v.package, "?"),
-                rps=statistics.median(rates),
-                rps_min=min(rates),
-                rps_max=max(rates),
-                p99_ms=statistics.median(s.p99_ms for s in got),
-                ratio=statistics.median(ratios) if ratios else None,
-                per_cpu=statistics.median(s.per_cpu for s in got),
-                per_cpu_ratio=statistics.median(cpu_ratios) if cpu_ratios else None,
-                errors=sum(s.errors for s in got),
-                disturbed=sum(s.others > DISTURBED for s in got),
-                samples=tuple(got),
-            )
-        )
-    return rows
 
 
 def _rows(cells: list[dict[str, Any]]) -> list[Row]:
