@@ -261,11 +261,12 @@ def interleaved(
     describe: Callable[[T], str],
     log: Callable[[str], None] = print,
     label: str = "",
+    retry: bool = True,
 ) -> dict[str, list[T]]:
     """Measure every name once per round, each round starting one name later (A B C, B C A).
 
     A measurement during which other processes used over `DISTURBED` of a
-    core (`others(result)`) is taken once more; the second one stands.
+    core (`others(result)`) is taken once more if `retry`; the second one stands.
     """
     samples: dict[str, list[T]] = {n: [] for n in names}
     for rnd in range(rounds):
@@ -276,7 +277,7 @@ def interleaved(
                 busy = others(result)
                 flag = f"  (disturbed: others used {busy:.2f} core)" if busy > DISTURBED else ""
                 log(f"{label}round {rnd + 1}/{rounds}  {name:<24} {describe(result)}{flag}")
-                if busy <= DISTURBED or attempt:
+                if busy <= DISTURBED or attempt or not retry:
                     break
             samples[name].append(result)
     return samples

@@ -120,11 +120,15 @@ class Settings:
     #: Use uvloop and httptools when every venv has them (they do: requirements.txt);
     #: False forces the pure-Python asyncio + h11 server, where a limiter's share is smaller.
     fast_server: bool = True
+    #: Seconds to wait for a quiet machine before each run, and whether a disturbed
+    #: run is measured once more.
+    quiet_wait: float = 10.0
+    retry: bool = True
 
     @classmethod
     def quick(cls) -> Settings:
         """About 40 seconds: fewer, shorter rounds (a smoke run; the ratios are rougher)."""
-        return cls(duration=2, rounds=2)
+        return cls(duration=2, rounds=2, quiet_wait=1.0, retry=False)
 
 
 @dataclass(frozen=True)
@@ -185,10 +189,17 @@ class Environment:
     code: str
 
 
-def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environment:
-    """Create the venvs the chosen variants need, find wrk and taskset, pick server options."""
+def prepare(
+    settings: Settings,
+    log: Callable[[str], None] = print,
+    venvs_needed: Sequence[str] = (),
+) -> Environment:
+    """Create the venvs the chosen variants need, find wrk and taskset, pick server options.
+
+    `venvs_needed` adds venvs for variants defined elsewhere (redis_decisions').
+    """
     venvs = _support.standard_venvs()
-    needed = sorted({BY_NAME[name].venv for name in settings.variants})
+    needed = sorted({BY_NAME[name].venv for name in settings.variants} | set(venvs_needed))
     pythons = {
         name: _support.ensure_venv(venvs[name], fresh=settings.fresh_venvs) for name in needed
     }
@@ -337,7 +348,7 @@ def measure_once(env: Environment, settings: Settings, variant: Variant, rnd: in
     """Start a fresh server for `variant`, check it, warm it up, measure it, stop it."""
     _support.OUT.mkdir(exist_ok=True)
     log_path = _support.OUT / f"http_overhead-{variant.app.split(':')[0]}.log"
-    _support.wait_for_quiet(max_wait=10.0)
+    _support.wait_for_quiet(max_wait=settings.quiet_wait)
     port = _support.free_port()
     proc = _start_server(env, variant, port, log_path)
     try:
@@ -412,6 +423,7 @@ def measure_variants(
         describe,
         log,
         label,
+        retry=settings.retry,
     )
     bare = {s.round: s for s in samples.get("bare", [])}
     rows = []
@@ -474,18 +486,11 @@ def render(rows: Sequence[Row], env: Environment, settings: Settings, command: s
         "Requests/s and p99 latency of the same Starlette endpoint under uvicorn, bare and",
         "behind each limiter with a limit on the path that is never reached: the cost of the",
         "limiter alone. *req/CPU-s* is requests per CPU-second of the server process, the same",
-        "cost seen without the noise of whatever else the machine ran.",
+        "cost seen without the noise of whatever else the machine ran. *vs best peer* is",
+        "req/s over the best peer's median req/s.",
         "",
-        "| variant | version | req/s (median) | req/s (min-max) | p99 (median) | vs bare "
-        "| req/CPU-s | vs bare |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r.variant} | {r.version} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
-            f"| {r.p99_ms:.2f} ms | {_ratio(r.ratio)} "
-            f"| {r.per_cpu:,.0f} | {_ratio(r.per_cpu_ratio)} |"
-        )
+    lines += table(rows, PEERS)
     lines.append("")
     v = verdict(rows)
     if v:
@@ -520,15 +525,41 @@ def render(rows: Sequence[Row], env: Environment, settings: Settings, command: s
         "one place later than the last); req/s, p99 and req/CPU-s are medians over rounds; "
         "*vs bare* is the median of each round's ratio to that round's bare run",
         f"- Pinning: {pin}",
-        "- Noise: each run waits for the machine to be quiet first; a run during which other "
-        f"processes used over {DISTURBED} of a core is measured once more "
-        f"({disturbed} run(s) still disturbed after that)",
+        f"- Noise: each run waits up to {settings.quiet_wait:g} s for the machine to be quiet; "
+        f"a run during which other processes used over {DISTURBED} of a core "
+        + ("is measured once more" if settings.retry else "is kept (quick run: no retry)")
+        + f" ({disturbed} run(s) disturbed in the table)",
         "- Every limited server is first checked to refuse a second request to a 1/minute path "
         "with 429, so a limiter that is not in the request path cannot look fast",
         "- The code under test runs from venvs the script creates (benchmarks/.venv-*); "
         "asgi-ratelimit in one of its own, since it installs a top-level `ratelimit` module",
     ]
     return "\n".join(lines)
+
+
+def best_peer(rows: Sequence[Row], peers: Sequence[str]) -> Row | None:
+    """The peer row with the most req/s (error-free), if any peer was measured."""
+    measured = [r for r in rows if r.variant in peers and not r.errors]
+    return max(measured, key=lambda r: r.rps, default=None)
+
+
+def table(rows: Sequence[Row], peers: Sequence[str]) -> list[str]:
+    """The markdown table of `rows`: req/s, p99, ratios to bare and to the best of `peers`."""
+    best = best_peer(rows, peers)
+    out = [
+        "| variant | version | req/s (median) | req/s (min-max) | p99 (median) | vs bare "
+        "| vs best peer | req/CPU-s | vs bare |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        vs_peer = _ratio(r.rps / best.rps if best and best.rps and r.variant != "bare" else None)
+        bad = f" ({r.errors} errors!)" if r.errors else ""
+        out.append(
+            f"| {r.variant}{bad} | {r.version} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
+            f"| {r.p99_ms:.2f} ms | {_ratio(r.ratio)} | {vs_peer} "
+            f"| {r.per_cpu:,.0f} | {_ratio(r.per_cpu_ratio)} |"
+        )
+    return out
 
 
 def _ratio(value: float | None) -> str:

@@ -202,7 +202,17 @@ HTTP_VARIANTS: tuple[http_overhead.Variant, ...] = (
         "Limiter(get_remote_address, storage_uri=redis://...), @limiter.limit, fixed window "
         "(no concurrency limit)",
     ),
+    http_overhead.Variant(
+        "asgi-ratelimit-redis",
+        "asgi_ratelimit_redis_app:app",
+        "asgi-ratelimit",
+        "asgi-ratelimit",
+        "RateLimitMiddleware, RedisBackend(StrictRedis), Rule(second=...) per IP: its Lua "
+        "fixed window, own venv (no concurrency limit)",
+    ),
 )
+#: The peers among the HTTP variants.
+HTTP_PEERS = ("slowapi-redis", "asgi-ratelimit-redis")
 HTTP_BY_NAME = {v.name: v for v in HTTP_VARIANTS}
 HTTP_OURS = "ratelimit-redis"
 
@@ -234,6 +244,8 @@ class Settings:
     http_connections: int = 32
     #: Seconds to wait for a quiet machine before each cell.
     quiet_wait: float = 5.0
+    #: Whether a disturbed cell or HTTP run is measured once more.
+    retry: bool = True
     fresh_venvs: bool = False
 
     @classmethod
@@ -249,6 +261,7 @@ class Settings:
             http_duration=2,
             http_rounds=1,
             quiet_wait=1.0,
+            retry=False,
         )
 
 
@@ -312,21 +325,28 @@ def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environme
         "surgelimit", "redis", "hiredis", "limits", "coredis", "slowapi", "fastapi-limiter",
         "throttled-py", "pyrate-limiter", "uvicorn", "uvloop", "httptools", "starlette",
     ]  # fmt: skip
+    versions = _support.versions(python, wanted)
     http_env = None
     if settings.http_variants:
         hsettings = _http_settings(settings)
         # Its log line names its own server options; ours (the loop) are set just below.
-        http_env = http_overhead.prepare(replace(hsettings, variants=("bare",)), lambda _: None)
+        venvs = sorted({HTTP_BY_NAME[n].venv for n in settings.http_variants})
+        http_env = http_overhead.prepare(
+            replace(hsettings, variants=("bare",)), lambda _: None, venvs_needed=venvs
+        )
         options = list(http_env.server_options)
         options[options.index("--loop") + 1] = settings.loop
         http_env = replace(http_env, server_options=tuple(options))
+        for name, venv_python in http_env.pythons.items():
+            if name != "bench":
+                versions.update(_support.versions(venv_python, [name]))
     return Environment(
         python=python,
         redis_server=redis_server,
         redis_version=version,
         worker_pin=_support.pin(0),
         redis_pin=_support.pin(1),
-        versions=_support.versions(python, wanted),
+        versions=versions,
         code=_support.code_revision("ratelimit"),
         http=http_env,
     )
@@ -339,6 +359,8 @@ def _http_settings(settings: Settings) -> http_overhead.Settings:
         rounds=settings.http_rounds,
         connections=settings.http_connections,
         fresh_venvs=False,
+        quiet_wait=settings.quiet_wait,
+        retry=settings.retry,
     )
 
 
@@ -394,7 +416,8 @@ def _run_worker(env: Environment, settings: Settings, port: int, pid: int) -> di
         "duration": settings.duration,
         "warmup": settings.warmup,
         "quiet_wait": settings.quiet_wait,
-        "disturbed": DISTURBED,
+        # A cell is measured again when others used more than this ("never" without retry).
+        "disturbed": DISTURBED if settings.retry else 1e9,
         "count_decisions": settings.count_decisions,
         "breaker_seconds": settings.breaker_seconds,
         "breaker_requests": settings.breaker_requests,
@@ -615,7 +638,8 @@ def render(report: Report, env: Environment, settings: Settings, command: str) -
     lines += ["", _decision_table(report, conc), ""]
     lines += [
         "*vs EVALSHA*: p50 over redis-py's trivial `EVALSHA` p50 at concurrency 1; "
-        "*vs best peer*: decisions/s over the best peer's at the same concurrency. "
+        "*vs best peer*: decisions/s over the best peer's at the same concurrency "
+        "(the floor rows are no limiters: they show the room above the peers). "
         "*Sent* is what the client wrote per decision (from `MONITOR`); the commands each "
         "run in Redis, scripts included, are below.",
         "",
@@ -635,11 +659,11 @@ def _decision_table(report: Report, concurrencies: Sequence[int]) -> str:
     for c in concurrencies:
         head += f" c={c} decisions/s | c={c} p50 | c={c} p99 |"
         rule += " ---: | ---: | ---: |"
-    head += " c=1 p50 vs EVALSHA | c=32 vs best peer |"
-    rule += " ---: | ---: |"
+    head += " c=1 p50 vs EVALSHA |" + "".join(f" c={c} vs best peer |" for c in concurrencies)
+    rule += " ---: |" * (1 + len(concurrencies))
     out = [head, rule]
     floor1 = _row(report, FLOOR_EVALSHA, 1)
-    best32 = best_peer(report, 32)
+    best = {c: best_peer(report, c) for c in concurrencies}
     measured = {r.subject for r in report.rows}
     for s in SUBJECTS:
         if s.name not in measured:
@@ -655,10 +679,13 @@ def _decision_table(report: Report, concurrencies: Sequence[int]) -> str:
             else:
                 flag = " (limit reached!)" if r.refused else ""
                 line += f" {r.rate:,.0f}{flag} | {_us(r.p50_us)} | {_us(r.p99_us)} |"
-        r1, r32 = _row(report, s.name, 1), _row(report, s.name, 32)
+        r1 = _row(report, s.name, 1)
         vs_floor = f"{r1.p50_us / floor1.p50_us:.2f}" if r1 and floor1 and floor1.p50_us else "-"
-        vs_peer = f"{r32.rate / best32.rate:.2f}" if r32 and best32 and best32.rate else "-"
-        out.append(line + f" {vs_floor} | {vs_peer} |")
+        line += f" {vs_floor} |"
+        for c in concurrencies:
+            rc, bc = _row(report, s.name, c), best[c]
+            line += f" {rc.rate / bc.rate:.2f} |" if rc and bc and bc.rate else " - |"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -737,20 +764,10 @@ def _breaker_lines(report: Report) -> list[str]:
 def _http_lines(report: Report, env: Environment, settings: Settings) -> list[str]:
     out = [
         "Over HTTP: the same Starlette endpoint bare and behind each limiter on this Redis, "
-        "with a limit never reached:",
+        "with a limit never reached (*vs best peer*: req/s over the best peer's):",
         "",
-        "| variant | req/s (median) | req/s (min-max) | p99 (median) | vs bare | req/CPU-s "
-        "| vs bare |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in report.http:
-        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
-        cpu_ratio = "-" if r.per_cpu_ratio is None else f"{r.per_cpu_ratio:.2f}"
-        bad = f" ({r.errors} errors)" if r.errors else ""
-        out.append(
-            f"| {r.variant}{bad} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
-            f"| {r.p99_ms:.2f} ms | {ratio} | {r.per_cpu:,.0f} | {cpu_ratio} |"
-        )
+    out += http_overhead.table(report.http, HTTP_PEERS)
     out.append("")
     out += [f"- **{r.variant}**: {r.description}" for r in report.http]
     return out
@@ -795,9 +812,10 @@ def _method_lines(report: Report, env: Environment, settings: Settings, command:
         ]
     lines += [
         f"- Pinning: {pin}",
-        "- Noise: each cell waits for the machine to be quiet first and is measured once more "
-        f"if other processes used over {DISTURBED} of a core meanwhile ({disturbed} cell(s) "
-        "still disturbed after that)",
+        f"- Noise: each cell waits up to {settings.quiet_wait:g} s for the machine to be quiet; "
+        f"one during which other processes used over {DISTURBED} of a core "
+        + ("is measured once more" if settings.retry else "is kept (quick run: no retry)")
+        + f" ({disturbed} cell(s) disturbed in the tables)",
     ]
     return lines
 
