@@ -302,7 +302,9 @@ def header(run: Run, *, command: str, total: float, load: dict[str, Any]) -> str
         f"- Load: other processes used {load['others']:.2f} core on average during the run "
         f"(load average before {load['before']}, after {load['after']}); the start waited "
         f"{load['waited']:.0f} s for a quiet machine and found {load['busy']:.2f} core busy. "
-        "Each measurement waits for quiet again and is repeated once if disturbed; "
+        "Each measurement waits for quiet again"
+        + ("" if run.quick else " and is repeated once if disturbed")
+        + "; "
         + (
             ", ".join(f"{k}: {n} still disturbed" for k, n in run.disturbed.items())
             if run.disturbed
@@ -361,8 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quiet-wait",
         type=float,
-        default=120.0,
-        help="seconds to wait at the start for other work to stop (default 120)",
+        help="seconds to wait at the start for other work to stop (default 120; quick 10)",
     )
     args = parser.parse_args(argv)
     if args.list:
@@ -384,9 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _support.ensure_tool("wrk")
     run.redis_version = _support.redis_version(redis_server)
 
-    print(f"waiting up to {args.quiet_wait:.0f} s for a quiet machine ...", flush=True)
+    quiet_wait = args.quiet_wait if args.quiet_wait is not None else 10.0 if args.quick else 120.0
+    print(f"waiting up to {quiet_wait:.0f} s for a quiet machine ...", flush=True)
     waited = time.monotonic()
-    busy = _support.wait_for_quiet(args.quiet_wait, window=2.0)
+    busy = _support.wait_for_quiet(quiet_wait, window=2.0)
     load = {"before": _load_average(), "busy": busy, "waited": time.monotonic() - waited}
     print(f"  {busy:.2f} core busy after {load['waited']:.0f} s", flush=True)
     cpu0 = _support.cpu_busy_seconds()

@@ -144,6 +144,16 @@ SUBJECTS: tuple[Subject, ...] = (
 )
 BY_NAME = {s.name: s for s in SUBJECTS}
 
+#: Why a subject admits past its limit, read in its source; shown when a run measures excess.
+WHY = {
+    "fastapi-limiter": "its script answers a refusal with the key's `PTTL`, and its dependency "
+    "admits whenever that answer is 0, which `PTTL` returns in the window's last millisecond: "
+    "every call in that millisecond is admitted uncounted",
+    "asgi-ratelimit sliding window": "`retry_after` rounds the seconds until the oldest entry "
+    "leaves the window to an integer, and its middleware admits when that is 0: a refusal less "
+    "than half a second from the window's end becomes an admission, uncounted",
+}
+
 #: What each peer offers for a concurrency limit (checked in its documentation and source).
 NO_CONCURRENCY = {
     "limits": "rate limits only (fixed, moving, sliding window)",
@@ -376,6 +386,8 @@ def render(report: Report, env: Environment, settings: Settings, command: str) -
     lines.append("")
     lines += [f"- **{r.subject}**: {BY_NAME[r.subject].what}." for r in rate]
     for r in rate:
+        if r.excess > 0 and r.subject in WHY:
+            lines.append(f"- Why **{r.subject}** over-admits: {WHY[r.subject]}.")
         if r.errors:
             lines.append(f"- **{r.subject}** errors: `{r.errors[0]}`")
     lines += [
