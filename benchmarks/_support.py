@@ -6,6 +6,7 @@ Standard library only: the scripts may run from any Python 3.10+.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -281,6 +282,18 @@ def interleaved(
                     break
             samples[name].append(result)
     return samples
+
+
+def pick(
+    parser: argparse.ArgumentParser, text: str, names: Iterable[str], what: str
+) -> tuple[str, ...]:
+    """The comma-separated `text` as names, each one of `names`, or a usage error."""
+    known = list(names)
+    chosen = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {known}")
+    return chosen
 
 
 def free_port() -> int:

@@ -59,6 +59,12 @@ class Subject:
     #: "rate" or "concurrency".
     kind: str = "rate"
     ours: bool = False
+    #: The name shown in the tables, when not `name`.
+    label: str = ""
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
 
 
 SUBJECTS: tuple[Subject, ...] = (
@@ -68,6 +74,7 @@ SUBJECTS: tuple[Subject, ...] = (
         "bench",
         "`TokenBucket(rate, burst=count)` through `Engine.decide` on `RedisBackend` (GCRA, Lua)",
         ours=True,
+        label="ratelimit TokenBucket",
     ),
     Subject(
         "limits fixed window",
@@ -140,6 +147,7 @@ SUBJECTS: tuple[Subject, ...] = (
         "`RedisBackend` (leases in a sorted set, Lua)",
         kind="concurrency",
         ours=True,
+        label="ratelimit Concurrency",
     ),
 )
 BY_NAME = {s.name: s for s in SUBJECTS}
@@ -378,13 +386,14 @@ def render(report: Report, env: Environment, settings: Settings, command: str) -
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rate:
-        name = f"**{r.subject}**" if BY_NAME[r.subject].ours else r.subject
+        shown = BY_NAME[r.subject].shown
+        name = f"**{shown}**" if BY_NAME[r.subject].ours else shown
         lines.append(
             f"| {name} | {r.version} | {r.admitted:,} | {r.allowed:,.0f} | {r.ratio:.3f} "
             f"| {r.excess:,.0f} | {r.refused:,} | {r.failed:,} |"
         )
     lines.append("")
-    lines += [f"- **{r.subject}**: {BY_NAME[r.subject].what}." for r in rate]
+    lines += [f"- **{BY_NAME[r.subject].shown}**: {BY_NAME[r.subject].what}." for r in rate]
     for r in rate:
         if r.excess > 0 and r.subject in WHY:
             lines.append(f"- Why **{r.subject}** over-admits: {WHY[r.subject]}.")
@@ -401,7 +410,7 @@ def render(report: Report, env: Environment, settings: Settings, command: str) -
     ]
     for r in conc:
         lines.append(
-            f"| **ratelimit {r.subject}** | {r.version} | {r.allowed:.0f} | {r.max_in_flight} "
+            f"| **{BY_NAME[r.subject].shown}** | {r.version} | {r.allowed:.0f} | {r.max_in_flight} "
             f"| {max(0, r.max_in_flight - int(r.allowed))} | {r.admitted:,} | {r.refused:,} |"
         )
     for peer, what in NO_CONCURRENCY.items():
@@ -443,11 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.processes is not None:
         overrides["processes"] = args.processes
     if args.subjects:
-        chosen = tuple(n.strip() for n in args.subjects.split(","))
-        unknown = [n for n in chosen if n not in BY_NAME]
-        if unknown:
-            parser.error(f"unknown subjects {unknown}; choose from {list(BY_NAME)}")
-        overrides["subjects"] = chosen
+        overrides["subjects"] = _support.pick(parser, args.subjects, BY_NAME, "subjects")
     settings = replace(settings, **overrides)
     env = prepare(settings)
     report = run(settings, env)

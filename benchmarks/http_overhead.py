@@ -594,11 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, k) is not None
     }
     if args.variants:
-        chosen = tuple(n.strip() for n in args.variants.split(","))
-        unknown = [n for n in chosen if n not in BY_NAME]
-        if unknown:
-            parser.error(f"unknown variants {unknown}; choose from {list(BY_NAME)}")
-        overrides["variants"] = chosen
+        overrides["variants"] = _support.pick(parser, args.variants, BY_NAME, "variants")
     settings = replace(
         settings,
         **overrides,

@@ -857,17 +857,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.loop:
         overrides["loop"] = args.loop
     if args.subjects:
-        chosen = tuple(n.strip() for n in args.subjects.split(","))
-        unknown = [n for n in chosen if n not in BY_NAME]
-        if unknown:
-            parser.error(f"unknown subjects {unknown}; choose from {list(BY_NAME)}")
-        overrides["subjects"] = chosen
+        overrides["subjects"] = _support.pick(parser, args.subjects, BY_NAME, "subjects")
     if args.http_variants is not None:
-        chosen = tuple(n.strip() for n in args.http_variants.split(",") if n.strip())
-        unknown = [n for n in chosen if n not in HTTP_BY_NAME]
-        if unknown:
-            parser.error(f"unknown HTTP variants {unknown}; choose from {list(HTTP_BY_NAME)}")
-        overrides["http_variants"] = chosen
+        overrides["http_variants"] = _support.pick(
+            parser, args.http_variants, HTTP_BY_NAME, "HTTP variants"
+        )
     settings = replace(settings, **overrides, fresh_venvs=args.fresh_venvs)
     env = prepare(settings)
     report = run(settings, env, redis_port=args.port)
