@@ -165,7 +165,18 @@ def run_redis(run: Run) -> None:
     for c in settings.concurrencies:
         ours = redis_decisions._row(report, "Engine.decide bucket", c)
         best = redis_decisions.best_peer(report, c)
-        if ours and best and best.rate:
+        if ours is None:
+            run.summary.append((f"Redis decisions/s at concurrency {c}", "**failed**", "-", "-"))
+        elif best and best.rate:
+            if ours.failed_rounds:
+                run.summary.append(
+                    (
+                        f"Redis decisions/s at concurrency {c}: rounds that failed",
+                        f"**{ours.failed_rounds}**: `{ours.failure}`",
+                        "-",
+                        "-",
+                    )
+                )
             run.summary.append(
                 (
                     f"Redis decisions/s at concurrency {c} (token bucket, one process)",

@@ -294,7 +294,11 @@ class Row:
     p99_us: float
     refused: int
     disturbed: int
+    #: Set when every round failed: the row has no numbers.
     error: str | None = None
+    #: Rounds that failed while others succeeded (the medians are of the rest), and why.
+    failed_rounds: int = 0
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -482,7 +486,8 @@ def _rows(cells: list[dict[str, Any]]) -> list[Row]:
                 p99_us=statistics.median(c["p99_us"] for c in ok),
                 refused=sum(c["refused"] for c in ok),
                 disturbed=sum(c["others"] > DISTURBED for c in ok),
-                error=next((c["error"] for c in got if c["error"]), None),
+                failed_rounds=len(got) - len(ok),
+                failure=next((c["error"] for c in got if c["error"]), None),
             )
         )
     return rows
@@ -678,6 +683,8 @@ def _decision_table(report: Report, concurrencies: Sequence[int]) -> str:
                 line += " failed | | |"
             else:
                 flag = " (limit reached!)" if r.refused else ""
+                if r.failed_rounds:
+                    flag += f" ({r.failed_rounds} round(s) failed)"
                 line += f" {r.rate:,.0f}{flag} | {_us(r.p50_us)} | {_us(r.p99_us)} |"
         r1 = _row(report, s.name, 1)
         vs_floor = f"{r1.p50_us / floor1.p50_us:.2f}" if r1 and floor1 and floor1.p50_us else "-"
@@ -705,6 +712,12 @@ def _notes(report: Report) -> list[str]:
         )
         if error:
             text += f". **Failed**: `{error}`"
+        for r in report.rows:
+            if r.subject == s.name and r.failed_rounds:
+                text += (
+                    f". At c={r.concurrency}, {r.failed_rounds} round(s) **failed** "
+                    f"(`{r.failure}`); the numbers are of the other rounds"
+                )
         out.append(text + ".")
     out.append(
         "- No peer has a concurrency limit (a lease held while a request runs): "
@@ -876,7 +889,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_write:
         _support.write_section(SECTION, section)
         print(f"\nwrote {_support.RESULTS.relative_to(_support.REPO)}")
-    invalid = any(r.refused or r.error for r in report.rows) or any(r.errors for r in report.http)
+    invalid = any(r.refused or r.error or r.failed_rounds for r in report.rows)
+    invalid = invalid or any(r.errors for r in report.http)
     return 1 if invalid else 0
 
 
