@@ -593,7 +593,9 @@ async def measure_cell(
         cell.p50_us = _percentile(latencies, 0.50)
         cell.p99_us = _percentile(latencies, 0.99)
         cell.others = max(0.0, (busy2 - busy) - (me2 - me) - (server2 - server)) / elapsed
-        if cell.others <= spec["disturbed"] or attempt:
+        retry_until = spec.get("retry_until")
+        out_of_time = retry_until is not None and time.time() >= retry_until
+        if cell.others <= spec["disturbed"] or attempt or out_of_time:
             break
         print(f"    disturbed (others used {cell.others:.2f} core): measuring again", flush=True)
     return cell

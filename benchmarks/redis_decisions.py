@@ -422,6 +422,7 @@ def _run_worker(env: Environment, settings: Settings, port: int, pid: int) -> di
         "quiet_wait": settings.quiet_wait,
         # A cell is measured again when others used more than this ("never" without retry).
         "disturbed": DISTURBED if settings.retry else 1e9,
+        "retry_until": _support.retry_until,
         "count_decisions": settings.count_decisions,
         "breaker_seconds": settings.breaker_seconds,
         "breaker_requests": settings.breaker_requests,
