@@ -57,19 +57,48 @@ class Adapter:
     call: Callable[[int], bool] | None = None
 
 
+@dataclass(frozen=True)
+class Limit:
+    """`count` decisions per caller per `seconds` (1 or 60), burst `count` where there is one."""
+
+    count: int
+    seconds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.seconds not in (1, 60):
+            raise ValueError(f"a limit per second or per minute, not per {self.seconds} s")
+
+    def text(self, style: str = "limits") -> str:
+        """The rate as a peer spells it: limits' "5/second", throttled-py's "5/s"."""
+        if style == "throttled":
+            unit = "s" if self.seconds == 1 else "m"
+            return f"{self.count}/{unit} burst {self.count}"
+        return f"{self.count}/{'second' if self.seconds == 1 else 'minute'}"
+
+
+#: Never reached in a run; the probe's: the second decision of a caller is refused.
+HUGE = Limit(HUGE_PER_SECOND, 1)
+PROBE = Limit(PROBE_LIMIT, 60)
+
+
 @dataclass
 class Ctx:
     """What a subject needs to build itself: the server, a fresh key prefix, the limit."""
 
     url: str
     port: int
-    #: True: a limit of `PROBE_LIMIT` per minute per caller; False: `HUGE_PER_SECOND`.
-    probe: bool = False
+    limit: Limit = HUGE
     prefix: str = "rd"
+
+    @property
+    def probe(self) -> bool:
+        """Whether this build is a probe (its limit refuses a caller's second decision)."""
+        return self.limit == PROBE
 
     def fresh(self, probe: bool) -> Ctx:
         """A context with a key prefix no earlier build used (no state carries over)."""
-        return Ctx(self.url, self.port, probe, f"rd{os.getpid()}x{next(_BUILDS)}")
+        limit = PROBE if probe else HUGE
+        return Ctx(self.url, self.port, limit, f"rd{os.getpid()}x{next(_BUILDS)}")
 
 
 _BUILDS = itertools.count()
@@ -178,10 +207,8 @@ async def build_raw_pipeline(ctx: Ctx) -> Adapter:
 
 
 def _bucket_params(ctx: Ctx) -> tuple[float, int]:
-    """(interval, burst) of the per-caller TokenBucket: never reached, or 1/minute."""
-    if ctx.probe:
-        return 60.0 / PROBE_LIMIT, PROBE_LIMIT
-    return 1.0 / HUGE_PER_SECOND, HUGE_PER_SECOND
+    """(interval, burst) of the per-caller TokenBucket for `ctx.limit`."""
+    return ctx.limit.seconds / ctx.limit.count, ctx.limit.count
 
 
 def _backend_builder(*, lease: bool, split: bool = False) -> Builder:
@@ -223,8 +250,8 @@ def _engine_builder(*, concurrency: bool) -> Builder:
         from ratelimit.policy.engine import Engine
 
         backend = RedisBackend(ctx.url, prefix=ctx.prefix)
-        rate = f"{PROBE_LIMIT}/minute" if ctx.probe else f"{HUGE_PER_SECOND}/second"
-        limits: list[Any] = [TokenBucket(rate, key=keys.header("x-api-key"))]
+        rate = ctx.limit.text()
+        limits: list[Any] = [TokenBucket(rate, burst=ctx.limit.count, key=keys.header("x-api-key"))]
         if concurrency:
             limits.append(Concurrency(PROBE_LIMIT if ctx.probe else 1_000_000, key=keys.GLOBAL))
         rule = Rule("/bench", limits=limits)
@@ -271,7 +298,7 @@ def _limits_builder(strategy: str) -> Builder:
             "moving": strategies.MovingWindowRateLimiter,
             "sliding": strategies.SlidingWindowCounterRateLimiter,
         }[strategy](storage)
-        item = parse(f"{PROBE_LIMIT}/minute" if ctx.probe else f"{HUGE_PER_SECOND}/second")
+        item = parse(ctx.limit.text())
         callers = [f"caller-{i}" for i in range(256)]
         hit = limiter.hit
 
@@ -298,7 +325,7 @@ async def build_slowapi(ctx: Ctx) -> Adapter:
     async def endpoint(request: Request) -> None:
         return None
 
-    limiter.limit(f"{PROBE_LIMIT}/minute" if ctx.probe else f"{HUGE_PER_SECOND}/second")(endpoint)
+    limiter.limit(ctx.limit.text())(endpoint)
     scopes = [
         {
             "type": "http",
@@ -334,11 +361,7 @@ async def build_fastapi_limiter(ctx: Ctx) -> Adapter:
     # As its README: redis.asyncio.from_url(..., encoding="utf-8", decode_responses=True).
     client = aredis.from_url(ctx.url, encoding="utf-8", decode_responses=True)
     await FastAPILimiter.init(client, prefix=ctx.prefix)
-    limiter = (
-        RateLimiter(times=PROBE_LIMIT, minutes=1)
-        if ctx.probe
-        else RateLimiter(times=HUGE_PER_SECOND, seconds=1)
-    )
+    limiter = RateLimiter(times=ctx.limit.count, seconds=ctx.limit.seconds)
     # The key its dependency builds: prefix, identifier (ip:path), route and dependency index.
     keys = [f"{ctx.prefix}:10.0.0.{i}:/bench:0:0" for i in range(256)]
     check = limiter._check
@@ -355,11 +378,7 @@ def _throttled_builder(algorithm: str) -> Builder:
 
         redis_store = store.RedisStore(server=ctx.url, options={})
         using = {"token_bucket": RateLimiterType.TOKEN_BUCKET, "gcra": RateLimiterType.GCRA}
-        quota = (
-            f"{PROBE_LIMIT}/m burst {PROBE_LIMIT}"
-            if ctx.probe
-            else f"{HUGE_PER_SECOND}/s burst {HUGE_PER_SECOND}"
-        )
+        quota = ctx.limit.text("throttled")
         throttle = Throttled(using=using[algorithm].value, quota=quota, store=redis_store)
         keys = [f"{ctx.prefix}:caller-{i}" for i in range(256)]
         limit = throttle.limit
@@ -391,12 +410,9 @@ def _pyrate_builder(kind: str) -> Builder:
         # As its README: an async Redis on a ConnectionPool.from_url, one bucket key.
         client = Redis(connection_pool=ConnectionPool.from_url(ctx.url))
         # One bucket for every caller (the README's set-up), so the limit is global:
-        # big enough that the whole run never reaches it.
-        rate = (
-            Rate(PROBE_LIMIT, Duration.MINUTE)
-            if ctx.probe
-            else Rate(100 * HUGE_PER_SECOND, Duration.SECOND)
-        )
+        # with the never-reached limit, big enough that the whole run never reaches it.
+        count = ctx.limit.count * (100 if ctx.limit == HUGE else 1)
+        rate = Rate(count, Duration.SECOND if ctx.limit.seconds == 1 else Duration.MINUTE)
         if kind == "log":
             bucket: Any = await RedisBucket.init([rate], client, f"{ctx.prefix}:bucket")
         else:
@@ -577,7 +593,9 @@ async def measure_cell(
         cell.p50_us = _percentile(latencies, 0.50)
         cell.p99_us = _percentile(latencies, 0.99)
         cell.others = max(0.0, (busy2 - busy) - (me2 - me) - (server2 - server)) / elapsed
-        if cell.others <= spec["disturbed"] or attempt:
+        retry_until = spec.get("retry_until")
+        out_of_time = retry_until is not None and time.time() >= retry_until
+        if cell.others <= spec["disturbed"] or attempt or out_of_time:
             break
         print(f"    disturbed (others used {cell.others:.2f} core): measuring again", flush=True)
     return cell

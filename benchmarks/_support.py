@@ -6,6 +6,7 @@ Standard library only: the scripts may run from any Python 3.10+.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -16,9 +17,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -26,8 +29,26 @@ REQUIREMENTS = HERE / "requirements.txt"
 RESULTS = HERE / "RESULTS.md"
 OUT = HERE / "out"
 
+HOST = "127.0.0.1"
+
 #: Peers that install a top-level `ratelimit` module: each gets a venv of its own.
 ISOLATED = ("asgi-ratelimit",)
+
+#: A measurement during which other processes used more than this share of a core
+#: is disturbed: it is measured once more after waiting for the machine to calm down.
+DISTURBED = 0.25
+
+T = TypeVar("T")
+
+#: Wall-clock time (`time.time()`) after which a disturbed measurement is no longer
+#: repeated: the suite sets it so a busy machine cannot stretch a run past its budget.
+retry_until: float | None = None
+
+
+def may_retry() -> bool:
+    """Whether there is still time to measure a disturbed measurement again."""
+    return retry_until is None or time.time() < retry_until
+
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -166,6 +187,123 @@ def ensure_tool(name: str, apt_package: str | None = None) -> str:
     if not found:
         raise SystemExit(f"apt-get installed {package} but {name} is still not on PATH")
     return found
+
+
+def pin(cpu: int) -> tuple[str, ...]:
+    """A `taskset -c CPU` prefix, or nothing when taskset is missing or there is one core."""
+    taskset = shutil.which("taskset")
+    if taskset is None or (os.cpu_count() or 1) < 2:
+        return ()
+    return (taskset, "-c", str(cpu))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment without PYTHONPATH and VIRTUAL_ENV (a venv's python decides its path)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(extra)
+    return env
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process we started, by its PID: SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def redis_version(redis_server: str) -> str:
+    """The version `redis-server --version` reports, e.g. "7.0.15"."""
+    probe = subprocess.run([redis_server, "--version"], capture_output=True, text=True)
+    return next((w.removeprefix("v=") for w in probe.stdout.split() if w.startswith("v=")), "?")
+
+
+@contextmanager
+def redis_server(
+    executable: str, *, port: int | None = None, prefix: Sequence[str] = ()
+) -> Iterator[tuple[int, int]]:
+    """A redis-server of our own on a free loopback port: yields (port, pid); stopped by PID.
+
+    No persistence (`--save "" --appendonly no`); `prefix` goes before the
+    command (a `taskset` pin).
+    """
+    port = port or free_port()
+    cmd = [
+        *prefix, executable, "--port", str(port), "--bind", HOST,
+        "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+    ]  # fmt: skip
+    OUT.mkdir(exist_ok=True)
+    log_path = OUT / f"redis-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_redis(proc, port, log_path)
+        yield port, proc.pid
+    finally:
+        stop_process(proc)
+
+
+def _wait_for_redis(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    """Wait until the server answers PING (a raw socket: this process has no Redis client)."""
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited:\n{log_path.read_text()[-2000:]}")
+        try:
+            with socket.create_connection((HOST, port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server not answering on {port}")
+        time.sleep(0.05)
+
+
+def interleaved(
+    names: Sequence[str],
+    rounds: int,
+    measure: Callable[[str, int], T],
+    others: Callable[[T], float],
+    describe: Callable[[T], str],
+    log: Callable[[str], None] = print,
+    label: str = "",
+    retry: bool = True,
+) -> dict[str, list[T]]:
+    """Measure every name once per round, each round starting one name later (A B C, B C A).
+
+    A measurement during which other processes used over `DISTURBED` of a
+    core (`others(result)`) is taken once more if `retry`; the second one stands.
+    """
+    samples: dict[str, list[T]] = {n: [] for n in names}
+    for rnd in range(rounds):
+        shift = rnd % len(names) if names else 0
+        for name in [*names[shift:], *names[:shift]]:
+            for attempt in range(2):
+                result = measure(name, rnd)
+                busy = others(result)
+                flag = f"  (disturbed: others used {busy:.2f} core)" if busy > DISTURBED else ""
+                log(f"{label}round {rnd + 1}/{rounds}  {name:<24} {describe(result)}{flag}")
+                if busy <= DISTURBED or attempt or not retry or not may_retry():
+                    break
+            samples[name].append(result)
+    return samples
+
+
+def pick(
+    parser: argparse.ArgumentParser, text: str, names: Iterable[str], what: str
+) -> tuple[str, ...]:
+    """The comma-separated `text` as names, each one of `names`, or a usage error."""
+    known = list(names)
+    chosen = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {known}")
+    return chosen
 
 
 def free_port() -> int:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -105,9 +103,7 @@ BY_NAME = {v.name: v for v in VARIANTS}
 OURS = "ratelimit"
 PEERS = ("slowapi", "asgi-ratelimit")
 TARGET_RATIO = 0.95
-#: A run during which other processes used more than this share of a core is
-#: disturbed: it is measured once more after waiting for the machine to calm down.
-DISTURBED = 0.25
+DISTURBED = _support.DISTURBED
 
 
 @dataclass(frozen=True)
@@ -124,11 +120,15 @@ class Settings:
     #: Use uvloop and httptools when every venv has them (they do: requirements.txt);
     #: False forces the pure-Python asyncio + h11 server, where a limiter's share is smaller.
     fast_server: bool = True
+    #: Seconds to wait for a quiet machine before each run, and whether a disturbed
+    #: run is measured once more.
+    quiet_wait: float = 10.0
+    retry: bool = True
 
     @classmethod
     def quick(cls) -> Settings:
         """About 40 seconds: fewer, shorter rounds (a smoke run; the ratios are rougher)."""
-        return cls(duration=2, rounds=2)
+        return cls(duration=2, rounds=2, quiet_wait=1.0, retry=False)
 
 
 @dataclass(frozen=True)
@@ -189,10 +189,17 @@ class Environment:
     code: str
 
 
-def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environment:
-    """Create the venvs the chosen variants need, find wrk and taskset, pick server options."""
+def prepare(
+    settings: Settings,
+    log: Callable[[str], None] = print,
+    venvs_needed: Sequence[str] = (),
+) -> Environment:
+    """Create the venvs the chosen variants need, find wrk and taskset, pick server options.
+
+    `venvs_needed` adds venvs for variants defined elsewhere (redis_decisions').
+    """
     venvs = _support.standard_venvs()
-    needed = sorted({BY_NAME[name].venv for name in settings.variants})
+    needed = sorted({BY_NAME[name].venv for name in settings.variants} | set(venvs_needed))
     pythons = {
         name: _support.ensure_venv(venvs[name], fresh=settings.fresh_venvs) for name in needed
     }
@@ -206,10 +213,8 @@ def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environme
         "--loop", "uvloop" if fast else "asyncio",
         "--http", "httptools" if fast else "h11",
     )  # fmt: skip
-    taskset = shutil.which("taskset")
-    pinned = taskset is not None and (os.cpu_count() or 1) >= 2
-    server_pin = (taskset, "-c", "0") if pinned and taskset else ()
-    load_pin = (taskset, "-c", "1") if pinned and taskset else ()
+    server_pin, load_pin = _support.pin(0), _support.pin(1)
+    pinned = bool(server_pin)
     wanted = ["uvicorn", "uvloop", "httptools", "starlette", "limits"]
     versions = {}
     for name in settings.variants:
@@ -251,20 +256,10 @@ def _start_server(
         "--app-dir", str(APPS), "--host", HOST, "--port", str(port),
         *env.server_options,
     ]  # fmt: skip
-    child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     with log_path.open("wb") as log:
-        return subprocess.Popen(cmd, cwd=APPS, env=child_env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the server we started, by its PID: SIGTERM, then SIGKILL after 10 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        return subprocess.Popen(
+            cmd, cwd=APPS, env=_support.child_env(), stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def _get(url: str) -> int:
@@ -353,7 +348,7 @@ def measure_once(env: Environment, settings: Settings, variant: Variant, rnd: in
     """Start a fresh server for `variant`, check it, warm it up, measure it, stop it."""
     _support.OUT.mkdir(exist_ok=True)
     log_path = _support.OUT / f"http_overhead-{variant.app.split(':')[0]}.log"
-    _support.wait_for_quiet(max_wait=10.0)
+    _support.wait_for_quiet(max_wait=settings.quiet_wait)
     port = _support.free_port()
     proc = _start_server(env, variant, port, log_path)
     try:
@@ -372,7 +367,7 @@ def measure_once(env: Environment, settings: Settings, variant: Variant, rnd: in
                 f"{variant.name} server died during the run:\n{log_path.read_text()[-2000:]}"
             )
     finally:
-        _stop_server(proc)
+        _support.stop_process(proc)
     rps, p99, requests, errors = parse_wrk(output)
     server_cpu = server1 - server0
     others = max(0.0, (busy1 - busy0) - server_cpu - (wrk1 - wrk0)) / elapsed
@@ -393,35 +388,47 @@ def run(
     env: Environment | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Row]:
-    """Measure every variant in `settings`, interleaved by round; one row per variant.
-
-    Each round runs every variant once, starting one place later than the
-    round before (A B C, B C A, ...), so no variant always goes first.
-    """
+    """Measure every variant in `settings`, interleaved by round; one row per variant."""
     settings = settings or Settings()
     env = env or prepare(settings, log)
-    names = list(settings.variants)
-    samples: dict[str, list[Sample]] = {n: [] for n in names}
-    for rnd in range(settings.rounds):
-        shift = rnd % len(names)
-        for name in names[shift:] + names[:shift]:
-            where = f"round {rnd + 1}/{settings.rounds}  {name:<24}"
-            for attempt in range(2):
-                s = measure_once(env, settings, BY_NAME[name], rnd)
-                flag = f"  ({s.errors} errors!)" if s.errors else ""
-                if s.others > DISTURBED:
-                    flag += f"  (disturbed: others used {s.others:.2f} core)"
-                log(
-                    f"{where} {s.rps:>9.0f} req/s  p99 {s.p99_ms:6.2f} ms  "
-                    f"{s.per_cpu:>7.0f} req/CPU-s{flag}"
-                )
-                if s.others <= DISTURBED or attempt:
-                    break
-            samples[name].append(s)
+    variants = [BY_NAME[name] for name in settings.variants]
+    return measure_variants(
+        env, settings, variants, lambda v: env.versions.get(v.name, {}).get(v.package, "?"), log
+    )
+
+
+def measure_variants(
+    env: Environment,
+    settings: Settings,
+    variants: Sequence[Variant],
+    version_of: Callable[[Variant], str],
+    log: Callable[[str], None] = print,
+    label: str = "",
+) -> list[Row]:
+    """`variants` interleaved by round (`_support.interleaved`); one row per variant.
+
+    Ratios are to the "bare" variant of the same round, when it is among them.
+    """
+    by_name = {v.name: v for v in variants}
+
+    def describe(s: Sample) -> str:
+        flag = f"  ({s.errors} errors!)" if s.errors else ""
+        return f"{s.rps:>9.0f} req/s  p99 {s.p99_ms:6.2f} ms  {s.per_cpu:>7.0f} req/CPU-s{flag}"
+
+    samples = _support.interleaved(
+        list(by_name),
+        settings.rounds,
+        lambda name, rnd: measure_once(env, settings, by_name[name], rnd),
+        lambda s: s.others,
+        describe,
+        log,
+        label,
+        retry=settings.retry,
+    )
     bare = {s.round: s for s in samples.get("bare", [])}
     rows = []
-    for name in names:
-        v, got = BY_NAME[name], samples[name]
+    for name, got in samples.items():
+        v = by_name[name]
         rates = [s.rps for s in got]
         ratios = [s.rps / bare[s.round].rps for s in got if s.round in bare]
         cpu_ratios = [
@@ -433,7 +440,7 @@ def run(
             Row(
                 variant=name,
                 description=v.description,
-                version=env.versions.get(name, {}).get(v.package, "?"),
+                version=version_of(v),
                 rps=statistics.median(rates),
                 rps_min=min(rates),
                 rps_max=max(rates),
@@ -479,18 +486,11 @@ def render(rows: Sequence[Row], env: Environment, settings: Settings, command: s
         "Requests/s and p99 latency of the same Starlette endpoint under uvicorn, bare and",
         "behind each limiter with a limit on the path that is never reached: the cost of the",
         "limiter alone. *req/CPU-s* is requests per CPU-second of the server process, the same",
-        "cost seen without the noise of whatever else the machine ran.",
+        "cost seen without the noise of whatever else the machine ran. *vs best peer* is",
+        "req/s over the best peer's median req/s.",
         "",
-        "| variant | version | req/s (median) | req/s (min-max) | p99 (median) | vs bare "
-        "| req/CPU-s | vs bare |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r.variant} | {r.version} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
-            f"| {r.p99_ms:.2f} ms | {_ratio(r.ratio)} "
-            f"| {r.per_cpu:,.0f} | {_ratio(r.per_cpu_ratio)} |"
-        )
+    lines += table(rows, PEERS)
     lines.append("")
     v = verdict(rows)
     if v:
@@ -525,15 +525,41 @@ def render(rows: Sequence[Row], env: Environment, settings: Settings, command: s
         "one place later than the last); req/s, p99 and req/CPU-s are medians over rounds; "
         "*vs bare* is the median of each round's ratio to that round's bare run",
         f"- Pinning: {pin}",
-        "- Noise: each run waits for the machine to be quiet first; a run during which other "
-        f"processes used over {DISTURBED} of a core is measured once more "
-        f"({disturbed} run(s) still disturbed after that)",
+        f"- Noise: each run waits up to {settings.quiet_wait:g} s for the machine to be quiet; "
+        f"a run during which other processes used over {DISTURBED} of a core "
+        + ("is measured once more" if settings.retry else "is kept (quick run: no retry)")
+        + f" ({disturbed} run(s) disturbed in the table)",
         "- Every limited server is first checked to refuse a second request to a 1/minute path "
         "with 429, so a limiter that is not in the request path cannot look fast",
         "- The code under test runs from venvs the script creates (benchmarks/.venv-*); "
         "asgi-ratelimit in one of its own, since it installs a top-level `ratelimit` module",
     ]
     return "\n".join(lines)
+
+
+def best_peer(rows: Sequence[Row], peers: Sequence[str]) -> Row | None:
+    """The peer row with the most req/s (error-free), if any peer was measured."""
+    measured = [r for r in rows if r.variant in peers and not r.errors]
+    return max(measured, key=lambda r: r.rps, default=None)
+
+
+def table(rows: Sequence[Row], peers: Sequence[str]) -> list[str]:
+    """The markdown table of `rows`: req/s, p99, ratios to bare and to the best of `peers`."""
+    best = best_peer(rows, peers)
+    out = [
+        "| variant | version | req/s (median) | req/s (min-max) | p99 (median) | vs bare "
+        "| vs best peer | req/CPU-s | vs bare |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        vs_peer = _ratio(r.rps / best.rps if best and best.rps and r.variant != "bare" else None)
+        bad = f" ({r.errors} errors!)" if r.errors else ""
+        out.append(
+            f"| {r.variant}{bad} | {r.version} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
+            f"| {r.p99_ms:.2f} ms | {_ratio(r.ratio)} | {vs_peer} "
+            f"| {r.per_cpu:,.0f} | {_ratio(r.per_cpu_ratio)} |"
+        )
+    return out
 
 
 def _ratio(value: float | None) -> str:
@@ -568,11 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, k) is not None
     }
     if args.variants:
-        chosen = tuple(n.strip() for n in args.variants.split(","))
-        unknown = [n for n in chosen if n not in BY_NAME]
-        if unknown:
-            parser.error(f"unknown variants {unknown}; choose from {list(BY_NAME)}")
-        overrides["variants"] = chosen
+        overrides["variants"] = _support.pick(parser, args.variants, BY_NAME, "variants")
     settings = replace(
         settings,
         **overrides,

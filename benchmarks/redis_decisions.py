@@ -27,18 +27,16 @@ section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -204,12 +202,22 @@ HTTP_VARIANTS: tuple[http_overhead.Variant, ...] = (
         "Limiter(get_remote_address, storage_uri=redis://...), @limiter.limit, fixed window "
         "(no concurrency limit)",
     ),
+    http_overhead.Variant(
+        "asgi-ratelimit-redis",
+        "asgi_ratelimit_redis_app:app",
+        "asgi-ratelimit",
+        "asgi-ratelimit",
+        "RateLimitMiddleware, RedisBackend(StrictRedis), Rule(second=...) per IP: its Lua "
+        "fixed window, own venv (no concurrency limit)",
+    ),
 )
+#: The peers among the HTTP variants.
+HTTP_PEERS = ("slowapi-redis", "asgi-ratelimit-redis")
 HTTP_BY_NAME = {v.name: v for v in HTTP_VARIANTS}
 HTTP_OURS = "ratelimit-redis"
 
 #: A cell during which other processes used more than this share of a core is measured again.
-DISTURBED = 0.25
+DISTURBED = _support.DISTURBED
 
 
 @dataclass(frozen=True)
@@ -236,6 +244,8 @@ class Settings:
     http_connections: int = 32
     #: Seconds to wait for a quiet machine before each cell.
     quiet_wait: float = 5.0
+    #: Whether a disturbed cell or HTTP run is measured once more.
+    retry: bool = True
     fresh_venvs: bool = False
 
     @classmethod
@@ -251,6 +261,7 @@ class Settings:
             http_duration=2,
             http_rounds=1,
             quiet_wait=1.0,
+            retry=False,
         )
 
 
@@ -283,7 +294,11 @@ class Row:
     p99_us: float
     refused: int
     disturbed: int
+    #: Set when every round failed: the row has no numbers.
     error: str | None = None
+    #: Rounds that failed while others succeeded (the medians are of the rest), and why.
+    failed_rounds: int = 0
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -304,39 +319,38 @@ class Report:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _pin(cpu: int) -> tuple[str, ...]:
-    taskset = shutil.which("taskset")
-    if taskset is None or (os.cpu_count() or 1) < 2:
-        return ()
-    return (taskset, "-c", str(cpu))
-
-
 def prepare(settings: Settings, log: Callable[[str], None] = print) -> Environment:
     """Create or reuse the bench venv, find redis-server (and wrk), read versions."""
     venv = _support.standard_venvs()["bench"]
     python = _support.ensure_venv(venv, fresh=settings.fresh_venvs)
     redis_server = _support.ensure_tool("redis-server")
-    probe = subprocess.run([redis_server, "--version"], capture_output=True, text=True)
-    version = next((w.removeprefix("v=") for w in probe.stdout.split() if w.startswith("v=")), "?")
+    version = _support.redis_version(redis_server)
     wanted = [
         "surgelimit", "redis", "hiredis", "limits", "coredis", "slowapi", "fastapi-limiter",
         "throttled-py", "pyrate-limiter", "uvicorn", "uvloop", "httptools", "starlette",
     ]  # fmt: skip
+    versions = _support.versions(python, wanted)
     http_env = None
     if settings.http_variants:
         hsettings = _http_settings(settings)
         # Its log line names its own server options; ours (the loop) are set just below.
-        http_env = http_overhead.prepare(replace(hsettings, variants=("bare",)), lambda _: None)
+        venvs = sorted({HTTP_BY_NAME[n].venv for n in settings.http_variants})
+        http_env = http_overhead.prepare(
+            replace(hsettings, variants=("bare",)), lambda _: None, venvs_needed=venvs
+        )
         options = list(http_env.server_options)
         options[options.index("--loop") + 1] = settings.loop
         http_env = replace(http_env, server_options=tuple(options))
+        for name, venv_python in http_env.pythons.items():
+            if name != "bench":
+                versions.update(_support.versions(venv_python, [name]))
     return Environment(
         python=python,
         redis_server=redis_server,
         redis_version=version,
-        worker_pin=_pin(0),
-        redis_pin=_pin(1),
-        versions=_support.versions(python, wanted),
+        worker_pin=_support.pin(0),
+        redis_pin=_support.pin(1),
+        versions=versions,
         code=_support.code_revision("ratelimit"),
         http=http_env,
     )
@@ -349,53 +363,9 @@ def _http_settings(settings: Settings) -> http_overhead.Settings:
         rounds=settings.http_rounds,
         connections=settings.http_connections,
         fresh_venvs=False,
+        quiet_wait=settings.quiet_wait,
+        retry=settings.retry,
     )
-
-
-# -- the Redis server -------------------------------------------------------------------
-
-
-@contextmanager
-def redis_server(env: Environment, port: int | None = None) -> Iterator[tuple[int, int]]:
-    """A redis-server of our own on a free loopback port: yields (port, pid); stopped by PID."""
-    port = port or _support.free_port()
-    cmd = [
-        *env.redis_pin, env.redis_server, "--port", str(port), "--bind", HOST,
-        "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-    ]  # fmt: skip
-    _support.OUT.mkdir(exist_ok=True)
-    log_path = _support.OUT / "redis_decisions-redis.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_redis(proc, port, log_path)
-        yield port, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_for_redis(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    """Wait until the server answers PING (a raw socket: this process has no Redis client)."""
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited:\n{log_path.read_text()[-2000:]}")
-        try:
-            with socket.create_connection((HOST, port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"redis-server not answering on {port}")
-        time.sleep(0.05)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -406,16 +376,23 @@ def run(
     env: Environment | None = None,
     log: Callable[[str], None] = print,
     redis_port: int | None = None,
+    redis: tuple[int, int] | None = None,
 ) -> Report:
     """Measure everything in `settings` against one redis-server of our own.
 
-    `redis_port` picks the port for the server this run starts (a free one by
-    default); the server is stopped when the run ends.
+    `redis` is the (port, pid) of a server already running (the suite's);
+    otherwise one is started on `redis_port` (a free one by default) and
+    stopped when the run ends.
     """
     settings = settings or Settings()
     env = env or prepare(settings, log)
     started = time.monotonic()
-    with redis_server(env, redis_port) as (port, pid):
+    with contextlib.ExitStack() as stack:
+        if redis is None:
+            redis = stack.enter_context(
+                _support.redis_server(env.redis_server, port=redis_port, prefix=env.redis_pin)
+            )
+        port, pid = redis
         log(f"redis-server {env.redis_version} on {HOST}:{port} (pid {pid})")
         result = _run_worker(env, settings, port, pid)
         http_rows = _run_http(env, settings, port, log) if env.http is not None else []
@@ -443,7 +420,9 @@ def _run_worker(env: Environment, settings: Settings, port: int, pid: int) -> di
         "duration": settings.duration,
         "warmup": settings.warmup,
         "quiet_wait": settings.quiet_wait,
-        "disturbed": DISTURBED,
+        # A cell is measured again when others used more than this ("never" without retry).
+        "disturbed": DISTURBED if settings.retry else 1e9,
+        "retry_until": _support.retry_until,
         "count_decisions": settings.count_decisions,
         "breaker_seconds": settings.breaker_seconds,
         "breaker_requests": settings.breaker_requests,
@@ -454,9 +433,8 @@ def _run_worker(env: Environment, settings: Settings, port: int, pid: int) -> di
         spec_path.write_text(json.dumps(spec))
         # The repository root stays off sys.path (as for the HTTP apps): the venv's
         # editable install is what imports `ratelimit`.
-        child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         cmd = [*env.worker_pin, str(env.python), str(WORKER), str(spec_path), str(result_path)]
-        subprocess.run(cmd, cwd=_support.HERE, env=child_env, check=True)
+        subprocess.run(cmd, cwd=_support.HERE, env=_support.child_env(), check=True)
         data: dict[str, Any] = json.loads(result_path.read_text())
         return data
 
@@ -467,60 +445,23 @@ def _run_http(
     """The HTTP variants under uvicorn and wrk, interleaved by round, via http_overhead."""
     assert env.http is not None
     hsettings = _http_settings(settings)
-    names = list(settings.http_variants)
-    samples: dict[str, list[http_overhead.Sample]] = {n: [] for n in names}
+    variants = [HTTP_BY_NAME[name] for name in settings.http_variants]
     previous = os.environ.get(URL_VARIABLE)
     os.environ[URL_VARIABLE] = f"redis://{HOST}:{port}/0"  # the servers inherit it
     try:
-        for rnd in range(settings.http_rounds):
-            shift = rnd % len(names)
-            for name in names[shift:] + names[:shift]:
-                for attempt in range(2):
-                    s = http_overhead.measure_once(env.http, hsettings, HTTP_BY_NAME[name], rnd)
-                    flag = f"  ({s.errors} errors!)" if s.errors else ""
-                    if s.others > DISTURBED:
-                        flag += f"  (disturbed: others used {s.others:.2f} core)"
-                    log(
-                        f"http round {rnd + 1}/{settings.http_rounds}  {name:<24}"
-                        f"{s.rps:>9.0f} req/s  p99 {s.p99_ms:6.2f} ms{flag}"
-                    )
-                    if s.others <= DISTURBED or attempt:
-                        break
-                samples[name].append(s)
+        return http_overhead.measure_variants(
+            env.http,
+            hsettings,
+            variants,
+            lambda v: env.versions.get(v.package, "?"),
+            log,
+            label="http ",
+        )
     finally:
         if previous is None:
             os.environ.pop(URL_VARIABLE, None)
         else:
             os.environ[URL_VARIABLE] = previous
-    bare = {s.round: s for s in samples.get("bare", [])}
-    rows = []
-    for name in names:
-        v, got = HTTP_BY_NAME[name], samples[name]
-        rates = [s.rps for s in got]
-        ratios = [s.rps / bare[s.round].rps for s in got if s.round in bare]
-        cpu_ratios = [
-            s.per_cpu / bare[s.round].per_cpu
-            for s in got
-            if s.round in bare and bare[s.round].per_cpu
-        ]
-        rows.append(
-            http_overhead.Row(
-                variant=name,
-                description=v.description,
-                version=env.versions.get(v.package, "?"),
-                rps=statistics.median(rates),
-                rps_min=min(rates),
-                rps_max=max(rates),
-                p99_ms=statistics.median(s.p99_ms for s in got),
-                ratio=statistics.median(ratios) if ratios else None,
-                per_cpu=statistics.median(s.per_cpu for s in got),
-                per_cpu_ratio=statistics.median(cpu_ratios) if cpu_ratios else None,
-                errors=sum(s.errors for s in got),
-                disturbed=sum(s.others > DISTURBED for s in got),
-                samples=tuple(got),
-            )
-        )
-    return rows
 
 
 def _rows(cells: list[dict[str, Any]]) -> list[Row]:
@@ -546,7 +487,8 @@ def _rows(cells: list[dict[str, Any]]) -> list[Row]:
                 p99_us=statistics.median(c["p99_us"] for c in ok),
                 refused=sum(c["refused"] for c in ok),
                 disturbed=sum(c["others"] > DISTURBED for c in ok),
-                error=next((c["error"] for c in got if c["error"]), None),
+                failed_rounds=len(got) - len(ok),
+                failure=next((c["error"] for c in got if c["error"]), None),
             )
         )
     return rows
@@ -702,7 +644,8 @@ def render(report: Report, env: Environment, settings: Settings, command: str) -
     lines += ["", _decision_table(report, conc), ""]
     lines += [
         "*vs EVALSHA*: p50 over redis-py's trivial `EVALSHA` p50 at concurrency 1; "
-        "*vs best peer*: decisions/s over the best peer's at the same concurrency. "
+        "*vs best peer*: decisions/s over the best peer's at the same concurrency "
+        "(the floor rows are no limiters: they show the room above the peers). "
         "*Sent* is what the client wrote per decision (from `MONITOR`); the commands each "
         "run in Redis, scripts included, are below.",
         "",
@@ -722,11 +665,11 @@ def _decision_table(report: Report, concurrencies: Sequence[int]) -> str:
     for c in concurrencies:
         head += f" c={c} decisions/s | c={c} p50 | c={c} p99 |"
         rule += " ---: | ---: | ---: |"
-    head += " c=1 p50 vs EVALSHA | c=32 vs best peer |"
-    rule += " ---: | ---: |"
+    head += " c=1 p50 vs EVALSHA |" + "".join(f" c={c} vs best peer |" for c in concurrencies)
+    rule += " ---: |" * (1 + len(concurrencies))
     out = [head, rule]
     floor1 = _row(report, FLOOR_EVALSHA, 1)
-    best32 = best_peer(report, 32)
+    best = {c: best_peer(report, c) for c in concurrencies}
     measured = {r.subject for r in report.rows}
     for s in SUBJECTS:
         if s.name not in measured:
@@ -741,11 +684,16 @@ def _decision_table(report: Report, concurrencies: Sequence[int]) -> str:
                 line += " failed | | |"
             else:
                 flag = " (limit reached!)" if r.refused else ""
+                if r.failed_rounds:
+                    flag += f" ({r.failed_rounds} round(s) failed)"
                 line += f" {r.rate:,.0f}{flag} | {_us(r.p50_us)} | {_us(r.p99_us)} |"
-        r1, r32 = _row(report, s.name, 1), _row(report, s.name, 32)
+        r1 = _row(report, s.name, 1)
         vs_floor = f"{r1.p50_us / floor1.p50_us:.2f}" if r1 and floor1 and floor1.p50_us else "-"
-        vs_peer = f"{r32.rate / best32.rate:.2f}" if r32 and best32 and best32.rate else "-"
-        out.append(line + f" {vs_floor} | {vs_peer} |")
+        line += f" {vs_floor} |"
+        for c in concurrencies:
+            rc, bc = _row(report, s.name, c), best[c]
+            line += f" {rc.rate / bc.rate:.2f} |" if rc and bc and bc.rate else " - |"
+        out.append(line)
     return "\n".join(out)
 
 
@@ -765,6 +713,12 @@ def _notes(report: Report) -> list[str]:
         )
         if error:
             text += f". **Failed**: `{error}`"
+        for r in report.rows:
+            if r.subject == s.name and r.failed_rounds:
+                text += (
+                    f". At c={r.concurrency}, {r.failed_rounds} round(s) **failed** "
+                    f"(`{r.failure}`); the numbers are of the other rounds"
+                )
         out.append(text + ".")
     out.append(
         "- No peer has a concurrency limit (a lease held while a request runs): "
@@ -824,20 +778,10 @@ def _breaker_lines(report: Report) -> list[str]:
 def _http_lines(report: Report, env: Environment, settings: Settings) -> list[str]:
     out = [
         "Over HTTP: the same Starlette endpoint bare and behind each limiter on this Redis, "
-        "with a limit never reached:",
+        "with a limit never reached (*vs best peer*: req/s over the best peer's):",
         "",
-        "| variant | req/s (median) | req/s (min-max) | p99 (median) | vs bare | req/CPU-s "
-        "| vs bare |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in report.http:
-        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
-        cpu_ratio = "-" if r.per_cpu_ratio is None else f"{r.per_cpu_ratio:.2f}"
-        bad = f" ({r.errors} errors)" if r.errors else ""
-        out.append(
-            f"| {r.variant}{bad} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
-            f"| {r.p99_ms:.2f} ms | {ratio} | {r.per_cpu:,.0f} | {cpu_ratio} |"
-        )
+    out += http_overhead.table(report.http, HTTP_PEERS)
     out.append("")
     out += [f"- **{r.variant}**: {r.description}" for r in report.http]
     return out
@@ -882,9 +826,10 @@ def _method_lines(report: Report, env: Environment, settings: Settings, command:
         ]
     lines += [
         f"- Pinning: {pin}",
-        "- Noise: each cell waits for the machine to be quiet first and is measured once more "
-        f"if other processes used over {DISTURBED} of a core meanwhile ({disturbed} cell(s) "
-        "still disturbed after that)",
+        f"- Noise: each cell waits up to {settings.quiet_wait:g} s for the machine to be quiet; "
+        f"one during which other processes used over {DISTURBED} of a core "
+        + ("is measured once more" if settings.retry else "is kept (quick run: no retry)")
+        + f" ({disturbed} cell(s) disturbed in the tables)",
     ]
     return lines
 
@@ -926,17 +871,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.loop:
         overrides["loop"] = args.loop
     if args.subjects:
-        chosen = tuple(n.strip() for n in args.subjects.split(","))
-        unknown = [n for n in chosen if n not in BY_NAME]
-        if unknown:
-            parser.error(f"unknown subjects {unknown}; choose from {list(BY_NAME)}")
-        overrides["subjects"] = chosen
+        overrides["subjects"] = _support.pick(parser, args.subjects, BY_NAME, "subjects")
     if args.http_variants is not None:
-        chosen = tuple(n.strip() for n in args.http_variants.split(",") if n.strip())
-        unknown = [n for n in chosen if n not in HTTP_BY_NAME]
-        if unknown:
-            parser.error(f"unknown HTTP variants {unknown}; choose from {list(HTTP_BY_NAME)}")
-        overrides["http_variants"] = chosen
+        overrides["http_variants"] = _support.pick(
+            parser, args.http_variants, HTTP_BY_NAME, "HTTP variants"
+        )
     settings = replace(settings, **overrides, fresh_venvs=args.fresh_venvs)
     env = prepare(settings)
     report = run(settings, env, redis_port=args.port)
@@ -951,7 +890,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_write:
         _support.write_section(SECTION, section)
         print(f"\nwrote {_support.RESULTS.relative_to(_support.REPO)}")
-    invalid = any(r.refused or r.error for r in report.rows) or any(r.errors for r in report.http)
+    invalid = any(r.refused or r.error or r.failed_rounds for r in report.rows)
+    invalid = invalid or any(r.errors for r in report.http)
     return 1 if invalid else 0
 
 
