@@ -222,6 +222,45 @@ def run_metrics(run: Run) -> None:
     )
 
 
+def _bench_module(run: Run, module: str, args: list[str], ok: tuple[int, ...] = (0,)) -> str:
+    """Run `python -m benchmarks.<module> --no-write ARGS` in the bench venv; its section."""
+    python = _support.ensure_venv(_support.standard_venvs()["bench"], fresh=False)
+    cmd = [str(python), "-m", f"benchmarks.{module}", "--no-write", *args]
+    result = subprocess.run(
+        cmd, cwd=_support.REPO, env=_support.child_env(), capture_output=True, text=True
+    )
+    if result.returncode not in ok:
+        raise RuntimeError(f"{module} failed:\n{result.stderr[-2000:]}")
+    return result.stdout.strip()
+
+
+def run_queue_goodput(run: Run) -> None:
+    """A 2 s endpoint at 10x overload behind the waiting line (memory, and Redis)."""
+    args = ["--quick"] if run.quick else ["--duration", "12", "--patience", "25"]
+    if run.redis is not None and not run.quick:
+        args += ["--redis", f"redis://127.0.0.1:{run.redis[0]}/0"]
+    body = _bench_module(run, "queue_goodput", args)
+    command = f"python3 -m benchmarks --only queue_goodput{_argv(run)}"
+    run.sections["queue_goodput"] = body + f"\n- Command: `{command}`"
+    run.summary.append(
+        (
+            "Waiting line at 10x overload: slot use, Retry-After honesty",
+            "see the queue_goodput section",
+            "no peer has a waiting line",
+            "-",
+        )
+    )
+
+
+def run_queue_handoff(run: Run) -> None:
+    """Release in one process to admission in another, through Redis (own redis-server)."""
+    rounds = "200" if run.quick else "1000"
+    # Exit status 1 means the p99 target was missed: still a result to report.
+    body = _bench_module(run, "queue_handoff", ["--rounds", rounds], ok=(0, 1))
+    command = f"python3 -m benchmarks --only queue_handoff{_argv(run)}"
+    run.sections["queue_handoff"] = body + f"\n- Command: `{command}`"
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "accuracy",
@@ -254,6 +293,22 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "~10 s",
         False,
         run_metrics,
+    ),
+    Benchmark(
+        "queue_goodput",
+        "a 2 s endpoint at 10x overload behind Concurrency(8, queue=16, timeout=5)",
+        "~2 min",
+        "~35 s",
+        True,
+        run_queue_goodput,
+    ),
+    Benchmark(
+        "queue_handoff",
+        "Redis waiting line: release in one process to admission in another, p50/p99",
+        "~15 s",
+        "~5 s",
+        False,
+        run_queue_handoff,
     ),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}
