@@ -259,7 +259,8 @@ async def test_a_hung_redis_costs_the_timeout_until_the_breaker_opens(
     private_redis: RedisServer,
 ) -> None:
     """Redis stopped answering: requests wait at most the timeout, then microseconds."""
-    backend = RedisBackend(private_redis.url, breaker_reset=0.5)
+    # A short timeout, so the breaker opens early in the 1 s of load.
+    backend = RedisBackend(private_redis.url, timeout=0.1, breaker_reset=0.5)
     app = limited(backend, "open", burst=1000)
     pid = private_redis.pid
     assert pid is not None
