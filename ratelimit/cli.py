@@ -29,7 +29,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, NoReturn, TextIO
 
@@ -707,27 +707,31 @@ async def status_data(ctx: Context) -> dict[str, Any]:
 
 async def _in_use(backend: Any, rule: str, limit: str, shared: bool) -> int:
     """Slots held now: the shared key's, or the sum over callers (scanning their keys)."""
-    if shared:
-        return int(await backend.in_use(StoreKey(rule, limit, "*")))
-    total = 0
-    pattern = f"{backend.prefix}:{{{rule}:*}}:{limit}:leases"
-    async for raw in backend.client.scan_iter(match=pattern, count=1000):
-        name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        caller = name.split("{", 1)[1].split("}", 1)[0].split(":", 1)[1]
-        total += int(await backend.in_use(StoreKey(rule, limit, caller)))
-    return total
+    return await _per_caller_sum(backend, rule, limit, shared, "leases", backend.in_use)
 
 
 async def _waiting(backend: Any, rule: str, limit: str, shared: bool) -> int:
     """Requests waiting in line now: the shared key's line, or the sum over callers' lines."""
+    return await _per_caller_sum(backend, rule, limit, shared, "line", backend.queue_length)
+
+
+async def _per_caller_sum(
+    backend: Any,
+    rule: str,
+    limit: str,
+    shared: bool,
+    suffix: str,
+    count: Callable[[StoreKey], Awaitable[int]],
+) -> int:
+    """`count` of the shared key, or summed over every caller with a `suffix` key in Redis."""
     if shared:
-        return int(await backend.queue_length(StoreKey(rule, limit, "*")))
+        return int(await count(StoreKey(rule, limit, "*")))
     total = 0
-    pattern = f"{backend.prefix}:{{{rule}:*}}:{limit}:line"
+    pattern = f"{backend.prefix}:{{{rule}:*}}:{limit}:{suffix}"
     async for raw in backend.client.scan_iter(match=pattern, count=1000):
         name = raw.decode() if isinstance(raw, bytes) else str(raw)
         caller = name.split("{", 1)[1].split("}", 1)[0].split(":", 1)[1]
-        total += int(await backend.queue_length(StoreKey(rule, limit, caller)))
+        total += int(await count(StoreKey(rule, limit, caller)))
     return total
 
 
