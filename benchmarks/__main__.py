@@ -297,8 +297,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "queue_goodput",
         "a 2 s endpoint at 10x overload behind Concurrency(8, queue=16, timeout=5)",
-        "~2 min",
-        "~35 s",
+        "~3 min",
+        "~30 s",
         True,
         run_queue_goodput,
     ),

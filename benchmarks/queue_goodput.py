@@ -17,7 +17,7 @@ to `retries` times. Measured from what the clients and the app saw:
 - refusals at once: how long a 503 took.
 
     .venv/bin/python -m benchmarks.queue_goodput            # ~2.5 min
-    .venv/bin/python -m benchmarks.queue_goodput --quick    # ~35 s
+    .venv/bin/python -m benchmarks.queue_goodput --quick    # ~30 s
     .venv/bin/python -m benchmarks.queue_goodput --redis redis://127.0.0.1:6379/0
 """
 
@@ -260,12 +260,12 @@ def main(argv: list[str] | None = None, print_: Callable[[str], None] = print) -
     )
     parser.add_argument("--redis", help="also run on RedisBackend(URL)")
     parser.add_argument(
-        "--quick", action="store_true", help="4 s of arrivals, clients patient up to 10 s"
+        "--quick", action="store_true", help="3 s of arrivals, 3 retries, patience 6 s"
     )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.patience = 4.0, 10.0
+        args.duration, args.patience, args.retries = 3.0, 6.0, 3
     options = {
         "service": args.service, "overload": args.overload, "duration": args.duration,
         "retries": args.retries, "patience": args.patience, "seed": 7,
