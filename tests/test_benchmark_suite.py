@@ -24,7 +24,14 @@ def test_list_names_every_benchmark_and_runs_none() -> None:
     result = _suite("--list")
     assert result.returncode == 0, result.stderr
     names = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
-    assert names == ["accuracy", "http_overhead", "redis_decisions", "metrics_overhead"]
+    assert names == [
+        "accuracy",
+        "http_overhead",
+        "redis_decisions",
+        "metrics_overhead",
+        "queue_goodput",
+        "queue_handoff",
+    ]
 
 
 def test_only_an_unknown_benchmark_is_a_usage_error() -> None:
