@@ -315,8 +315,8 @@ async def test_the_middleware_decides_every_limit_kind_on_a_cluster(
     redis_cluster_url: str, strategy: str
 ) -> None:
     """A rule with a token bucket, a global concurrency cap and a window works on a cluster."""
-    # A generous timeout: this is about routing, and a loaded 2-core box can take more
-    # than the default 0.1 s to answer 20 first calls (fail="closed" would make them 503).
+    # A generous timeout: this is about routing, and a loaded 2-core box can take long
+    # to answer 20 first calls (fail="closed" would make them 503).
     backend = RedisBackend(redis_cluster_url, cluster=True, timeout=2.0)
     app = RateLimitMiddleware(
         hello,

@@ -101,6 +101,12 @@ DEFAULT_TIMEOUT = 0.5
 #: deadline the kernel is asked whether the socket connected, so a busy loop does not
 #: fail a connection that succeeded.
 DEFAULT_CONNECT_TIMEOUT = 0.1
+#: The least connect timeout given to redis-py's own connections (Window storage,
+#: TLS, cluster discovery). redis-py waits for a connection with `asyncio.wait_for`, so
+#: a burst of first calls on a busy loop could fail connections that succeeded at
+#: 0.1 s (seen: 20 concurrent first window hits on a cluster). Only these paths pay it,
+#: and the breaker stops a dead Redis from costing it more than a few times.
+CLIENT_CONNECT_TIMEOUT_FLOOR = 1.0
 
 #: Errors of a call that did not reach Redis, or got no answer in time: these count
 #: against the breaker. Other errors are replies (Redis is alive) or client-side.
@@ -206,7 +212,7 @@ class RedisBackend:
                 client = Redis.from_url(
                     url,
                     socket_timeout=self.timeout,
-                    socket_connect_timeout=self.connect_timeout,
+                    socket_connect_timeout=self._client_connect_timeout(),
                     retry=Retry(NoBackoff(), 0),
                 )
             except ValueError as exc:
@@ -443,6 +449,10 @@ class RedisBackend:
 
     # -- internals --------------------------------------------------------------
 
+    def _client_connect_timeout(self) -> float:
+        """The connect timeout of redis-py's own connections (see CLIENT_CONNECT_TIMEOUT_FLOOR)."""
+        return max(self.connect_timeout, CLIENT_CONNECT_TIMEOUT_FLOOR)
+
     def _cluster_options(self, url: str) -> dict[str, Any]:
         """`RedisCluster` arguments for a cluster URL: its nodes, credentials and our timeouts."""
         expected = "redis://[user:password@]host:port[,host:port...] naming Redis Cluster nodes"
@@ -464,7 +474,7 @@ class RedisBackend:
         options: dict[str, Any] = {
             "startup_nodes": nodes,
             "socket_timeout": self.timeout,
-            "socket_connect_timeout": self.connect_timeout,
+            "socket_connect_timeout": self._client_connect_timeout(),
             # No retries: a failure is reported at once, and the breaker decides.
             "retry": Retry(NoBackoff(), 0),
             "max_connections": CLUSTER_MAX_CONNECTIONS,
