@@ -356,19 +356,16 @@ async def _rank(limit: Concurrency, scope: Scope) -> int:
     return limit.rank(value)
 
 
-def _client_timeout(scope: Scope, header: str | None) -> float | None:
+def _client_timeout(scope: Scope, header: keys.header | None) -> float | None:
     """Seconds the client says it will wait (`deadline_header`), or None if absent or unreadable."""
-    if header is None:
+    text = None if header is None else header(scope)
+    if text is None:
         return None
-    name = header.encode("latin-1")
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            try:
-                seconds = float(value.decode("latin-1"))
-            except ValueError:
-                return None
-            return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _cancelling() -> bool:

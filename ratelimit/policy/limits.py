@@ -204,11 +204,13 @@ class Concurrency(Limit):
         if fair_key is not None and not callable(fair_key):
             raise ConfigError("fair_key", "a callable (scope) -> str | None", fair_key)
         self.fair_key = fair_key
-        if deadline_header is not None and (
-            not isinstance(deadline_header, str) or not _HEADER_RE.match(deadline_header)
-        ):
-            raise ConfigError("deadline_header", "a header name, or None", deadline_header)
-        self.deadline_header = None if deadline_header is None else deadline_header.lower()
+        try:
+            #: Reads the client's own limit on its wait, in seconds (None: not read).
+            self.deadline_header = None if deadline_header is None else keys.header(deadline_header)
+        except ConfigError:
+            raise ConfigError(
+                "deadline_header", "a header name, or None", deadline_header
+            ) from None
         self.shares = dict(_check_shares(shares))
         self.classes = _check_classes(classes, self.shares)
         #: (rank, slots) guaranteed per class.
@@ -251,7 +253,6 @@ class Concurrency(Limit):
 
 #: An int priority p ranks RANK_ORIGIN - p: higher ints first.
 _INT_RANK_ORIGIN = 5000
-_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 def _check_shares(shares: object) -> Mapping[Any, float]:
