@@ -665,7 +665,10 @@ class Engine:
             if outcome == ABANDONED:
                 self._spawn(backend.refund(others))
             else:
-                await backend.refund(others)
+                try:
+                    await backend.refund(others)
+                except Exception as exc:  # the refusal stands; the quota stays taken
+                    logger.warning("could not refund a refused waiter's quota (%r)", exc)
         reason = {"timeout": QUEUE_TIMEOUT, "shed": SHED}.get(outcome, ABANDONED)
         estimate = 0.0
         if reason != ABANDONED and line.spacing:
