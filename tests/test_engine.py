@@ -92,3 +92,39 @@ async def test_an_exempt_limit_leaves_the_others_results_in_rule_order() -> None
     assert [r if r is None else r.remaining for r in d.results] == [None, 6, 3]
     assert d.grant is not None
     await engine.release(d.grant)
+
+
+def single_bucket_engine(cost: Any, clock: ManualClock, *, shared: bool) -> Engine:
+    rule = Rule(
+        "/x",
+        limits=[TokenBucket("6/minute", burst=3, key=keys.header("x-api-key"), shared=shared)],
+        cost=cost,
+    )
+    return Engine([rule], MemoryBackend(clock=clock))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_one_bucket_rule_takes_the_short_path_with_the_general_paths_answers(
+    shared: bool,
+) -> None:
+    """A rule of one per-caller bucket skips the general loop; its decisions are the same."""
+    clock = ManualClock()
+    short = single_bucket_engine(1, clock, shared=shared)
+    general = single_bucket_engine(lambda scope: 1, clock, shared=shared)
+    assert short.plan(short.rules[0]).single is not None
+    assert general.plan(general.rules[0]).single is None
+    refusals: set[int] = set()
+    exempt = 0
+    for step in range(60):
+        clock.now += 0.9
+        who = [(b"x-api-key", f"k{step % 2}".encode())] if step % 7 else []
+        scope = http_scope("/x", headers=who)
+        a = await short.decide(short.rules[0], scope)
+        b = await general.decide(general.rules[0], scope)
+        assert summary(a) == summary(b), step
+        if not a.allowed:
+            refusals.add(a.status)
+        exempt += a.results == [None]
+    # Both branches were taken: refusals (429, or 503 on a shared bucket) and exemptions.
+    assert refusals == {503 if shared else 429}
+    assert exempt

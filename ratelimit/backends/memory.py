@@ -122,11 +122,18 @@ class MemoryBackend:
         if len(checks) == 1 and checks[0].__class__ is BucketCheck:
             # The commonest rule, one rate limit: no bookkeeping for all-or-nothing.
             key, interval, burst, cost = checks[0]
-            ok, tat, remaining, retry, reset = gcra.gcra_tuple(
-                buckets.get(key), now, cost, interval, burst
-            )
-            if ok:
-                self._store_bucket(key, tat, now)
+            # Popped, not read: put back below at the most recently used end, which
+            # is what `_store_bucket` does, for one dict lookup less.
+            old = buckets.pop(key, None)
+            ok, tat, remaining, retry, reset = gcra.gcra_tuple(old, now, cost, interval, burst)
+            if old is None:
+                if ok:
+                    self._store_bucket(key, tat, now)
+            else:
+                buckets[key] = tat if ok else old
+                self._writes += 1
+                if not self._writes % _SWEEP_EVERY:
+                    self._sweep(now)
             return _new(Verdict, (ok, (_new(CheckResult, (ok, remaining, retry, reset)),)))
         results: list[CheckResult] = []
         # What to commit if every check admits: new bucket states, leases to add.

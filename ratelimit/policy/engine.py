@@ -195,6 +195,7 @@ class Plan:
         "params",
         "queued",
         "rule",
+        "single",
         "size",
         "specs",
         "static_cost",
@@ -230,6 +231,13 @@ class Plan:
         #: Whether a request of this rule may wait in a line (the middleware then
         #: watches for the client leaving while it waits).
         self.queued = any(isinstance(lim, Concurrency) and lim.queue for lim in rule.limits)
+        #: The commonest rule, one per-caller bucket of constant cost with a sync key:
+        #: (key function, cache) for `Engine.decide`'s short path; None otherwise.
+        self.single: tuple[Callable[[Scope], Any], dict[str, Any]] | None = None
+        if len(self.specs) == 1 and self.specs[0][1] == _READY_BUCKET:
+            _, _, fixed, key_func, key_async, cache, _, _ = self.specs[0]
+            if fixed is None and not key_async:
+                self.single = (key_func, cache)
 
     def _step(self, i: int) -> int:
         """What the per-request loop does for limit `i` with its entry."""
@@ -469,6 +477,19 @@ class Engine:
         plan = self._by_rule[rule.name]
         if plan.__class__ is BlockedPlan:
             return self._blocked(plan)
+        single = plan.single
+        if single is not None and self._decide_nowait is not None:
+            # One bucket decided in this process: no lists, no loop, no await.
+            key = single[0](scope)
+            if key is None:
+                return Decision(rule, True, 200, 0.0, plan, [None])
+            if key.__class__ is str:
+                verdict = self._decide_nowait((single[1].get(key) or plan.entry(0, key),))
+                result = verdict.results[0]
+                if verdict.admitted:
+                    return Decision(rule, True, 200, 0.0, plan, [result])
+                status = 503 if plan.limits[0].shared else 429
+                return Decision(rule, False, status, result.retry_after, plan, [result])
         cost = rule.cost
         if cost.__class__ is not int:
             cost = await self._cost(rule, scope)
