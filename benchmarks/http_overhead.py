@@ -99,8 +99,10 @@ VARIANTS: tuple[Variant, ...] = (
     ),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
-#: The variant whose ratio the target is about, and the peers it must beat.
+#: The variant whose ratio the summary quotes, every variant of ours the verdict
+#: judges, and the peers they must beat.
 OURS = "ratelimit"
+OUR_VARIANTS = ("ratelimit", "ratelimit-bucket", "ratelimit-no-headers")
 PEERS = ("slowapi", "asgi-ratelimit")
 TARGET_RATIO = 0.95
 DISTURBED = _support.DISTURBED
@@ -124,11 +126,21 @@ class Settings:
     #: run is measured once more.
     quiet_wait: float = 10.0
     retry: bool = True
+    #: In-process timing (`_inprocess_worker.py`): calls per round, and rounds.
+    inprocess_requests: int = 20_000
+    inprocess_rounds: int = 5
 
     @classmethod
     def quick(cls) -> Settings:
         """About 40 seconds: fewer, shorter rounds (a smoke run; the ratios are rougher)."""
-        return cls(duration=2, rounds=2, quiet_wait=1.0, retry=False)
+        return cls(
+            duration=2,
+            rounds=2,
+            quiet_wait=1.0,
+            retry=False,
+            inprocess_requests=5_000,
+            inprocess_rounds=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,10 @@ class Row:
     #: Runs still disturbed by other processes after one retry.
     disturbed: int
     samples: tuple[Sample, ...] = field(repr=False)
+    #: CPU microseconds per request called in-process (no server), and what that adds to
+    #: the bare app measured in the same process; None when not measured.
+    inprocess_us: float | None = None
+    added_us: float | None = None
 
 
 @dataclass(frozen=True)
@@ -392,9 +408,54 @@ def run(
     settings = settings or Settings()
     env = env or prepare(settings, log)
     variants = [BY_NAME[name] for name in settings.variants]
-    return measure_variants(
+    rows = measure_variants(
         env, settings, variants, lambda v: env.versions.get(v.name, {}).get(v.package, "?"), log
     )
+    costs = measure_in_process(env, settings, variants, log)
+    return [replace(r, **costs.get(r.variant, {})) for r in rows]
+
+
+def measure_in_process(
+    env: Environment,
+    settings: Settings,
+    variants: Sequence[Variant],
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+    """CPU per request of each variant's app called in-process, and what it adds to bare.
+
+    One worker process per venv times its variants and a bare app side by side
+    (`_inprocess_worker.py`), so each limiter is compared with bare in its own
+    interpreter: the limiter's own cost, without a server, sockets or wrk.
+    """
+    by_venv: dict[str, list[Variant]] = {}
+    for v in variants:
+        by_venv.setdefault(v.venv, []).append(v)
+    out: dict[str, dict[str, float]] = {}
+    for venv, group in by_venv.items():
+        modules = ["bare", *(v.app.split(":")[0] for v in group if v.name != "bare")]
+        _support.wait_for_quiet(max_wait=settings.quiet_wait)
+        result = subprocess.run(
+            [
+                str(env.pythons[venv]),
+                str(_support.HERE / "_inprocess_worker.py"),
+                str(settings.inprocess_requests),
+                str(settings.inprocess_rounds),
+                *modules,
+            ],
+            cwd=APPS,
+            env=_support.child_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"in-process timing in {venv} failed:\n{result.stderr[-2000:]}")
+        us = json.loads(result.stdout)
+        for v in group:
+            mine = us[v.app.split(":")[0]]
+            out[v.name] = {"inprocess_us": mine, "added_us": mine - us["bare"]}
+            log(f"in-process  {v.name:<24} {mine:6.2f} us/request (+{mine - us['bare']:.2f})")
+    return out
 
 
 def measure_variants(
@@ -457,25 +518,43 @@ def measure_variants(
 
 
 def verdict(rows: Sequence[Row]) -> str | None:
-    """Whether `OURS` meets the target: >= 0.95 of bare and ahead of every peer measured."""
+    """Whether each of our variants meets the target: >= 0.95 of bare, ahead of every peer.
+
+    Every variant of ours is judged, not only `OURS`: the issue's app has a limit
+    never reached, which the bucket-only rows match like for like. In-process
+    costs are compared too: they rank the limiters without the server's noise.
+    """
     by = {r.variant: r for r in rows}
-    ours = by.get(OURS)
-    if ours is None or ours.ratio is None:
-        return None
-    peers = [by[p] for p in PEERS if p in by]
-    meets = ours.ratio >= TARGET_RATIO
-    ahead = all(ours.rps > p.rps for p in peers)
+    peers = [by[p] for p in PEERS if p in by and by[p].ratio is not None]
     best = max(peers, key=lambda p: p.rps, default=None)
-    parts = [
-        f"{OURS} at {ours.ratio:.2f}x bare: target >= {TARGET_RATIO:.2f} "
-        f"**{'met' if meets else 'not met'}**"
-    ]
-    if best is not None:
-        parts.append(
-            f"ahead of every peer: **{'yes' if ahead else 'no'}** "
-            f"(best peer {best.variant} at {best.ratio or 0:.2f}x)"
+    cheapest = min(
+        (p for p in peers if p.added_us is not None), key=lambda p: p.added_us or 0.0, default=None
+    )
+    lines = []
+    for name in OUR_VARIANTS:
+        ours = by.get(name)
+        if ours is None or ours.ratio is None:
+            continue
+        meets = ours.ratio >= TARGET_RATIO
+        text = (
+            f"- {name}: {ours.ratio:.2f}x bare, target >= {TARGET_RATIO:.2f} "
+            f"**{'met' if meets else 'not met'}**"
         )
-    return "; ".join(parts) + "."
+        if best is not None:
+            ahead = all(ours.rps > p.rps for p in peers)
+            text += (
+                f"; ahead of every peer over HTTP: **{'yes' if ahead else 'no'}** "
+                f"(best peer {best.variant} at {best.ratio or 0:.2f}x)"
+            )
+        if cheapest is not None and ours.added_us is not None and cheapest.added_us is not None:
+            cheaper = ours.added_us < cheapest.added_us
+            text += (
+                f"; in-process it adds {ours.added_us:.2f} µs per request, "
+                f"{'less' if cheaper else 'more'} than the cheapest peer "
+                f"({cheapest.variant}, {cheapest.added_us:.2f} µs)"
+            )
+        lines.append(text + ".")
+    return "\n".join(lines) if lines else None
 
 
 def render(rows: Sequence[Row], env: Environment, settings: Settings, command: str) -> str:
@@ -487,7 +566,10 @@ def render(rows: Sequence[Row], env: Environment, settings: Settings, command: s
         "behind each limiter with a limit on the path that is never reached: the cost of the",
         "limiter alone. *req/CPU-s* is requests per CPU-second of the server process, the same",
         "cost seen without the noise of whatever else the machine ran. *vs best peer* is",
-        "req/s over the best peer's median req/s.",
+        "req/s over the best peer's median req/s. *In-process µs/request* is the CPU one",
+        "request costs when the app is called directly, with no server (the fastest of",
+        "several rounds); *added µs* is that minus the bare app's in the same process:",
+        "the limiter's own cost, free of server and machine noise.",
         "",
     ]
     lines += table(rows, PEERS)
@@ -531,6 +613,9 @@ def render(rows: Sequence[Row], env: Environment, settings: Settings, command: s
         + f" ({disturbed} run(s) disturbed in the table)",
         "- Every limited server is first checked to refuse a second request to a 1/minute path "
         "with 429, so a limiter that is not in the request path cannot look fast",
+        f"- In-process: `benchmarks/_inprocess_worker.py`, {settings.inprocess_requests:,} calls "
+        f"per round, {settings.inprocess_rounds} rounds interleaved, the fastest kept; the scope "
+        "uvicorn builds for wrk's request; the same 429 check first",
         "- The code under test runs from venvs the script creates (benchmarks/.venv-*); "
         "asgi-ratelimit in one of its own, since it installs a top-level `ratelimit` module",
     ]
@@ -548,8 +633,8 @@ def table(rows: Sequence[Row], peers: Sequence[str]) -> list[str]:
     best = best_peer(rows, peers)
     out = [
         "| variant | version | req/s (median) | req/s (min-max) | p99 (median) | vs bare "
-        "| vs best peer | req/CPU-s | vs bare |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| vs best peer | req/CPU-s | vs bare | in-process µs/request | added µs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         vs_peer = _ratio(r.rps / best.rps if best and best.rps and r.variant != "bare" else None)
@@ -557,9 +642,16 @@ def table(rows: Sequence[Row], peers: Sequence[str]) -> list[str]:
         out.append(
             f"| {r.variant}{bad} | {r.version} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
             f"| {r.p99_ms:.2f} ms | {_ratio(r.ratio)} | {vs_peer} "
-            f"| {r.per_cpu:,.0f} | {_ratio(r.per_cpu_ratio)} |"
+            f"| {r.per_cpu:,.0f} | {_ratio(r.per_cpu_ratio)} "
+            f"| {_us(r.inprocess_us)} | {_us(r.added_us, sign=True)} |"
         )
     return out
+
+
+def _us(value: float | None, *, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if sign else f"{value:.2f}"
 
 
 def _ratio(value: float | None) -> str:
