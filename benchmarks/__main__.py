@@ -130,6 +130,7 @@ def run_http(run: Run) -> None:
     by = {r.variant: r for r in rows}
     for name, label in (
         ("ratelimit", "bucket + concurrency slot, header fields"),
+        ("ratelimit-bucket", "bucket, header fields (the default)"),
         ("ratelimit-no-headers", "bucket, no header fields (like the peers)"),
     ):
         r = by.get(name)
@@ -142,6 +143,28 @@ def run_http(run: Run) -> None:
                     f"{r.rps / best.rps:.2f}",
                 )
             )
+    control = by.get("bare-again")
+    if control is not None:
+        run.summary.append(
+            (
+                "HTTP noise: the bare app against itself (A/A control)",
+                f"{_x(control.ratio)} bare",
+                "-",
+                "-",
+            )
+        )
+    ours = by.get("ratelimit-bucket")
+    peers = [by[p] for p in http_overhead.PEERS if p in by and by[p].added_us is not None]
+    cheapest = min(peers, key=lambda p: p.added_us or 0.0, default=None)
+    if ours is not None and ours.added_us is not None and cheapest is not None:
+        run.summary.append(
+            (
+                "Limiter CPU per request, in-process (bucket, header fields)",
+                f"+{ours.added_us:.2f} µs",
+                f"{cheapest.variant} +{cheapest.added_us or 0.0:.2f} µs",
+                f"{ours.added_us / (cheapest.added_us or 1.0):.2f} (lower is better)",
+            )
+        )
 
 
 def run_redis(run: Run) -> None:

@@ -61,6 +61,14 @@ def _project_name() -> str:
 VARIANTS: tuple[Variant, ...] = (
     Variant("bare", "bare:app", "bench", "starlette", "Starlette, no limiter", limited=False),
     Variant(
+        "bare-again",
+        "bare:app",
+        "bench",
+        "starlette",
+        "the bare app again, an A/A control: its ratio to bare is this run's noise",
+        limited=False,
+    ),
+    Variant(
         "ratelimit",
         "ours:app",
         "bench",
@@ -432,7 +440,7 @@ def measure_in_process(
         by_venv.setdefault(v.venv, []).append(v)
     out: dict[str, dict[str, float]] = {}
     for venv, group in by_venv.items():
-        modules = ["bare", *(v.app.split(":")[0] for v in group if v.name != "bare")]
+        modules = ["bare", *(v.app.split(":")[0] for v in group if v.limited)]
         _support.wait_for_quiet(max_wait=settings.quiet_wait)
         result = subprocess.run(
             [
@@ -452,6 +460,8 @@ def measure_in_process(
             raise RuntimeError(f"in-process timing in {venv} failed:\n{result.stderr[-2000:]}")
         us = json.loads(result.stdout)
         for v in group:
+            if not v.limited and v.name != "bare":
+                continue  # the A/A control is the bare app itself: nothing to time twice
             mine = us[v.app.split(":")[0]]
             out[v.name] = {"inprocess_us": mine, "added_us": mine - us["bare"]}
             log(f"in-process  {v.name:<24} {mine:6.2f} us/request (+{mine - us['bare']:.2f})")
@@ -637,7 +647,8 @@ def table(rows: Sequence[Row], peers: Sequence[str]) -> list[str]:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        vs_peer = _ratio(r.rps / best.rps if best and best.rps and r.variant != "bare" else None)
+        limited = r.variant not in ("bare", "bare-again")
+        vs_peer = _ratio(r.rps / best.rps if best and best.rps and limited else None)
         bad = f" ({r.errors} errors!)" if r.errors else ""
         out.append(
             f"| {r.variant}{bad} | {r.version} | {r.rps:,.0f} | {r.rps_min:,.0f}-{r.rps_max:,.0f} "
