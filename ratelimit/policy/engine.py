@@ -478,13 +478,15 @@ class Engine:
         if plan.__class__ is BlockedPlan:
             return self._blocked(plan)
         single = plan.single
-        if single is not None and self._decide_nowait is not None:
-            # One bucket decided in this process: no lists, no loop, no await.
+        if single is not None:
+            # One bucket: no lists, no loop; no await either when decided in this process.
             key = single[0](scope)
             if key is None:
                 return Decision(rule, True, 200, 0.0, plan, [None])
             if key.__class__ is str:
-                verdict = self._decide_nowait((single[1].get(key) or plan.entry(0, key),))
+                one = (single[1].get(key) or plan.entry(0, key),)
+                nowait = self._decide_nowait
+                verdict = nowait(one) if nowait is not None else await self.backend.decide(one)
                 result = verdict.results[0]
                 if verdict.admitted:
                     return Decision(rule, True, 200, 0.0, plan, [result])
