@@ -508,6 +508,16 @@ class RedisBackend:
 
     def _decide_args(self, checks: Sequence[Check], commit: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of decide.lua for `checks`: each lease check brings its line."""
+        if len(checks) == 1:  # the common rule: no lists to merge
+            check = checks[0]
+            if isinstance(check, BucketCheck):
+                return [self.keys.bucket(check.key)], [
+                    commit,
+                    "t",
+                    repr(check.interval),
+                    str(check.burst),
+                    str(check.cost),
+                ]
         keys, lines, args = self._check_args(checks, 1)
         return keys + lines, [commit, *args]
 
