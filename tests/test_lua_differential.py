@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from ratelimit.algorithms import gcra, leases
 from ratelimit.backends.base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey
+from ratelimit.backends.redis.backend import _parse_decide
 
 pytestmark = pytest.mark.redis
 
@@ -312,11 +313,7 @@ async def _dry_run(
 ) -> tuple[bool, list[CheckResult]]:
     """decide.lua with ARGV[1] = "0", as the backend runs it for slots it must not touch."""
     keys, args = backend._decide_args(checks, "0")
-    reply = await backend._eval(backend.scripts.decide, keys, args)
-    return reply[0] == 1, [
-        CheckResult(reply[k] == 1, int(reply[k + 1]), float(reply[k + 2]), float(reply[k + 3]))
-        for k in range(1, len(reply), 4)
-    ]
+    return _parse_decide(await backend._eval(backend.scripts.decide, keys, args))
 
 
 async def _assert_same_state(

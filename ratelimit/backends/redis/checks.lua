@@ -17,6 +17,11 @@
 -- and `remaining` would be off by one half the time. A bucket key expires when
 -- the bucket is full again (ms rounded up), so idle callers cost no memory.
 --
+-- This runs on every decision, so it is written for Redis's CPU: one small array
+-- per check, numbers handed to redis.call as numbers (Redis writes them as
+-- '%.17g' text, which reads back as the same double), the reply packed as
+-- doubles. Each redis.call, string.format and table costs microseconds here.
+--
 -- Leases run acquire() of ratelimit/algorithms/leases.py on absolute times: the
 -- sorted set scores each lease id by its expiry (now + ttl); dead leases (expiry
 -- <= now) are dropped first; the set lives as long as its longest lease.
@@ -51,94 +56,101 @@ local function gcra(tat, t, cost, interval, burst)
   return true, new_tat, units(capacity - used, interval), 0, used
 end
 
--- Evaluate every check without consuming: a table C of per-check results
--- (ok, remaining, retry, reset), what committing needs (tats, new_tats), the
--- verdict, and lines[i], the line key of lease check i.
+-- The tat stored in bucket `key`, in the frame of now_sec (nil: no state, a full bucket).
+local function read_tat(key)
+  local state = redis.call('GET', key)
+  if state then
+    local sec, offset = string.match(state, '^(%S+) (%S+)$')
+    return (tonumber(sec) - now_sec) + tonumber(offset)
+  end
+  return nil
+end
+
+-- Evaluate every check without consuming. Returns C: C.verdict (every check
+-- admits), C.n, C.base, and for check i the array C[i] = {admitted, remaining,
+-- retry_after, reset_after, ...}: for a bucket then its tat before and after
+-- taking, interval, burst and cost (what untouched() and commit() need).
+-- One small array per check, no per-call format: this runs on every decision.
 local function evaluate(base, n)
   local t = now_usec / 1000000
-  local C = {base = base, n = n, verdict = true, ok = {}, remaining = {}, retry = {},
-             reset = {}, tats = {}, new_tats = {}, lines = {}}
+  local C = {base = base, n = n, verdict = true}
   local line = n
-  local now_text = string.format('%.17g', now)
   for i = 1, n do
     local key = KEYS[i]
     local j = base + 4 * i - 3
     if ARGV[j] == 't' then
       local interval, burst, cost = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
-      local state = redis.call('GET', key)
-      local tat = nil
-      if state then
-        local sec, offset = string.match(state, '^(%S+) (%S+)$')
-        tat = (tonumber(sec) - now_sec) + tonumber(offset)
+      local tat = read_tat(key)
+      local ok, new_tat, remaining, retry, reset = gcra(tat, t, cost, interval, burst)
+      C[i] = {ok, remaining, retry, reset, tat, new_tat, interval, burst, cost}
+      if not ok then
+        C.verdict = false
       end
-      C.tats[i] = tat
-      C.ok[i], C.new_tats[i], C.remaining[i], C.retry[i], C.reset[i] = gcra(tat, t, cost, interval, burst)
     else
       line = line + 1
-      C.lines[i] = KEYS[line]
       local limit = tonumber(ARGV[j + 1])
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now_text)
+      -- Numbers reach Redis as '%.17g' text, read back as the same double.
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
       local in_use = redis.call('ZCARD', key)
       -- The line is looked at only when a slot is free: a full pool pays nothing for it.
-      local ok = in_use < limit and redis.call('EXISTS', KEYS[line]) == 0
-      C.ok[i] = ok
-      if ok then
-        C.remaining[i] = limit - in_use - 1
+      if in_use < limit and redis.call('EXISTS', KEYS[line]) == 0 then
+        C[i] = {true, limit - in_use - 1, 0, 0}
       else
-        C.remaining[i] = 0
+        C[i] = {false, 0, 0, 0}
+        C.verdict = false
       end
-      C.retry[i], C.reset[i] = 0, 0
     end
-    C.verdict = C.verdict and C.ok[i]
   end
   return C
 end
 
 -- Make an admitting check i report the untouched state (no cost taken, no lease added).
 local function untouched(C, i)
-  if not C.ok[i] then
+  local R = C[i]
+  if not R[1] then
     return
   end
-  local j = C.base + 4 * i - 3
-  if ARGV[j] == 't' then
+  if R[7] then  -- a bucket: its interval
     local _
-    _, _, C.remaining[i], _, C.reset[i] = gcra(
-      C.tats[i], now_usec / 1000000, 0, tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]))
+    _, _, R[2], _, R[4] = gcra(R[5], now_usec / 1000000, 0, R[7], R[8])
   else
-    C.remaining[i] = C.remaining[i] + 1
+    R[2] = R[2] + 1
   end
 end
 
 -- Consume check i as evaluated (it admitted).
 local function commit(C, i)
-  local key = KEYS[i]
-  local j = C.base + 4 * i - 3
-  if ARGV[j] == 't' then
-    if tonumber(ARGV[j + 3]) > 0 then
-      local ms = math.ceil(C.reset[i] * 1000)
+  local R = C[i]
+  if R[7] then
+    if R[9] > 0 then
+      local ms = math.ceil(R[4] * 1000)
       if ms < 1 then
         ms = 1
       end
-      set_expiring(key, string.format('%d %.17g', now_sec, C.new_tats[i]), ms)
+      set_expiring(KEYS[i], string.format('%d %.17g', now_sec, R[6]), ms)
     end
   else
+    local j = C.base + 4 * i - 3
     local ttl = tonumber(ARGV[j + 2])
-    redis.call('ZADD', key, string.format('%.17g', now + ttl), ARGV[j + 3])
-    keep_alive(key, math.ceil(ttl * 1000))
+    redis.call('ZADD', KEYS[i], now + ttl, ARGV[j + 3])
+    keep_alive(KEYS[i], math.ceil(ttl * 1000))
   end
 end
 
--- Append {admitted_i, remaining_i, retry_after_i, reset_after_i} for every check to
--- `out`: admitted 1 or 0, remaining whole units, seconds as '%.17g' strings (a Lua
--- number in a reply is truncated to an integer; these must round-trip exactly).
-local function results(C, out)
-  local k = #out
+-- The verdict and every check's {admitted, remaining, retry_after, reset_after} as
+-- one string of little-endian doubles (struct '<d'): verdict and admitted 1 or 0,
+-- remaining whole units, seconds exact (a Lua number in a reply is truncated to an
+-- integer; '%.17g' text is exact too but costs several times more to make and read).
+local function results(C)
+  local out = {C.verdict and 1 or 0}
+  local k = 1
   for i = 1, C.n do
-    out[k + 1] = C.ok[i] and 1 or 0
-    out[k + 2] = C.remaining[i]
-    out[k + 3] = string.format('%.17g', C.retry[i])
-    out[k + 4] = string.format('%.17g', C.reset[i])
+    local R = C[i]
+    out[k + 1] = R[1] and 1 or 0
+    out[k + 2] = R[2]
+    out[k + 3] = R[3]
+    out[k + 4] = R[4]
     k = k + 4
   end
-  return out
+  return struct.pack('<' .. string.rep('d', k), unpack(out))
 end

@@ -8,16 +8,40 @@
 --          backend's report of untouched state after another slot refused).
 -- ARGV[4i-2 .. 4i+1]  check i, as checks.lua describes ("t", interval, burst,
 --          cost or "l", limit, ttl, lease_id; seconds as doubles).
--- Returns {verdict, admitted_1, remaining_1, retry_after_1, reset_after_1, ...}:
--- verdict and admitted_i are 1 or 0, remaining_i whole units (free slots for a
--- lease; 0 when it refuses), retry_after_i and reset_after_i seconds as '%.17g'
--- strings. When the verdict is 0 nothing is consumed and a check that would have
--- admitted reports the untouched state (no cost taken, no lease added).
+-- Returns results() of checks.lua: one string of little-endian doubles, the
+-- verdict then {admitted_i, remaining_i, retry_after_i, reset_after_i} per check:
+-- verdict and admitted_i 1 or 0, remaining_i whole units (free slots for a lease;
+-- 0 when it refuses), retry_after_i and reset_after_i seconds. When the verdict is
+-- 0 nothing is consumed and a check that would have admitted reports the untouched
+-- state (no cost taken, no lease added).
 
 local n = (#ARGV - 1) / 4
+
+-- The common rule, one bucket, without the per-check tables of evaluate(): the
+-- same steps as evaluate(), commit() and untouched() for that one check.
+if n == 1 and ARGV[2] == 't' then
+  local interval, burst, cost = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local tat = read_tat(KEYS[1])
+  local t = now_usec / 1000000
+  local ok, new_tat, remaining, retry, reset = gcra(tat, t, cost, interval, burst)
+  if ok and ARGV[1] == '1' then
+    if cost > 0 then
+      local ms = math.ceil(reset * 1000)
+      if ms < 1 then
+        ms = 1
+      end
+      set_expiring(KEYS[1], string.format('%d %.17g', now_sec, new_tat), ms)
+    end
+  elseif ok then
+    local _
+    _, _, remaining, _, reset = gcra(tat, t, 0, interval, burst)
+  end
+  local admitted = ok and 1 or 0
+  return struct.pack('<ddddd', admitted, admitted, remaining, retry, reset)
+end
+
 local C = evaluate(1, n)
-local verdict = C.verdict
-if verdict and ARGV[1] == '1' then
+if C.verdict and ARGV[1] == '1' then
   for i = 1, n do
     commit(C, i)
   end
@@ -26,4 +50,4 @@ else
     untouched(C, i)
   end
 end
-return results(C, {verdict and 1 or 0})
+return results(C)

@@ -17,12 +17,13 @@
 --          heart-beats it
 -- ARGV[9]  spacing: seconds between appointments (a double; 0: none)
 -- ARGV[10 ..]  the checks, 4 per check as decide.lua (from ARGV[10])
--- Returns {outcome, position, length, member, retry_in, verdict, per-check
--- results as decide.lua}: outcome "admitted" (every check admitted and consumed: nobody was
--- waiting and a slot was free), "refused" (another check refused: nothing
--- consumed), "too_long" or "full" (the line would not take it: nothing consumed),
--- or "queued" (every other check consumed; the lease's result reports no free
--- slot; `member` names the ticket in line for wait.lua and leave.lua). position
+-- Returns {outcome, position, length, member, retry_in, results}, results the
+-- verdict and per-check results packed as decide.lua's reply: outcome "admitted"
+-- (every check admitted and consumed: nobody was waiting and a slot was free),
+-- "refused" (another check refused: nothing consumed), "too_long" or "full" (the
+-- line would not take it: nothing consumed), or "queued" (every other check
+-- consumed; the lease's result reports no free slot; `member` names the ticket in
+-- line for wait.lua and leave.lua). position
 -- is the place in line (0: next) for queued/too_long/full, else -1; length the
 -- line's length after the step. A full line may shed its lowest waiter for the
 -- newcomer (queue.victim_index); the shed ticket is published, and free slots
@@ -63,7 +64,7 @@ local function answer(outcome, position, length, member, due)
   if due and due ~= 0 then
     retry_in = string.format('%.17g', due - now)
   end
-  return results(C, {outcome, position, length, member, retry_in, C.verdict and 1 or 0})
+  return {outcome, position, length, member, retry_in, results(C)}
 end
 
 if C.verdict then
@@ -73,7 +74,7 @@ if C.verdict then
   return answer('admitted', -1, 0, '')
 end
 for i = 1, n do
-  if i ~= q and not C.ok[i] then
+  if i ~= q and not C[i][1] then
     for k = 1, n do
       untouched(C, k)
     end

@@ -105,6 +105,27 @@ def pack(*parts: str | bytes) -> bytes:
     return b"".join(chunks)
 
 
+def pack_script_call(command: str, script: str, keys: Sequence[str], args: Sequence[str]) -> bytes:
+    """`command script numkeys *keys *args` (EVALSHA or EVAL) in RESP2, as `pack` would.
+
+    Every decision is one of these, so it is `pack` without the generality: one
+    f-string per part and one join (twice as fast as `pack` for a bucket's call).
+    """
+    n = str(len(keys))
+    out = [
+        f"*{3 + len(keys) + len(args)}\r\n${len(command)}\r\n{command}\r\n"
+        f"${len(script)}\r\n{script}\r\n${len(n)}\r\n{n}\r\n"
+    ]
+    for part in keys:
+        out.append(f"${len(part)}\r\n{part}\r\n")
+    for part in args:
+        out.append(f"${len(part)}\r\n{part}\r\n")
+    text = "".join(out)
+    if text.isascii():  # lengths in characters are lengths in bytes
+        return text.encode()
+    return pack(command, script, n, *keys, *args)
+
+
 class PipelinedTransport:
     """Script calls pipelined on one connection per event loop (see the module docstring)."""
 
@@ -151,18 +172,17 @@ class PipelinedTransport:
         lane = self._lane
         if lane is None or lane.broken or lane.loop is not asyncio.get_running_loop():
             lane = await self._connect()
-        n = str(len(keys))
         try:
             if asking:
                 lane.call(_ASKING).add_done_callback(_retrieve)
-            return await lane.call(pack("EVALSHA", script.sha, n, *keys, *args))
+            return await lane.call(pack_script_call("EVALSHA", script.sha, keys, args))
         except rx.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # The server lost its scripts (restart, SCRIPT FLUSH): EVAL loads and runs it.
         if asking:
             lane.call(_ASKING).add_done_callback(_retrieve)
-        return await lane.call(pack("EVAL", script.source, n, *keys, *args))
+        return await lane.call(pack_script_call("EVAL", script.source, keys, args))
 
     async def aclose(self) -> None:
         """Close the connection; calls in flight fail with ConnectionError."""
