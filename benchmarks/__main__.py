@@ -143,12 +143,12 @@ def run_http(run: Run) -> None:
                     f"{r.rps / best.rps:.2f}",
                 )
             )
-    control = by.get("bare-again")
-    if control is not None:
+    again, noop = by.get("bare-again"), by.get("noop-middleware")
+    if again is not None and noop is not None:
         run.summary.append(
             (
-                "HTTP noise: the bare app against itself (A/A control)",
-                f"{_x(control.ratio)} bare",
+                "HTTP controls: the bare app again (noise); a pass-through middleware (floor)",
+                f"{_x(again.ratio)} bare; {_x(noop.ratio)} bare",
                 "-",
                 "-",
             )

@@ -7,7 +7,7 @@ interleaved round by round and each variant's median is reported, because a
 2-core machine is noisy; uvicorn and wrk are pinned to different cores when
 `taskset` exists. The table goes to this script's section of RESULTS.md.
 
-    python -m benchmarks.http_overhead            # ~3 minutes
+    python -m benchmarks.http_overhead            # ~4 minutes
     python -m benchmarks.http_overhead --quick    # ~40 seconds
 """
 
@@ -69,6 +69,14 @@ VARIANTS: tuple[Variant, ...] = (
         limited=False,
     ),
     Variant(
+        "noop-middleware",
+        "noop_middleware:app",
+        "bench",
+        "starlette",
+        "a pure ASGI middleware that only calls the app: the floor of any middleware",
+        limited=False,
+    ),
+    Variant(
         "ratelimit",
         "ours:app",
         "bench",
@@ -107,6 +115,8 @@ VARIANTS: tuple[Variant, ...] = (
     ),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
+#: Variants that limit nothing: the baseline and its controls.
+CONTROLS = tuple(v.name for v in VARIANTS if not v.limited)
 #: The variant whose ratio the summary quotes, every variant of ours the verdict
 #: judges, and the peers they must beat.
 OURS = "ratelimit"
@@ -461,7 +471,7 @@ def measure_in_process(
         us = json.loads(result.stdout)
         for v in group:
             if not v.limited and v.name != "bare":
-                continue  # the A/A control is the bare app itself: nothing to time twice
+                continue  # controls: the floor they show is the server's, not in-process
             mine = us[v.app.split(":")[0]]
             out[v.name] = {"inprocess_us": mine, "added_us": mine - us["bare"]}
             log(f"in-process  {v.name:<24} {mine:6.2f} us/request (+{mine - us['bare']:.2f})")
@@ -647,7 +657,7 @@ def table(rows: Sequence[Row], peers: Sequence[str]) -> list[str]:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        limited = r.variant not in ("bare", "bare-again")
+        limited = r.variant not in CONTROLS
         vs_peer = _ratio(r.rps / best.rps if best and best.rps and limited else None)
         bad = f" ({r.errors} errors!)" if r.errors else ""
         out.append(

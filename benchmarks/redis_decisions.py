@@ -592,19 +592,20 @@ def targets(report: Report) -> list[tuple[str, str, str]]:
             )
         )
     by_http = {r.variant: r for r in report.http}
-    ours_http = by_http.get(HTTP_OURS)
-    if ours_http and ours_http.ratio is not None:
-        bucket = by_http.get("ratelimit-redis-bucket")
-        extra = (
-            f"; bucket only {bucket.ratio:.2f}x"
-            if bucket is not None and bucket.ratio is not None
-            else ""
-        )
+    # Judged twice: the bucket alone is like for like with the peers (rate limits only);
+    # the bucket plus a concurrency slot is two script calls per request, and no peer has it.
+    for name, what in (
+        ("ratelimit-redis-bucket", "bucket, like the peers"),
+        (HTTP_OURS, "token bucket + concurrency slot (decide + release: 2 calls)"),
+    ):
+        row = by_http.get(name)
+        if row is None or row.ratio is None:
+            continue
         out.append(
             (
-                f"HTTP (uvicorn, 1 worker, wrk): at least {TARGET_HTTP_RATIO}x bare's req/s",
-                f"{ours_http.ratio:.2f}x ({ours_http.rps:,.0f} req/s){extra}",
-                _met(ours_http.ratio >= TARGET_HTTP_RATIO and ours_http.errors == 0),
+                f"HTTP (uvicorn, 1 worker, wrk): {TARGET_HTTP_RATIO}x bare's req/s or more: {what}",
+                f"{row.ratio:.2f}x ({row.rps:,.0f} req/s)",
+                _met(row.ratio >= TARGET_HTTP_RATIO and row.errors == 0),
             )
         )
     b = report.breaker
