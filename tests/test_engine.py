@@ -128,3 +128,48 @@ async def test_a_one_bucket_rule_takes_the_short_path_with_the_general_paths_ans
     # Both branches were taken: refusals (429, or 503 on a shared bucket) and exemptions.
     assert refusals == {503 if shared else 429}
     assert exempt
+
+
+async def test_the_short_path_takes_keys_that_are_not_text_as_the_loop_does() -> None:
+    """A sync key returning an awaitable (awaited once) or an int (its text) on the short path."""
+
+    async def caller(scope: Any) -> str | None:
+        return dict(scope["headers"]).get(b"x-api-key", b"").decode() or None
+
+    clock = ManualClock()
+    calls = 0
+
+    def counted(key: Any) -> Any:
+        def call(scope: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return key(scope)
+
+        return call
+
+    for key in (lambda scope: caller(scope), lambda scope: len(scope["headers"]) or None):
+        short = Engine(
+            [Rule("/x", limits=[TokenBucket("6/minute", burst=2, key=counted(key))])],
+            MemoryBackend(clock=clock),
+        )
+        short_calls = 0
+        general = Engine(
+            [Rule("/x", limits=[TokenBucket("6/minute", burst=2, key=key)], cost=lambda s: 1)],
+            MemoryBackend(clock=clock),
+        )
+        assert short.plan(short.rules[0]).single is not None
+        seen = set()
+        for step in range(12):
+            who = [(b"x-api-key", f"k{step % 2}".encode())] if step % 4 else []
+            scope = http_scope("/x", headers=who)
+            before = calls
+            a = await short.decide(short.rules[0], scope)
+            short_calls += calls - before
+            b = await general.decide(general.rules[0], scope)
+            assert summary(a) == summary(b), step
+            seen.add((a.allowed, a.results == [None]))
+        # The key function ran once per decision on the short path (a dropped
+        # coroutine from a second call would never be awaited).
+        assert short_calls == 12
+        # Admitted, refused (burst 2 per caller) and exempt (no header) all occurred.
+        assert seen == {(True, False), (False, False), (True, True)}

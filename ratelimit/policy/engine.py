@@ -481,17 +481,21 @@ class Engine:
         if single is not None:
             # One bucket: no lists, no loop; no await either when decided in this process.
             key = single[0](scope)
+            if key is not None and key.__class__ is not str:
+                # As in the loop below: a key function may still return an awaitable.
+                if inspect.isawaitable(key):
+                    key = await key
+                key = None if key is None else str(key)
             if key is None:
                 return Decision(rule, True, 200, 0.0, plan, [None])
-            if key.__class__ is str:
-                one = (single[1].get(key) or plan.entry(0, key),)
-                nowait = self._decide_nowait
-                verdict = nowait(one) if nowait is not None else await self.backend.decide(one)
-                result = verdict.results[0]
-                if verdict.admitted:
-                    return Decision(rule, True, 200, 0.0, plan, [result])
-                status = 503 if plan.limits[0].shared else 429
-                return Decision(rule, False, status, result.retry_after, plan, [result])
+            one = (single[1].get(key) or plan.entry(0, key),)
+            nowait = self._decide_nowait
+            verdict = nowait(one) if nowait is not None else await self.backend.decide(one)
+            result = verdict.results[0]
+            if verdict.admitted:
+                return Decision(rule, True, 200, 0.0, plan, [result])
+            status = 503 if plan.limits[0].shared else 429
+            return Decision(rule, False, status, result.retry_after, plan, [result])
         cost = rule.cost
         if cost.__class__ is not int:
             cost = await self._cost(rule, scope)
