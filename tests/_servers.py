@@ -369,12 +369,14 @@ class ManualClockRedisClusterBackend(RedisBackend):
         """Set the scripts' clock to `micros` microseconds since the epoch."""
         self.micros = micros
 
-    async def _eval(self, script: Script, keys: list[str], args: list[str]) -> Any:
+    async def _eval(
+        self, script: Script, keys: list[str], args: list[str], packed: bytes | None = None
+    ) -> Any:
         match = _TAG.search(keys[0])
         assert match is not None
         sec, usec = divmod(self.micros, 1_000_000)
         await self.client.set(f"{CLOCK_KEY}:{match.group()}", f"{sec} {usec}")
-        return await super()._eval(script, keys, args)
+        return await super()._eval(script, keys, args, packed)
 
     async def asked_ttl_ms(self, key: str) -> int | None:
         """The ttl (ms) the scripts last asked for on `key`, or None."""

@@ -202,6 +202,29 @@ async def test_one_evalsha_per_decision_on_one_server(
     assert await evalsha_calls(inspect) - before == 10
 
 
+async def test_a_one_bucket_call_is_packed_once_per_caller_and_kept_bounded(
+    backend: RedisBackend, inspect: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-bucket decision reuses its packed EVALSHA: the bytes the general packer
+    makes, one EVALSHA each time, the right answers, and a cache cleared when full."""
+    from ratelimit.backends.redis import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_BUCKET_CALLS", 3)
+    check = BucketCheck(USER, 1.0, 2, 1)
+    before = await evalsha_calls(inspect)
+    answers = [(await backend.decide([check])).admitted for _ in range(3)]
+    assert answers == [True, True, False]  # burst 2, then refused: the bucket is real
+    assert await evalsha_calls(inspect) - before == 3
+    keys_, args, packed = backend._bucket_calls[check]
+    assert packed == transport.pack("EVALSHA", SCRIPTS.decide.sha, "1", *keys_, *args)
+    for i in range(5):  # more callers than the cache holds: it never grows past its size
+        caller = StoreKey("r", "l", f"c{i}")
+        assert (await backend.decide([BucketCheck(caller, 1.0, 2, 1)])).admitted
+        assert len(backend._bucket_calls) <= 3
+    await inspect.script_flush()  # NOSCRIPT: a packed call falls back to EVAL as well
+    assert not (await backend.decide([check])).admitted
+
+
 async def test_one_evalsha_per_slot_when_split(
     redis_url: str, inspect: redis.asyncio.Redis
 ) -> None:

@@ -76,7 +76,13 @@ from ..breaker import BreakerState, CircuitBreaker
 from .keyspace import Keyspace
 from .pubsub import Subscriber, parse_message
 from .scripts import SCRIPTS, Script, ScriptSet
-from .transport import ClientTransport, ClusterTransport, PipelinedTransport, Transport
+from .transport import (
+    ClientTransport,
+    ClusterTransport,
+    PipelinedTransport,
+    Transport,
+    pack_script_call,
+)
 from .window import GuardedStorage
 
 if TYPE_CHECKING:
@@ -238,6 +244,8 @@ class RedisBackend:
             )
         else:
             self._transport = ClientTransport(client)
+        #: One bucket's decide call per caller, packed (see `_bucket_call`).
+        self._bucket_calls: dict[BucketCheck, tuple[list[str], list[str], bytes]] = {}
         self._storage: Storage | None = None
         #: Gates every call: open after repeated failures to reach Redis (see the module doc).
         self.breaker = _make_breaker(breaker, breaker_failures, breaker_reset)
@@ -273,6 +281,12 @@ class RedisBackend:
         """All-or-nothing over `checks`: one script call per hash slot (one call on one server)."""
         if not checks:
             return Verdict(True, ())
+        if len(checks) == 1 and checks[0].__class__ is BucketCheck:
+            # The commonest rule: the same call for a caller every time, packed once.
+            call = self._bucket_calls.get(checks[0]) or self._bucket_call(checks[0])
+            reply = await self._eval(self.scripts.decide, *call)
+            verdict, results = _parse_decide(reply)
+            return Verdict(verdict, tuple(results))
         if self.split_by_slot and len(checks) > 1:
             groups = self._groups(checks)
             if len(groups) > 1:
@@ -506,6 +520,18 @@ class RedisBackend:
             by_slot.setdefault(slot(check.key), []).append(i)
         return list(by_slot.values())
 
+    def _bucket_call(self, check: BucketCheck) -> tuple[list[str], list[str], bytes]:
+        """decide.lua's KEYS, ARGV and packed EVALSHA for one bucket, kept for the next time.
+
+        Kept per check (the engine reuses one per caller); cleared whole when full.
+        """
+        if len(self._bucket_calls) >= _BUCKET_CALLS:
+            self._bucket_calls.clear()
+        keys, args = self._decide_args((check,), "1")
+        packed = pack_script_call("EVALSHA", self.scripts.decide.sha, keys, args)
+        call = self._bucket_calls[check] = (keys, args, packed)
+        return call
+
     def _decide_args(self, checks: Sequence[Check], commit: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of decide.lua for `checks`: each lease check brings its line."""
         if len(checks) == 1:  # the common rule: no lists to merge
@@ -736,7 +762,9 @@ class RedisBackend:
             if ticket is not None and not ticket.future.done():
                 ticket.future.set_result(outcome)
 
-    async def _eval(self, script: Script, keys: list[str], args: list[str]) -> Any:
+    async def _eval(
+        self, script: Script, keys: list[str], args: list[str], packed: bytes | None = None
+    ) -> Any:
         """Run `script` (EVALSHA, reloaded if the server lost it) through the breaker.
 
         Errors become BackendError; with the breaker open, BackendUnavailable at once.
@@ -751,7 +779,7 @@ class RedisBackend:
         observer = self.observer
         started = perf_counter() if observer is not None else 0.0
         try:
-            reply = await transport.evalsha(script, keys, args)
+            reply = await transport.evalsha(script, keys, args, packed)
         except _CALL_ERRORS as exc:
             self._settle(exc)
             error = BackendError(f"redis {script.name}: {exc}")
@@ -865,6 +893,9 @@ class _RoutedCluster(RedisCluster):
         await self.initialize()  # at once when already initialized
         return await super().execute_command(*args, **kwargs)
 
+
+#: Packed one-bucket calls kept per backend (as many as the engine's key cache).
+_BUCKET_CALLS = 4096
 
 #: checks.lua's results(): the verdict, then (admitted, remaining, retry_after,
 #: reset_after) per check, as little-endian doubles.

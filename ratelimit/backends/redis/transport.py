@@ -55,9 +55,20 @@ except ImportError:  # pragma: no cover - hiredis is an optional extra
 
 
 class Transport(Protocol):
-    """Runs one script call and returns its raw reply; raises redis-py exceptions."""
+    """Runs one script call and returns its raw reply; raises redis-py exceptions.
 
-    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any: ...
+    `packed`, when given, is that same `EVALSHA` already in RESP bytes
+    (`pack_script_call`): a caller that makes the same call again and again may
+    pack it once; a transport that writes no raw RESP ignores it.
+    """
+
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        packed: bytes | None = None,
+    ) -> Any: ...
 
     async def aclose(self) -> None: ...
 
@@ -68,7 +79,13 @@ class ClientTransport:
     def __init__(self, client: Redis | RedisCluster) -> None:
         self.client = client
 
-    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        packed: bytes | None = None,
+    ) -> Any:
         """EVALSHA; on NOSCRIPT (the server lost its scripts) EVAL the source once.
 
         EVAL goes where the EVALSHA went (on a cluster, the node of the keys'
@@ -162,7 +179,13 @@ class PipelinedTransport:
         return url.startswith(("redis://", "unix://"))
 
     async def evalsha(
-        self, script: Script, keys: Sequence[str], args: Sequence[str], *, asking: bool = False
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        packed: bytes | None = None,
+        *,
+        asking: bool = False,
     ) -> Any:
         """EVALSHA in the current loop turn's batch; on NOSCRIPT, EVAL the source once.
 
@@ -175,7 +198,9 @@ class PipelinedTransport:
         try:
             if asking:
                 lane.call(_ASKING).add_done_callback(_retrieve)
-            return await lane.call(pack_script_call("EVALSHA", script.sha, keys, args))
+            if packed is None:
+                packed = pack_script_call("EVALSHA", script.sha, keys, args)
+            return await lane.call(packed)
         except rx.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
@@ -354,7 +379,13 @@ class ClusterTransport:
         self._discovered = False
         self._refreshing: asyncio.Task[None] | None = None
 
-    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+    async def evalsha(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        packed: bytes | None = None,
+    ) -> Any:
         """EVALSHA on the node serving `keys` (reloaded there on NOSCRIPT), following redirects."""
         if not self._ready:
             await self._refresh()
@@ -364,7 +395,8 @@ class ClusterTransport:
         asking = False
         for _ in range(_MAX_REDIRECTS):
             try:
-                return await self._node(address).evalsha(script, keys, args, asking=asking)
+                node_call = self._node(address).evalsha
+                return await node_call(script, keys, args, packed, asking=asking)
             except rx.ResponseError as exc:
                 kind, _, rest = str(exc).partition(" ")
                 if kind == "CLUSTERDOWN":
