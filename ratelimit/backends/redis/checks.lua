@@ -66,6 +66,16 @@ local function read_tat(key)
   return nil
 end
 
+-- Store bucket `key`'s tat (in the frame of now_sec) as "<now_sec> <tat>", expiring when
+-- the bucket is full again, `full_in` seconds from now (ms rounded up, at least 1).
+local function write_tat(key, tat, full_in)
+  local ms = math.ceil(full_in * 1000)
+  if ms < 1 then
+    ms = 1
+  end
+  set_expiring(key, string.format('%d %.17g', now_sec, tat), ms)
+end
+
 -- Evaluate every check without consuming. Returns C: C.verdict (every check
 -- admits), C.n, C.base, and for check i the array C[i] = {admitted, remaining,
 -- retry_after, reset_after, ...}: for a bucket then its tat before and after
@@ -123,11 +133,7 @@ local function commit(C, i)
   local R = C[i]
   if R[7] then
     if R[9] > 0 then
-      local ms = math.ceil(R[4] * 1000)
-      if ms < 1 then
-        ms = 1
-      end
-      set_expiring(KEYS[i], string.format('%d %.17g', now_sec, R[6]), ms)
+      write_tat(KEYS[i], R[6], R[4])
     end
   else
     local j = C.base + 4 * i - 3

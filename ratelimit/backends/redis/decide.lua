@@ -26,11 +26,7 @@ if n == 1 and ARGV[2] == 't' then
   local ok, new_tat, remaining, retry, reset = gcra(tat, t, cost, interval, burst)
   if ok and ARGV[1] == '1' then
     if cost > 0 then
-      local ms = math.ceil(reset * 1000)
-      if ms < 1 then
-        ms = 1
-      end
-      set_expiring(KEYS[1], string.format('%d %.17g', now_sec, new_tat), ms)
+      write_tat(KEYS[1], new_tat, reset)
     end
   elseif ok then
     local _
