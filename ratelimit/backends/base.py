@@ -211,15 +211,34 @@ class NowaitBackend(Backend, Protocol):
         ...
 
 
-def nowait_method(backend: Backend, name: str) -> Callable[..., Any] | None:
-    """`backend.<name>_nowait`, if the backend offers it and it stands for `backend.<name>`.
+class PostingBackend(Backend, Protocol):
+    """Optional: a remote backend that can send a release without waiting for its answer.
+
+    A finished request then frees its slot in the step that sends its last body
+    message: nothing awaits the round trip. (Awaiting it kept every finished
+    request's objects alive one round trip longer, and under load that alone
+    kept the garbage collector busy.)
+    """
+
+    def post_release(self, lease: LeaseCheck) -> bool:
+        """Send `release(lease)` now; False, having sent nothing, if it must be awaited.
+
+        A failure after sending is the backend's to count and log: the lease
+        then expires by itself within its ttl, as after a failed `release`.
+        """
+        ...
+
+
+def nowait_method(backend: Backend, name: str, fast: str = "") -> Callable[..., Any] | None:
+    """`backend.<name>_nowait` (or `backend.<fast>`), if the backend offers it and it
+    stands for `backend.<name>`.
 
     A subclass that overrides `decide` (to count calls, inject faults) but not
     `decide_nowait` must keep its `decide` called: the fast method is used only
     when the class that defines `name` defines it too, and no instance
     attribute replaces either.
     """
-    fast = f"{name}_nowait"
+    fast = fast or f"{name}_nowait"
     if name in getattr(backend, "__dict__", ()) or fast in getattr(backend, "__dict__", ()):
         return None
     for klass in type(backend).__mro__:

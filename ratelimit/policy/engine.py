@@ -435,6 +435,8 @@ class Engine:
         #: The backend's synchronous twins of decide/release, if it has them (NowaitBackend).
         self._decide_nowait = nowait_method(backend, "decide")
         self._release_nowait = nowait_method(backend, "release")
+        #: Or its way of sending a release without awaiting the answer (PostingBackend).
+        self._release_post = nowait_method(backend, "release", "post_release")
         self._window_limiters: dict[int, tuple[Window, Any]] = {}
         self._lease_ids = itertools.count()
         self._lease_prefix = os.urandom(6).hex() + "-"
@@ -859,19 +861,25 @@ class Engine:
             return
         self._let_go(grant)
         for lease in grant.leases:
-            try:
-                await self.backend.release(lease)
-            except Exception:
-                _release_failed(lease)
+            await self._release_lease(lease)
 
     def release_nowait(self, grant: Grant) -> bool:
-        """`release`, done at once if the backend answers without waiting (`NowaitBackend`).
+        """`release`, done at once if the backend answers without waiting (`NowaitBackend`)
+        or can send it without waiting for the answer (`PostingBackend`).
 
         False, having done nothing, when the caller must `await release(grant)`.
         """
         nowait = self._release_nowait
         if nowait is None:
-            return False
+            post = self._release_post
+            # Released already: `release` raises, as a second release must.
+            if post is None or grant.released or not post(grant.leases[0]):
+                return False
+            self._let_go(grant)
+            for lease in grant.leases[1:]:
+                if not post(lease):
+                    self._spawn(self._release_lease(lease))
+            return True
         self._let_go(grant)
         for lease in grant.leases:
             try:
@@ -879,6 +887,12 @@ class Engine:
             except Exception:
                 _release_failed(lease)
         return True
+
+    async def _release_lease(self, lease: LeaseCheck) -> None:
+        try:
+            await self.backend.release(lease)
+        except Exception:
+            _release_failed(lease)
 
     def _let_go(self, grant: Grant) -> None:
         """Mark `grant` released and stop renewing its leases."""

@@ -41,7 +41,8 @@ import asyncio
 import logging
 import math
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -89,6 +90,17 @@ if TYPE_CHECKING:
     from limits.aio.storage import Storage
 
 logger = logging.getLogger("ratelimit")
+
+#: Error replies to a posted call that the awaited path knows how to recover from.
+_RETRIED_REPLIES = ("NOSCRIPT", "MOVED", "ASK")
+
+
+def _release_lost(lease: LeaseCheck, error: BaseException) -> None:
+    # The lease expires by itself within its ttl; the response went out long ago.
+    logger.warning(
+        "could not release lease %s (%s); it expires in %ss", lease.key, error, lease.ttl
+    )
+
 
 T = TypeVar("T")
 
@@ -323,6 +335,47 @@ class RedisBackend:
             [lease.lease_id, self.channel],
         )
         return bool(reply == 1)
+
+    def post_release(self, lease: LeaseCheck) -> bool:
+        """`release`, sent now and not awaited (see `PostingBackend`); False when it
+        must be awaited instead (no live connection, or the breaker is not closed).
+
+        The answer is handled as it is read: an error counts for the breaker and
+        is logged (the lease expires within its ttl); NOSCRIPT, MOVED and ASK
+        replies retry through `release`, which reloads scripts and follows slots.
+        """
+        if self.breaker.state != "closed":
+            return False
+        keys = [self.keys.leases(lease.key), *self.keys.queue(lease.key)]
+        args = [lease.lease_id, self.channel]
+        done = partial(self._posted_release, lease, perf_counter())
+        return self._transport.post(self.scripts.release, keys, args, done)
+
+    def _posted_release(
+        self, lease: LeaseCheck, started: float, reply: Any, error: BaseException | None
+    ) -> None:
+        """The answer to a posted release (see `post_release`)."""
+        observer = self.observer
+        if error is None:
+            self.breaker.success()
+            if observer is not None:
+                observer(self.scripts.release.name, perf_counter() - started, None)
+            return
+        if isinstance(error, ResponseError) and str(error).startswith(_RETRIED_REPLIES):
+            # The server lost its scripts, or the slot moved: the awaited call recovers.
+            self._in_background(self._release_quietly(lease))
+            return
+        self._settle(error)
+        failure = BackendError(f"redis {self.scripts.release.name}: {error}")
+        if observer is not None:
+            observer(self.scripts.release.name, perf_counter() - started, failure)
+        _release_lost(lease, error)
+
+    async def _release_quietly(self, lease: LeaseCheck) -> None:
+        try:
+            await self.release(lease)
+        except BackendError as exc:
+            _release_lost(lease, exc)
 
     async def in_use(self, key: StoreKey) -> int:
         """Live leases under `key`, counted on the server's clock."""
@@ -733,7 +786,11 @@ class RedisBackend:
 
     def _leave_later(self, lease: LeaseCheck, member: str) -> None:
         """Leave the line in a task of its own: the cancelled waiter's task cannot finish it."""
-        task = asyncio.get_running_loop().create_task(self._leave_quietly(lease, member))
+        self._in_background(self._leave_quietly(lease, member))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in a task of its own, awaited by `aclose`."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -29,8 +29,10 @@ routes calls and follows redirects itself), and TLS URLs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import random
 import socket
@@ -53,6 +55,12 @@ try:
 except ImportError:  # pragma: no cover - hiredis is an optional extra
     _HiredisReader = None
 
+logger = logging.getLogger("ratelimit")
+
+
+#: What a posted call's answer goes to: (reply, None), or (None, the error).
+Done = Callable[[Any, "BaseException | None"], None]
+
 
 class Transport(Protocol):
     """Runs one script call and returns its raw reply; raises redis-py exceptions.
@@ -69,6 +77,14 @@ class Transport(Protocol):
         args: Sequence[str],
         packed: bytes | None = None,
     ) -> Any: ...
+
+    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+        """Send the same call without waiting for it: `done(reply, error)` gets the answer.
+
+        False, having sent nothing, when it cannot be sent at once (no live
+        connection): the caller then awaits `evalsha` instead.
+        """
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -95,6 +111,10 @@ class ClientTransport:
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
         except rx.NoScriptError:
             return await self.client.eval(script.source, len(keys), *keys, *args)
+
+    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+        """Never: redis-py answers only the caller that awaits."""
+        return False
 
     async def aclose(self) -> None:
         """Nothing to close: the client belongs to whoever made it."""
@@ -209,13 +229,31 @@ class PipelinedTransport:
             lane.call(_ASKING).add_done_callback(_retrieve)
         return await lane.call(pack_script_call("EVAL", script.source, keys, args))
 
+    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+        """EVALSHA in this loop turn's batch, answered to `done` (see `Transport.post`).
+
+        No future and no waiting task: `done` runs as the reply is read. A
+        NOSCRIPT reply goes to `done` like any error (the caller may retry
+        through `evalsha`, which reloads the script).
+        """
+        lane = self._lane
+        if lane is None or lane.broken or lane.loop is not _running_loop():
+            return False
+        lane.post(pack_script_call("EVALSHA", script.sha, keys, args), done)
+        return True
+
     async def aclose(self) -> None:
-        """Close the connection; calls in flight fail with ConnectionError."""
+        """Close the connection once calls already made are answered (posted ones too,
+        within the timeout); calls made meanwhile fail with ConnectionError."""
         connecting, self._connecting = self._connecting, None
         if connecting is not None and not connecting.done():
             connecting.cancel()
         lane, self._lane = self._lane, None
         if lane is not None:
+            if lane.pending and not lane.broken and lane.loop is _running_loop():
+                # Replies come in order: once this one is back, every earlier call is.
+                with contextlib.suppress(rx.RedisError):
+                    await lane.call(_PING)
             lane.close()
 
     async def _connect(self) -> _Lane:
@@ -341,6 +379,7 @@ class PipelinedTransport:
 
 
 _ASKING = pack("ASKING")
+_PING = pack("PING")
 
 #: Redirects one call may follow (a slot moves at most once or twice during a resharding).
 _MAX_REDIRECTS = 5
@@ -414,6 +453,21 @@ class ClusterTransport:
                 raise
         raise rx.ClusterError(f"too many redirects for a call on {keys[0]!r}")
 
+    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+        """EVALSHA on the node serving `keys`, answered to `done` (see `Transport.post`).
+
+        Only to a node already connected, with the slot map read: otherwise
+        False. A MOVED or ASK reply goes to `done` as an error (retry through
+        `evalsha`, which follows redirects).
+        """
+        if not self._ready:
+            return False
+        node = self.client.get_node_from_key(keys[0])
+        if node is None:
+            return False
+        transport = self._nodes.get((node.host, int(node.port)))
+        return transport is not None and transport.post(script, keys, args, done)
+
     async def aclose(self) -> None:
         """Close every node's connection (the topology client is closed by its owner)."""
         refreshing, self._refreshing = self._refreshing, None
@@ -478,7 +532,7 @@ class _Lane(asyncio.Protocol):
             if _HiredisReader is not None
             else RespReader()
         )
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._waiting: deque[asyncio.Future[Any] | _Posted] = deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         #: Commands written so far, replies read so far.
@@ -520,18 +574,33 @@ class _Lane(asyncio.Protocol):
 
     # -- calls ----------------------------------------------------------------------
 
+    @property
+    def pending(self) -> int:
+        """Calls made and not answered yet."""
+        return len(self._waiting)
+
     def call(self, command: bytes) -> asyncio.Future[Any]:
         """Queue `command` for this loop turn's write; the future gets its reply."""
         future = self.loop.create_future()
         if self.broken:
             future.set_exception(rx.ConnectionError("Connection to Redis lost"))
             return future
-        self._waiting.append(future)
+        self._queue(command, future)
+        return future
+
+    def post(self, command: bytes, done: Done) -> None:
+        """Queue `command` like `call`, with `done(reply, error)` in place of a future."""
+        if self.broken:
+            _Posted(done).set_exception(rx.ConnectionError("Connection to Redis lost"))
+            return
+        self._queue(command, _Posted(done))
+
+    def _queue(self, command: bytes, waiter: asyncio.Future[Any] | _Posted) -> None:
+        self._waiting.append(waiter)
         self._out.append(command)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        return future
 
     def close(self) -> None:
         """Close the connection; pending calls fail. From another loop, only mark it broken.
@@ -588,6 +657,35 @@ class _Lane(asyncio.Protocol):
                 future.set_exception(exc)
         if self._transport is not None:
             self._transport.abort()
+
+
+class _Posted:
+    """A posted call's place among a lane's waiters: answered like a future, it calls `done`.
+
+    It is never "done" early (nobody can cancel it), and it gets exactly one
+    answer: the lane pops it for its reply, or fails it when the lane breaks.
+    """
+
+    __slots__ = ("_done",)
+
+    def __init__(self, done: Done) -> None:
+        self._done = done
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, reply: Any) -> None:
+        self._answer(reply, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._answer(None, exc)
+
+    def _answer(self, reply: Any, exc: BaseException | None) -> None:
+        # Runs inside the protocol's data_received: an error here must not break the lane.
+        try:
+            self._done(reply, exc)
+        except Exception:
+            logger.exception("ratelimit: handling a posted Redis call's answer failed")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
