@@ -147,6 +147,9 @@ class Settings:
     #: In-process timing (`_inprocess_worker.py`): calls per round, and rounds.
     inprocess_requests: int = 20_000
     inprocess_rounds: int = 5
+    #: Processes that serve the app too (a Redis server): their CPU is part of the
+    #: system measured, not a disturbance.
+    helper_pids: tuple[int, ...] = ()
 
     @classmethod
     def quick(cls) -> Settings:
@@ -392,10 +395,12 @@ def measure_once(env: Environment, settings: Settings, variant: Variant, rnd: in
         # CPU accounting around the measured run: the server's own CPU time, wrk's
         # (a reaped child), and the whole machine's, to see what else ran meanwhile.
         server0, busy0, wrk0 = _support.process_cpu_seconds(proc.pid), *_cpu_now()
+        helpers0 = sum(_support.process_cpu_seconds(pid) for pid in settings.helper_pids)
         started = time.monotonic()
         output = _wrk(env, settings, port, settings.duration)
         elapsed = time.monotonic() - started
         server1, busy1, wrk1 = _support.process_cpu_seconds(proc.pid), *_cpu_now()
+        helpers1 = sum(_support.process_cpu_seconds(pid) for pid in settings.helper_pids)
         if proc.poll() is not None:
             raise RuntimeError(
                 f"{variant.name} server died during the run:\n{log_path.read_text()[-2000:]}"
@@ -404,7 +409,8 @@ def measure_once(env: Environment, settings: Settings, variant: Variant, rnd: in
         _support.stop_process(proc)
     rps, p99, requests, errors = parse_wrk(output)
     server_cpu = server1 - server0
-    others = max(0.0, (busy1 - busy0) - server_cpu - (wrk1 - wrk0)) / elapsed
+    helpers = helpers1 - helpers0
+    others = max(0.0, (busy1 - busy0) - server_cpu - (wrk1 - wrk0) - helpers) / elapsed
     return Sample(rnd, rps, p99, requests, errors, server_cpu, others)
 
 
