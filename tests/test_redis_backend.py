@@ -225,6 +225,39 @@ async def test_a_one_bucket_call_is_packed_once_per_caller_and_kept_bounded(
     assert not (await backend.decide([check])).admitted
 
 
+@pytest.mark.parametrize(
+    "checks",
+    [
+        [BucketCheck(USER, 1.0, 2, 1), LeaseCheck(GLOBAL_SLOTS, 8, 30.0, "ab12-7")],
+        [LeaseCheck(USER_SLOTS, 2, 30.0, "ab12-8"), LeaseCheck(GLOBAL_SLOTS, 8, 9.5, "x")],
+        [BucketCheck(USER, 1.0, 2, 1), BucketCheck(GLOBAL, 0.5, 10, 3)],
+        [LeaseCheck(GLOBAL_SLOTS, 8, 30.0, "non-ascii-\u00e9")],
+    ],
+    ids=["bucket+lease", "two leases", "two buckets", "non-ascii id"],
+)
+def test_templated_calls_pack_the_bytes_the_general_packer_makes(checks: list[Check]) -> None:
+    """Decide and release calls filled in from a kept template are byte for byte the
+    general packer's, for the first request of a caller and for its next ones."""
+    backend = RedisBackend("redis://127.0.0.1:1/0")
+    for serial in ("", "1", "22"):
+        now = [
+            c._replace(lease_id=c.lease_id + serial) if isinstance(c, LeaseCheck) else c
+            for c in checks
+        ]
+        keys_, args, packed = backend._decide_call(now)
+        assert (keys_, args) == backend._decide_args(now, "1")
+        assert packed == transport.pack(
+            "EVALSHA", SCRIPTS.decide.sha, str(len(keys_)), *keys_, *args
+        )
+        for lease in (c for c in now if isinstance(c, LeaseCheck)):
+            keys_, args, packed = backend._release_call(lease)
+            assert keys_ == [backend.keys.leases(lease.key), *backend.keys.queue(lease.key)]
+            assert args == [lease.lease_id, backend.channel]
+            assert packed == transport.pack(
+                "EVALSHA", SCRIPTS.release.sha, str(len(keys_)), *keys_, *args
+            )
+
+
 async def test_one_evalsha_per_slot_when_split(
     redis_url: str, inspect: redis.asyncio.Redis
 ) -> None:

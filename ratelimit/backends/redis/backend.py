@@ -258,6 +258,9 @@ class RedisBackend:
             self._transport = ClientTransport(client)
         #: One bucket's decide call per caller, packed (see `_bucket_call`).
         self._bucket_calls: dict[BucketCheck, tuple[list[str], list[str], bytes]] = {}
+        #: Other decide calls and releases, packed but for their lease ids (`_CallTemplate`).
+        self._decide_templates: dict[tuple[Any, ...], _CallTemplate] = {}
+        self._release_templates: dict[StoreKey, _CallTemplate] = {}
         self._storage: Storage | None = None
         #: Gates every call: open after repeated failures to reach Redis (see the module doc).
         self.breaker = _make_breaker(breaker, breaker_failures, breaker_reset)
@@ -303,8 +306,9 @@ class RedisBackend:
             groups = self._groups(checks)
             if len(groups) > 1:
                 return await self._decide_slots(checks, groups)
-        keys, args = self._decide_args(checks, "1")
-        verdict, results = _parse_decide(await self._eval(self.scripts.decide, keys, args))
+        keys, args, packed = self._decide_call(checks)
+        reply = await self._eval(self.scripts.decide, keys, args, packed)
+        verdict, results = _parse_decide(reply)
         return Verdict(verdict, tuple(results))
 
     async def refund(self, checks: Sequence[Check]) -> None:
@@ -329,11 +333,7 @@ class RedisBackend:
 
     async def release(self, lease: LeaseCheck) -> bool:
         """Free a lease's slot; False if it was not held (released before, or expired)."""
-        reply = await self._eval(
-            self.scripts.release,
-            [self.keys.leases(lease.key), *self.keys.queue(lease.key)],
-            [lease.lease_id, self.channel],
-        )
+        reply = await self._eval(self.scripts.release, *self._release_call(lease))
         return bool(reply == 1)
 
     def post_release(self, lease: LeaseCheck) -> bool:
@@ -346,10 +346,9 @@ class RedisBackend:
         """
         if self.breaker.state != "closed":
             return False
-        keys = [self.keys.leases(lease.key), *self.keys.queue(lease.key)]
-        args = [lease.lease_id, self.channel]
+        keys, args, packed = self._release_call(lease)
         done = partial(self._posted_release, lease, perf_counter())
-        return self._transport.post(self.scripts.release, keys, args, done)
+        return self._transport.post(self.scripts.release, keys, args, done, packed)
 
     def _posted_release(
         self, lease: LeaseCheck, started: float, reply: Any, error: BaseException | None
@@ -584,6 +583,38 @@ class RedisBackend:
         packed = pack_script_call("EVALSHA", self.scripts.decide.sha, keys, args)
         call = self._bucket_calls[check] = (keys, args, packed)
         return call
+
+    def _decide_call(self, checks: Sequence[Check]) -> tuple[list[str], list[str], bytes]:
+        """decide.lua's KEYS, ARGV and packed EVALSHA for `checks`, from a template kept
+        per rule and caller: between a caller's requests only the lease ids change."""
+        shape: list[Any] = []
+        ids: list[str] = []
+        for c in checks:
+            if c.__class__ is LeaseCheck:
+                shape.append(c[:3])  # key, limit, ttl
+                ids.append(c[3])
+            else:
+                shape.append(c)
+        template = self._decide_templates.get(tuple(shape))
+        if template is None:
+            if len(self._decide_templates) >= _BUCKET_CALLS:
+                self._decide_templates.clear()
+            keys, args = self._decide_args(checks, "1")
+            template = _CallTemplate(self.scripts.decide, keys, args)
+            self._decide_templates[tuple(shape)] = template
+        return template.fill(ids)
+
+    def _release_call(self, lease: LeaseCheck) -> tuple[list[str], list[str], bytes]:
+        """release.lua's KEYS, ARGV and packed EVALSHA for `lease` (a template per key)."""
+        template = self._release_templates.get(lease.key)
+        if template is None:
+            if len(self._release_templates) >= _BUCKET_CALLS:
+                self._release_templates.clear()
+            keys = [self.keys.leases(lease.key), *self.keys.queue(lease.key)]
+            template = self._release_templates[lease.key] = _CallTemplate(
+                self.scripts.release, keys, [lease.lease_id, self.channel], holes=(0,)
+            )
+        return template.fill([lease.lease_id])
 
     def _decide_args(self, checks: Sequence[Check], commit: str) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of decide.lua for `checks`: each lease check brings its line."""
@@ -951,8 +982,63 @@ class _RoutedCluster(RedisCluster):
         return await super().execute_command(*args, **kwargs)
 
 
-#: Packed one-bucket calls kept per backend (as many as the engine's key cache).
+#: Packed one-bucket calls kept per backend (as many as the engine's key cache); the
+#: same bound for call templates.
 _BUCKET_CALLS = 4096
+
+
+class _CallTemplate:
+    """One script call packed once, with holes where lease ids go.
+
+    Packing a call part by part costs a few microseconds a request; filling in
+    the lease ids of a packed template costs a fraction of that. `holes` are the
+    ARGV indices of the lease ids (by default, every lease check's id in
+    checks.lua's layout: each "l" is followed by limit, ttl and the id).
+    """
+
+    __slots__ = ("args", "holes", "keys", "pieces", "script")
+
+    def __init__(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[str],
+        holes: tuple[int, ...] | None = None,
+    ) -> None:
+        if holes is None:
+            holes = tuple(i + 3 for i, a in enumerate(args) if a == "l")
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.holes = holes
+        blank = list(args)
+        for i in holes:
+            blank[i] = _HOLE
+        packed = pack_script_call("EVALSHA", script.sha, keys, blank)
+        self.pieces = packed.split(_HOLE_PACKED)
+        assert len(self.pieces) == len(holes) + 1
+
+    def fill(self, ids: list[str]) -> tuple[list[str], list[str], bytes]:
+        """KEYS, ARGV and the packed call with `ids` in the holes, in order."""
+        if not ids:
+            return self.keys, self.args, self.pieces[0]
+        args = self.args.copy()
+        pieces = self.pieces
+        out = [pieces[0]]
+        fits = True  # every id ASCII: its length in characters is its length in bytes
+        for n, i in enumerate(self.holes, 1):
+            lease_id = args[i] = ids[n - 1]
+            fits = fits and lease_id.isascii()
+            out.append(f"${len(lease_id)}\r\n{lease_id}\r\n".encode())
+            out.append(pieces[n])
+        if not fits:
+            return self.keys, args, pack_script_call("EVALSHA", self.script.sha, self.keys, args)
+        return self.keys, args, b"".join(out)
+
+
+#: Where a lease id goes in a template: a byte no key, number or channel name holds.
+_HOLE = "\x00"
+_HOLE_PACKED = b"$1\r\n\x00\r\n"
 
 #: checks.lua's results(): the verdict, then (admitted, remaining, retry_after,
 #: reset_after) per check, as little-endian doubles.

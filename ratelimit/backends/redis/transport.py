@@ -78,7 +78,14 @@ class Transport(Protocol):
         packed: bytes | None = None,
     ) -> Any: ...
 
-    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+    def post(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        done: Done,
+        packed: bytes | None = None,
+    ) -> bool:
         """Send the same call without waiting for it: `done(reply, error)` gets the answer.
 
         False, having sent nothing, when it cannot be sent at once (no live
@@ -112,7 +119,14 @@ class ClientTransport:
         except rx.NoScriptError:
             return await self.client.eval(script.source, len(keys), *keys, *args)
 
-    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+    def post(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        done: Done,
+        packed: bytes | None = None,
+    ) -> bool:
         """Never: redis-py answers only the caller that awaits."""
         return False
 
@@ -229,7 +243,14 @@ class PipelinedTransport:
             lane.call(_ASKING).add_done_callback(_retrieve)
         return await lane.call(pack_script_call("EVAL", script.source, keys, args))
 
-    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+    def post(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        done: Done,
+        packed: bytes | None = None,
+    ) -> bool:
         """EVALSHA in this loop turn's batch, answered to `done` (see `Transport.post`).
 
         No future and no waiting task: `done` runs as the reply is read. A
@@ -239,7 +260,9 @@ class PipelinedTransport:
         lane = self._lane
         if lane is None or lane.broken or lane.loop is not _running_loop():
             return False
-        lane.post(pack_script_call("EVALSHA", script.sha, keys, args), done)
+        if packed is None:
+            packed = pack_script_call("EVALSHA", script.sha, keys, args)
+        lane.post(packed, done)
         return True
 
     async def aclose(self) -> None:
@@ -453,7 +476,14 @@ class ClusterTransport:
                 raise
         raise rx.ClusterError(f"too many redirects for a call on {keys[0]!r}")
 
-    def post(self, script: Script, keys: Sequence[str], args: Sequence[str], done: Done) -> bool:
+    def post(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        done: Done,
+        packed: bytes | None = None,
+    ) -> bool:
         """EVALSHA on the node serving `keys`, answered to `done` (see `Transport.post`).
 
         Only to a node already connected, with the slot map read: otherwise
@@ -466,7 +496,7 @@ class ClusterTransport:
         if node is None:
             return False
         transport = self._nodes.get((node.host, int(node.port)))
-        return transport is not None and transport.post(script, keys, args, done)
+        return transport is not None and transport.post(script, keys, args, done, packed)
 
     async def aclose(self) -> None:
         """Close every node's connection (the topology client is closed by its owner)."""
