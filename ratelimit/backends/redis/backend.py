@@ -299,7 +299,25 @@ class RedisBackend:
         if len(checks) == 1 and checks[0].__class__ is BucketCheck:
             # The commonest rule: the same call for a caller every time, packed once.
             call = self._bucket_calls.get(checks[0]) or self._bucket_call(checks[0])
-            reply = await self._eval(self.scripts.decide, *call)
+            # Straight onto the connection when it is live and the breaker closed: `_eval`
+            # inlined, two coroutines fewer to suspend and resume on every decision.
+            future = self._transport.send(call[2]) if self.breaker.state == "closed" else None
+            if future is None:
+                reply = await self._eval(self.scripts.decide, *call)
+            else:
+                script = self.scripts.decide
+                observer = self.observer
+                started = perf_counter() if observer is not None else 0.0
+                try:
+                    reply = await future
+                except _CALL_ERRORS as exc:
+                    if not (isinstance(exc, ResponseError) and str(exc).startswith("NOSCRIPT")):
+                        raise self._failed(script, exc, started) from exc
+                    reply = await self._eval(script, *call)  # reloads the lost script
+                else:
+                    self.breaker.success()
+                    if observer is not None:
+                        observer(script.name, perf_counter() - started, None)
             verdict, results = _parse_decide(reply)
             return Verdict(verdict, tuple(results))
         if self.split_by_slot and len(checks) > 1:
@@ -869,15 +887,20 @@ class RedisBackend:
         try:
             reply = await transport.evalsha(script, keys, args, packed)
         except _CALL_ERRORS as exc:
-            self._settle(exc)
-            error = BackendError(f"redis {script.name}: {exc}")
-            if observer is not None:
-                observer(script.name, perf_counter() - started, error)
-            raise error from exc
+            raise self._failed(script, exc, started) from exc
         breaker.success()
         if observer is not None:
             observer(script.name, perf_counter() - started, None)
         return reply
+
+    def _failed(self, script: Script, exc: BaseException, started: float) -> BackendError:
+        """What a failed call of `script` (made at `started`) becomes: counted for the
+        breaker and the observer, returned as the BackendError to raise."""
+        self._settle(exc)
+        error = BackendError(f"redis {script.name}: {exc}")
+        if self.observer is not None:
+            self.observer(script.name, perf_counter() - started, error)
+        return error
 
     async def _guard(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """Make the call `call()` through the breaker, timed and reported as `operation`."""

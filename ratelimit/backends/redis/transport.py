@@ -78,6 +78,12 @@ class Transport(Protocol):
         packed: bytes | None = None,
     ) -> Any: ...
 
+    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """A packed `EVALSHA` (`pack_script_call`) put on a live connection at once: the
+        future gets its raw reply, errors (NOSCRIPT included) as they come. None when
+        no connection is at hand: await `evalsha`, which connects and reloads."""
+        ...
+
     def post(
         self,
         script: Script,
@@ -129,6 +135,10 @@ class ClientTransport:
     ) -> bool:
         """Never: redis-py answers only the caller that awaits."""
         return False
+
+    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """Never: redis-py writes its own commands."""
+        return None
 
     async def aclose(self) -> None:
         """Nothing to close: the client belongs to whoever made it."""
@@ -242,6 +252,13 @@ class PipelinedTransport:
         if asking:
             lane.call(_ASKING).add_done_callback(_retrieve)
         return await lane.call(pack_script_call("EVAL", script.source, keys, args))
+
+    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """`packed` in this loop turn's batch (see `Transport.send`)."""
+        lane = self._lane
+        if lane is None or lane.broken or lane.loop is not asyncio.get_running_loop():
+            return None
+        return lane.call(packed)
 
     def post(
         self,
@@ -475,6 +492,10 @@ class ClusterTransport:
                 self._ready = False  # a failover may have moved this node's slots
                 raise
         raise rx.ClusterError(f"too many redirects for a call on {keys[0]!r}")
+
+    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """Never: a packed call names no node (`evalsha` routes by its keys)."""
+        return None
 
     def post(
         self,
