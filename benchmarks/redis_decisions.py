@@ -242,7 +242,7 @@ class Settings:
     http_variants: tuple[str, ...] = tuple(v.name for v in HTTP_VARIANTS)
     http_duration: int = 4
     http_warmup: int = 1
-    http_rounds: int = 3
+    http_rounds: int = 5
     http_connections: int = 32
     #: Seconds to wait for a quiet machine before each cell.
     quiet_wait: float = 5.0
