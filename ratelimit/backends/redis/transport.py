@@ -102,8 +102,30 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-class ClientTransport:
-    """Script calls through a redis-py client (one server, or a cluster) and its connections."""
+class _AwaitedOnly:
+    """For transports whose every call is awaited: none is sent or posted ahead."""
+
+    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """Never (see `Transport.send`): await `evalsha`."""
+        return None
+
+    def post(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str],
+        done: Done,
+        packed: bytes | None = None,
+    ) -> bool:
+        """Never (see `Transport.post`): await `evalsha`."""
+        return False
+
+
+class ClientTransport(_AwaitedOnly):
+    """Script calls through a redis-py client (one server, or a cluster) and its connections.
+
+    redis-py writes its own commands and answers only the caller that awaits.
+    """
 
     def __init__(self, client: Redis | RedisCluster) -> None:
         self.client = client
@@ -124,21 +146,6 @@ class ClientTransport:
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
         except rx.NoScriptError:
             return await self.client.eval(script.source, len(keys), *keys, *args)
-
-    def post(
-        self,
-        script: Script,
-        keys: Sequence[str],
-        args: Sequence[str],
-        done: Done,
-        packed: bytes | None = None,
-    ) -> bool:
-        """Never: redis-py answers only the caller that awaits."""
-        return False
-
-    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
-        """Never: redis-py writes its own commands."""
-        return None
 
     async def aclose(self) -> None:
         """Nothing to close: the client belongs to whoever made it."""
@@ -425,7 +432,7 @@ _PING = pack("PING")
 _MAX_REDIRECTS = 5
 
 
-class ClusterTransport:
+class ClusterTransport(_AwaitedOnly):
     """Script calls on a Redis Cluster, pipelined on one connection per node.
 
     `client` is used for topology only: `initialize()` discovers the nodes
@@ -434,7 +441,8 @@ class ClusterTransport:
     the map after a MOVED redirect or a failure to reach a node (a failover
     may have moved its slots). MOVED and ASK redirects are followed at once;
     CLUSTERDOWN is reported as `ClusterDownError` (the slot has no serving
-    node: the store is unreachable for it).
+    node: the store is unreachable for it). Releases are posted to their node;
+    nothing is `send`-ed ahead, since a packed call names no node.
     """
 
     def __init__(
@@ -492,10 +500,6 @@ class ClusterTransport:
                 self._ready = False  # a failover may have moved this node's slots
                 raise
         raise rx.ClusterError(f"too many redirects for a call on {keys[0]!r}")
-
-    def send(self, packed: bytes) -> asyncio.Future[Any] | None:
-        """Never: a packed call names no node (`evalsha` routes by its keys)."""
-        return None
 
     def post(
         self,
