@@ -318,8 +318,7 @@ class RedisBackend:
                     self.breaker.success()
                     if observer is not None:
                         observer(script.name, perf_counter() - started, None)
-            verdict, results = _parse_decide(reply)
-            return Verdict(verdict, tuple(results))
+            return _parse_one(reply)
         if self.split_by_slot and len(checks) > 1:
             groups = self._groups(checks)
             if len(groups) > 1:
@@ -1067,6 +1066,8 @@ _HOLE_PACKED = b"$1\r\n\x00\r\n"
 #: reset_after) per check, as little-endian doubles.
 _VERDICT = struct.Struct("<d")
 _RESULT = struct.Struct("<dddd")
+_ONE_RESULT = struct.Struct("<ddddd")
+_new = tuple.__new__
 
 
 def _parse_decide(reply: bytes) -> tuple[bool, list[CheckResult]]:
@@ -1075,6 +1076,14 @@ def _parse_decide(reply: bytes) -> tuple[bool, list[CheckResult]]:
         CheckResult(admitted == 1, int(remaining), retry_after, reset_after)
         for admitted, remaining, retry_after, reset_after in _RESULT.iter_unpack(reply[8:])
     ]
+
+
+def _parse_one(reply: bytes) -> Verdict:
+    """`_parse_decide` for one check, without the loop (the commonest rule, one bucket)."""
+    verdict, admitted, remaining, retry_after, reset_after = _ONE_RESULT.unpack(reply)
+    # Built with tuple.__new__: NamedTuple classes construct through a Python __new__.
+    result = _new(CheckResult, (admitted == 1, int(remaining), retry_after, reset_after))
+    return _new(Verdict, (verdict == 1, (result,)))
 
 
 def _text(part: Any) -> str:
