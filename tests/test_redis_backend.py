@@ -455,10 +455,33 @@ async def test_window_storage_shares_url_and_prefix(
 # -- the pipelined connection ---------------------------------------------------------
 
 
-async def test_concurrent_calls_share_one_write(
+async def test_a_call_to_an_idle_redis_is_written_at_once(backend: RedisBackend) -> None:
+    """With nothing of ours in flight, a call is written as it is made (no loop turn waited)."""
+    await backend.decide([BucketCheck(USER, 1.0, 5, 0)])  # connected, scripts loaded
+    lane = backend._transport._lane  # type: ignore[attr-defined]
+    writes: list[bytes] = []
+    write = lane._transport.write
+
+    def counted(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    lane._transport.write = counted
+    assert lane.pending == 0
+    first = lane.call(transport.pack("PING"))
+    assert len(writes) == 1  # already on its way
+    second = lane.call(transport.pack("PING"))
+    assert len(writes) == 1  # Redis has ours to work on: this one waits for company
+    assert await first == b"PONG"
+    assert await second == b"PONG"
+    assert len(writes) == 2
+
+
+async def test_concurrent_calls_share_writes_in_batches(
     backend: RedisBackend, inspect: redis.asyncio.Redis
 ) -> None:
-    """Decisions made in one loop turn go out in one write, each still one EVALSHA."""
+    """Decisions made together go out in writes of at most 8 calls, each still one
+    EVALSHA: Redis works on one batch while the next is built."""
     await backend.decide([BucketCheck(USER, 1.0, 5, 0)])  # connected, scripts loaded
     lane = backend._transport._lane  # type: ignore[attr-defined]
     writes: list[bytes] = []
@@ -473,7 +496,10 @@ async def test_concurrent_calls_share_one_write(
     keys = [StoreKey("images", "per-key", f"{i:032x}") for i in range(50)]
     verdicts = await asyncio.gather(*(backend.decide([BucketCheck(k, 1.0, 5, 1)]) for k in keys))
     assert all(v.results[0].remaining == 4 for v in verdicts)
-    assert len(writes) == 1
+    per_write = [data.count(b"EVALSHA") for data in writes]
+    assert sum(per_write) == 50
+    assert max(per_write) <= 8
+    assert len(writes) <= 50 // 8 + 2  # batches, not a write per call
     assert await evalsha_calls(inspect) - before == 50
 
 

@@ -176,8 +176,8 @@ class RedisBackend:
     database 0). `prefix` starts
     every key (and the `Window` storage's keys). `timeout` bounds the wait for a
     reply once the request is written, `connect_timeout` the opening of a
-    connection (with AUTH and SELECT), in seconds. Script calls made in the same
-    event-loop turn share one write on one connection (see `transport`); TLS
+    connection (with AUTH and SELECT), in seconds. Concurrent script calls share
+    writes on one connection (see `transport`); TLS
     URLs and a passed-in `client` (a `redis.asyncio.Redis`, left open by
     `aclose`) go through redis-py instead, one call at a time. Nothing retries:
     a failure is reported once, at once. `split_by_slot` decides each hash slot
