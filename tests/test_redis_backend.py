@@ -232,8 +232,9 @@ async def test_a_one_bucket_call_is_packed_once_per_caller_and_kept_bounded(
         [LeaseCheck(USER_SLOTS, 2, 30.0, "ab12-8"), LeaseCheck(GLOBAL_SLOTS, 8, 9.5, "x")],
         [BucketCheck(USER, 1.0, 2, 1), BucketCheck(GLOBAL, 0.5, 10, 3)],
         [LeaseCheck(GLOBAL_SLOTS, 8, 30.0, "non-ascii-\u00e9")],
+        [LeaseCheck(USER_SLOTS, 2, 30.0, "l"), LeaseCheck(GLOBAL_SLOTS, 8, 30.0, "t")],
     ],
-    ids=["bucket+lease", "two leases", "two buckets", "non-ascii id"],
+    ids=["bucket+lease", "two leases", "two buckets", "non-ascii id", "ids like markers"],
 )
 def test_templated_calls_pack_the_bytes_the_general_packer_makes(checks: list[Check]) -> None:
     """Decide and release calls filled in from a kept template are byte for byte the

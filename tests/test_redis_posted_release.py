@@ -23,7 +23,7 @@ from _servers import RedisServer
 from asgi_helpers import Exchange, eventually, http_scope
 
 from ratelimit import Concurrency, RateLimitMiddleware, RedisBackend, Rule, keys
-from ratelimit._errors import LeaseError
+from ratelimit._errors import BackendError, LeaseError
 from ratelimit._types import Receive, Scope, Send
 from ratelimit.backends.base import LeaseCheck, StoreKey
 from ratelimit.policy.engine import Engine
@@ -114,12 +114,15 @@ async def test_a_posted_release_reloads_flushed_scripts(
 
 
 async def test_closing_the_backend_waits_for_releases_already_posted(redis_url: str) -> None:
-    """A release posted right before `aclose` still reaches Redis."""
+    """Releases posted right before `aclose` still reach Redis, the one still waiting to be
+    written included (the first goes out at once to an idle server, the second waits)."""
     backend = RedisBackend(redis_url, prefix="posted")
-    lease = LeaseCheck(SLOTS, 2, 10.0, "a")
+    first, second = LeaseCheck(SLOTS, 2, 10.0, "a"), LeaseCheck(SLOTS, 2, 10.0, "b")
     await load_release_script(backend)
-    assert (await backend.decide([lease])).admitted
-    assert backend.post_release(lease) is True
+    assert (await backend.decide([first])).admitted
+    assert (await backend.decide([second])).admitted
+    assert backend.post_release(first) is True
+    assert backend.post_release(second) is True
     await backend.aclose()
     other = RedisBackend(redis_url, prefix="posted")
     try:
@@ -215,3 +218,41 @@ async def test_every_slot_is_freed_when_many_requests_end_at_once(backend: Redis
     assert [e.status for e in exchanges] == [200] * 50
     await eventually(lambda: middleware.engine.held() == 0)
     await until_free(backend)
+
+
+async def test_a_call_made_while_closing_fails_and_opens_no_connection(redis_url: str) -> None:
+    """While `aclose` waits for posted releases, a new call fails at once instead of
+    opening a connection that would outlive the backend; after it, calls connect again."""
+    backend = RedisBackend(redis_url, prefix="posted")
+    lease = LeaseCheck(SLOTS, 2, 10.0, "a")
+    await load_release_script(backend)
+    assert (await backend.decide([lease])).admitted
+    assert backend.post_release(lease) is True
+    closing = asyncio.ensure_future(backend.aclose())
+    await asyncio.sleep(0)  # aclose is now waiting for the release's answer
+    with pytest.raises(BackendError):
+        await backend.decide([LeaseCheck(SLOTS, 2, 10.0, "b")])
+    await closing
+    assert backend._transport._lane is None  # type: ignore[attr-defined]
+    try:
+        assert await held(backend) == 0  # a later call connects again
+    finally:
+        await backend.aclose()
+
+
+async def test_a_cancelled_close_still_closes_the_connection(private_redis: RedisServer) -> None:
+    """Cancelling `aclose` while it waits for a stalled Redis leaves no socket open."""
+    backend = RedisBackend(private_redis.url, prefix="posted", timeout=5.0)
+    lease = LeaseCheck(SLOTS, 2, 10.0, "a")
+    assert private_redis.pid is not None
+    assert (await backend.decide([lease])).admitted
+    lane = backend._transport._lane  # type: ignore[attr-defined]
+    os.kill(private_redis.pid, signal.SIGSTOP)
+    try:
+        assert backend.post_release(lease) is True
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(backend.aclose(), 0.2)
+        assert lane.broken
+        assert backend._transport._lane is None  # type: ignore[attr-defined]
+    finally:
+        os.kill(private_redis.pid, signal.SIGCONT)

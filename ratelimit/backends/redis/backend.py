@@ -283,8 +283,10 @@ class RedisBackend:
             connect_timeout=self.connect_timeout,
             retry_after=WAIT_POLL,
         )
-        #: Leaves of cancelled waiters, finishing in the background.
+        #: Leaves of cancelled waiters and retried releases, finishing in the background.
         self._background: set[asyncio.Task[Any]] = set()
+        #: True while `aclose` runs: a posted release that fails is not retried then.
+        self._closing = False
 
     def __repr__(self) -> str:
         cluster = ", cluster=True" if self.cluster else ""
@@ -377,7 +379,8 @@ class RedisBackend:
             if observer is not None:
                 observer(self.scripts.release.name, perf_counter() - started, None)
             return
-        if isinstance(error, ResponseError) and str(error).startswith(_RETRIED_REPLIES):
+        retry = isinstance(error, ResponseError) and str(error).startswith(_RETRIED_REPLIES)
+        if retry and not self._closing:
             # The server lost its scripts, or the slot moved: the awaited call recovers.
             self._in_background(self._release_quietly(lease))
             return
@@ -522,13 +525,17 @@ class RedisBackend:
         Cancelled waiters' leaves still under way finish first; waiters still
         waiting get "shed" (their tickets expire in Redis by themselves).
         """
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        for ticket in self._tickets.values():
-            if not ticket.future.done():
-                ticket.future.set_result("shed")
-        await self._subscriber.aclose()
-        await self._transport.aclose()
+        self._closing = True
+        try:
+            if self._background:
+                await asyncio.gather(*self._background, return_exceptions=True)
+            for ticket in self._tickets.values():
+                if not ticket.future.done():
+                    ticket.future.set_result("shed")
+            await self._subscriber.aclose()
+            await self._transport.aclose()  # answers to posted releases come in meanwhile
+        finally:
+            self._closing = False
         if self._owns_client:
             await self.client.aclose()
 
@@ -617,7 +624,9 @@ class RedisBackend:
             if len(self._decide_templates) >= _BUCKET_CALLS:
                 self._decide_templates.clear()
             keys, args = self._decide_args(checks, "1")
-            template = _CallTemplate(self.scripts.decide, keys, args)
+            # Lease check i's id is ARGV[4i + 4] (0-based): after the commit flag, four each.
+            holes = tuple(4 * i + 4 for i, c in enumerate(checks) if c.__class__ is LeaseCheck)
+            template = _CallTemplate(self.scripts.decide, keys, args, holes)
             self._decide_templates[tuple(shape)] = template
         return template.fill(ids)
 
@@ -629,7 +638,7 @@ class RedisBackend:
                 self._release_templates.clear()
             keys = [self.keys.leases(lease.key), *self.keys.queue(lease.key)]
             template = self._release_templates[lease.key] = _CallTemplate(
-                self.scripts.release, keys, [lease.lease_id, self.channel], holes=(0,)
+                self.scripts.release, keys, [lease.lease_id, self.channel], (0,)
             )
         return template.fill([lease.lease_id])
 
@@ -1014,8 +1023,7 @@ class _CallTemplate:
 
     Packing a call part by part costs a few microseconds a request; filling in
     the lease ids of a packed template costs a fraction of that. `holes` are the
-    ARGV indices of the lease ids (by default, every lease check's id in
-    checks.lua's layout: each "l" is followed by limit, ttl and the id).
+    ARGV indices of the lease ids, in order.
     """
 
     __slots__ = ("args", "holes", "keys", "pieces", "script")
@@ -1025,10 +1033,8 @@ class _CallTemplate:
         script: Script,
         keys: list[str],
         args: list[str],
-        holes: tuple[int, ...] | None = None,
+        holes: tuple[int, ...],
     ) -> None:
-        if holes is None:
-            holes = tuple(i + 3 for i, a in enumerate(args) if a == "l")
         self.script = script
         self.keys = keys
         self.args = args

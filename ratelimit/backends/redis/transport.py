@@ -225,6 +225,8 @@ class PipelinedTransport:
         self._addresses: list[tuple[int, Any]] = []
         self._lane: _Lane | None = None
         self._connecting: asyncio.Task[_Lane] | None = None
+        #: True while `aclose` waits for answers: no new connection is opened meanwhile.
+        self._closing = False
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -247,6 +249,8 @@ class PipelinedTransport:
         """
         lane = self._lane
         if lane is None or lane.broken or lane.loop is not asyncio.get_running_loop():
+            if self._closing:  # no new connection for a transport being closed
+                raise rx.ConnectionError("Redis connection closed by the client")
             lane = await self._connect()
         try:
             if asking:
@@ -293,16 +297,22 @@ class PipelinedTransport:
 
     async def aclose(self) -> None:
         """Close the connection once calls already made are answered (posted ones too,
-        within the timeout); calls made meanwhile fail with ConnectionError."""
+        within the timeout); calls made meanwhile fail with ConnectionError. A later
+        call opens a new connection."""
         connecting, self._connecting = self._connecting, None
         if connecting is not None and not connecting.done():
             connecting.cancel()
         lane, self._lane = self._lane, None
-        if lane is not None:
+        if lane is None:
+            return
+        self._closing = True
+        try:
             if lane.pending and not lane.broken and lane.loop is _running_loop():
                 # Replies come in order: once this one is back, every earlier call is.
                 with contextlib.suppress(rx.RedisError):
                     await lane.call(_PING)
+        finally:  # cancelled too: the socket is closed, never left behind
+            self._closing = False
             lane.close()
 
     async def _connect(self) -> _Lane:
@@ -730,17 +740,18 @@ class _Lane(asyncio.Protocol):
 class _Posted:
     """A posted call's place among a lane's waiters: answered like a future, it calls `done`.
 
-    It is never "done" early (nobody can cancel it), and it gets exactly one
-    answer: the lane pops it for its reply, or fails it when the lane breaks.
+    Nobody can cancel it, and it is answered once: by its reply, or by the
+    lane's failure; an answer after the first is ignored.
     """
 
-    __slots__ = ("_done",)
+    __slots__ = ("_answered", "_done")
 
     def __init__(self, done: Done) -> None:
         self._done = done
+        self._answered = False
 
     def done(self) -> bool:
-        return False
+        return self._answered
 
     def set_result(self, reply: Any) -> None:
         self._answer(reply, None)
@@ -749,6 +760,9 @@ class _Posted:
         self._answer(None, exc)
 
     def _answer(self, reply: Any, exc: BaseException | None) -> None:
+        if self._answered:
+            return
+        self._answered = True
         # Runs inside the protocol's data_received: an error here must not break the lane.
         try:
             self._done(reply, exc)
