@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import hiredis
 import pytest
@@ -456,8 +457,8 @@ async def test_window_storage_shares_url_and_prefix(
 # -- the pipelined connection ---------------------------------------------------------
 
 
-async def test_a_call_to_an_idle_redis_is_written_at_once(backend: RedisBackend) -> None:
-    """With nothing of ours in flight, a call is written as it is made (no loop turn waited)."""
+async def recorded_writes(backend: RedisBackend) -> tuple[Any, list[bytes]]:
+    """The backend's connected lane, and a list that records every write it makes from now."""
     await backend.decide([BucketCheck(USER, 1.0, 5, 0)])  # connected, scripts loaded
     lane = backend._transport._lane  # type: ignore[attr-defined]
     writes: list[bytes] = []
@@ -468,6 +469,12 @@ async def test_a_call_to_an_idle_redis_is_written_at_once(backend: RedisBackend)
         write(data)
 
     lane._transport.write = counted
+    return lane, writes
+
+
+async def test_a_call_to_an_idle_redis_is_written_at_once(backend: RedisBackend) -> None:
+    """With nothing of ours in flight, a call is written as it is made (no loop turn waited)."""
+    lane, writes = await recorded_writes(backend)
     assert lane.pending == 0
     first = lane.call(transport.pack("PING"))
     assert len(writes) == 1  # already on its way
@@ -483,16 +490,7 @@ async def test_concurrent_calls_share_writes_in_batches(
 ) -> None:
     """Decisions made together go out in writes of at most 8 calls, each still one
     EVALSHA: Redis works on one batch while the next is built."""
-    await backend.decide([BucketCheck(USER, 1.0, 5, 0)])  # connected, scripts loaded
-    lane = backend._transport._lane  # type: ignore[attr-defined]
-    writes: list[bytes] = []
-    write = lane._transport.write
-
-    def counted(data: bytes) -> None:
-        writes.append(data)
-        write(data)
-
-    lane._transport.write = counted
+    _, writes = await recorded_writes(backend)
     before = await evalsha_calls(inspect)
     keys = [StoreKey("images", "per-key", f"{i:032x}") for i in range(50)]
     verdicts = await asyncio.gather(*(backend.decide([BucketCheck(k, 1.0, 5, 1)]) for k in keys))
