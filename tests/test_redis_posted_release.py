@@ -256,3 +256,25 @@ async def test_a_cancelled_close_still_closes_the_connection(private_redis: Redi
         assert backend._transport._lane is None  # type: ignore[attr-defined]
     finally:
         os.kill(private_redis.pid, signal.SIGCONT)
+
+
+async def test_a_write_that_raises_fails_the_calls_not_the_request(
+    backend: RedisBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection whose write raises (closed under us, its loss not yet seen) fails the
+    calls made on it: a posted release is logged and a decision is a BackendError; no
+    exception reaches the code that made the call."""
+    lease = LeaseCheck(SLOTS, 2, 10.0, "a")
+    assert (await backend.decide([lease])).admitted
+    lane = backend._transport._lane  # type: ignore[attr-defined]
+
+    def closed(data: bytes) -> None:
+        raise RuntimeError("the handler is closed")
+
+    lane._transport.write = closed
+    with caplog.at_level(logging.WARNING, logger="ratelimit"):
+        assert backend.post_release(lease) is True  # no exception into the response
+    assert lane.broken
+    assert any("could not release lease" in r.getMessage() for r in caplog.records)
+    # The next decision opens a fresh connection; the slot expires within its ttl.
+    assert (await backend.decide([LeaseCheck(SLOTS, 2, 10.0, "b")])).admitted

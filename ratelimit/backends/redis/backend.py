@@ -384,10 +384,7 @@ class RedisBackend:
             # The server lost its scripts, or the slot moved: the awaited call recovers.
             self._in_background(self._release_quietly(lease))
             return
-        self._settle(error)
-        failure = BackendError(f"redis {self.scripts.release.name}: {error}")
-        if observer is not None:
-            observer(self.scripts.release.name, perf_counter() - started, failure)
+        self._failed(self.scripts.release, error, started)
         _release_lost(lease, error)
 
     async def _release_quietly(self, lease: LeaseCheck) -> None:

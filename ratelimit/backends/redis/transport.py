@@ -699,7 +699,13 @@ class _Lane(asyncio.Protocol):
             self._fail(rx.ConnectionError("Redis connection has no transport"))
             return
         out, self._out = self._out, []
-        self._transport.write(b"".join(out))
+        try:
+            self._transport.write(b"".join(out))
+        except Exception as exc:
+            # A transport closed under us, its connection_lost not yet run (uvloop raises
+            # here). This runs inside `call` and `post` too: fail the calls, never the caller.
+            self._fail(rx.ConnectionError(f"Connection to Redis lost: {exc}"))
+            return
         self._written += len(out)
         deadline = self.loop.time() + self.timeout
         self._batches.append((self._written, deadline))
