@@ -40,7 +40,8 @@ from ..backends.base import (
 from . import keys
 from .limits import Concurrency, Limit, TokenBucket, Window
 from .overrides import Override, Resolution
-from .rules import Rule
+from .paths import route_path
+from .rules import Rule, routed_methods
 
 logger = logging.getLogger("ratelimit")
 
@@ -408,6 +409,13 @@ def _report_refunded(
             results[i] = r._replace(remaining=r.remaining + 1)
 
 
+def _matchers(
+    plans: Sequence[Plan],
+) -> tuple[tuple[Callable[[str], bool], frozenset[str] | None, Rule], ...]:
+    """(path matcher, methods, rule) per plan, in order, for `Engine.match`."""
+    return tuple((p.rule.pattern.matches, routed_methods(p.rule.methods), p.rule) for p in plans)
+
+
 class Engine:
     """Decides requests for a list of rules against one backend."""
 
@@ -431,7 +439,7 @@ class Engine:
         self.backend = backend
         self._plans = tuple(plans)
         self._by_rule = {p.rule.name: p for p in plans}
-        self._matchers = tuple((p.rule.pattern.matches, p.rule.methods, p.rule) for p in plans)
+        self._matchers = _matchers(plans)
         #: The backend's synchronous twins of decide/release, if it has them (NowaitBackend).
         self._decide_nowait = nowait_method(backend, "decide")
         self._release_nowait = nowait_method(backend, "release")
@@ -456,8 +464,14 @@ class Engine:
             )
 
     def match(self, scope: Scope) -> Rule | None:
-        """The first rule whose path and methods match, or None (the request passes)."""
+        """The first rule whose path and methods match, or None (the request passes).
+
+        The path is the one the wrapped app routes: relative to `root_path`.
+        """
         path = scope["path"]
+        root = scope.get("root_path")
+        if root:
+            path = route_path(path, root)
         method = scope.get("method")
         for matches, methods, rule in self._matchers:
             if matches(path) and (methods is None or (method is not None and method in methods)):
@@ -824,7 +838,7 @@ class Engine:
         # Assigned together: nothing else runs on the loop until this method returns.
         self._plans = tuple(plans)
         self._by_rule = {p.rule.name: p for p in plans}
-        self._matchers = tuple((p.rule.pattern.matches, p.rule.methods, p.rule) for p in plans)
+        self._matchers = _matchers(plans)
         self.rules = tuple(p.rule for p in plans)
         self._renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
         # Limiters of windows no plan holds any more: their ids could be reused.

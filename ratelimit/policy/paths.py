@@ -2,10 +2,13 @@
 
 - `/v1/models`: exactly that path.
 - `/v1/*`: `/v1` and everything below it.
-- `/users/{id}`: one non-empty path segment per `{name}`; `{name:path}` takes the rest.
+- `/users/{id}`: one non-empty path segment per `{name}`; `{name:path}` takes the
+  rest, which may be empty (`/files/` falls under `/files/{rest:path}`), as in
+  Starlette's routing.
 
 A trailing slash is ignored on both sides, so `/v1/models/` cannot slip past
-a rule for `/v1/models`.
+a rule for `/v1/models`. Rules see the path the wrapped app routes: relative
+to the scope's `root_path` (see `route_path`).
 """
 
 from __future__ import annotations
@@ -45,9 +48,14 @@ class PathPattern:
             literal = body[pos : m.start()]
             if "{" in literal or "}" in literal:
                 raise ConfigError("path", 'parameters written as "{name}"', pattern)
-            parts.append(re.escape(literal))
-            parts.append(".+" if m.group(2) else "[^/]+")
             pos = m.end()
+            if not m.group(2):
+                parts.append(re.escape(literal) + "[^/]+")
+            elif literal.endswith("/") and body[pos:] in ("", "/"):
+                # A final `/{rest:path}` may be empty; its slash is a trailing one then.
+                parts.append(re.escape(literal[:-1]) + "(?:/.*)?")
+            else:
+                parts.append(re.escape(literal) + ".*")
         tail = body[pos:]
         if "{" in tail or "}" in tail:
             raise ConfigError("path", 'parameters written as "{name}"', pattern)
@@ -68,3 +76,18 @@ class PathPattern:
 
     def __repr__(self) -> str:
         return f"PathPattern({self.pattern!r})"
+
+
+def route_path(path: str, root_path: str) -> str:
+    """The path an app mounted at `root_path` routes, as Starlette's routing computes it.
+
+    `scope["path"]` includes `root_path` under `uvicorn --root-path` and inside a
+    `Mount`; a path that does not start with it (a proxy that strips it, or a
+    path like `/apix` under `/api`) is routed as it is.
+    """
+    if not path.startswith(root_path):
+        return path
+    end = len(root_path)
+    if len(path) == end:
+        return ""
+    return path[end:] if path[end] == "/" else path

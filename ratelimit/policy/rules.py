@@ -22,7 +22,9 @@ class Rule:
     """Limits applied together (all or nothing) to requests matching `path` and `methods`.
 
     `path` is exact (`/v1/models`), a prefix glob (`/v1/*`) or a template
-    (`/users/{id}`). `methods=None` matches every method (and websockets).
+    (`/users/{id}`), matched against the path the wrapped app routes (relative
+    to `root_path`). `methods=None` matches every method (and websockets);
+    `"GET"` also matches HEAD, which routing answers with the GET endpoint.
     `cost` is units taken from each token bucket and window: an int, or a
     callable of the scope (sync or async). `fail` says what to do when the
     backend cannot answer (None: the middleware's default). `shadow=True`
@@ -131,6 +133,14 @@ def derive_name(path: str) -> str:
     if not text[0].isalnum():
         text = "r" + text
     return text[:64]
+
+
+def routed_methods(methods: frozenset[str] | None) -> frozenset[str] | None:
+    """The methods a rule matches: `methods`, and HEAD with GET (Starlette, like most
+    routers, runs a GET endpoint for HEAD requests)."""
+    if methods is not None and "GET" in methods:
+        return methods | {"HEAD"}
+    return methods
 
 
 def has_leases(rule: Rule) -> bool:
