@@ -29,6 +29,7 @@ from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
 from . import responses
 from .metrics import Metrics
+from .redirects import REDIRECTS, refund_if_slash_redirect
 
 logger = logging.getLogger("ratelimit")
 
@@ -214,11 +215,13 @@ class RateLimitMiddleware:
             fields = (policy, (b"ratelimit", field.render(decision.results)))
         grant = decision.grant
         if grant is None:
-            if fields:
-                send = _adding(send, fields)
+            # Taken units come back if the app only redirects to the path with its
+            # trailing slash added or removed (see `redirects`): watch for it.
+            if fields or decision.checks:
+                send = _adding(send, fields, engine, decision, scope)
             await self.app(scope, receive, send)
             return
-        holder = _Holder(engine, grant, receive, send, fields)
+        holder = _Holder(engine, grant, receive, send, fields, decision, scope)
         try:
             await self.app(scope, holder.receive, holder.send)
         finally:
@@ -362,8 +365,15 @@ def _in_shadow(rule: Rule) -> Rule:
     return clone
 
 
-def _adding(send: Send, fields: tuple[tuple[bytes, bytes], ...]) -> Send:
-    """Wrap `send` to add `fields` to the response start (admitted requests without leases).
+def _adding(
+    send: Send,
+    fields: tuple[tuple[bytes, bytes], ...],
+    engine: Engine,
+    decision: Decision,
+    scope: Scope,
+) -> Send:
+    """Wrap `send` for an admitted request without leases: add `fields` to the response
+    start, and refund `decision` if that start is a trailing-slash redirect.
 
     A closure rather than a method of a per-request object: calling it is
     cheaper than a bound method, and this runs for every message.
@@ -371,11 +381,14 @@ def _adding(send: Send, fields: tuple[tuple[bytes, bytes], ...]) -> Send:
 
     async def send_with_fields(message: Message) -> None:
         if message["type"] == "http.response.start":
-            # A new dict and list: the app's message is not ours to change (an app may
-            # send the same dict twice). Copy, then set: cheaper than {**m, key: v}.
-            start = {**message}
-            start["headers"] = [*message.get("headers", ()), *fields]
-            message = start
+            if message.get("status") in REDIRECTS and decision.checks:
+                await refund_if_slash_redirect(engine, decision, scope, message)
+            if fields:
+                # A new dict and list: the app's message is not ours to change (an app may
+                # send the same dict twice). Copy, then set: cheaper than {**m, key: v}.
+                start = {**message}
+                start["headers"] = [*message.get("headers", ()), *fields]
+                message = start
         await send(message)
 
     return send_with_fields
@@ -413,10 +426,11 @@ class _Holder:
     """Per-request state of an admitted request holding concurrency leases.
 
     Its bound `receive` and `send` wrap the server's: the grant is released
-    when the last body message goes out or the client disconnects.
+    when the last body message goes out or the client disconnects. A
+    trailing-slash redirect gets `decision` refunded first (see `_adding`).
     """
 
-    __slots__ = ("_receive", "_send", "engine", "fields", "grant")
+    __slots__ = ("_receive", "_send", "decision", "engine", "fields", "grant", "scope")
 
     def __init__(
         self,
@@ -425,12 +439,16 @@ class _Holder:
         receive: Receive,
         send: Send,
         fields: tuple[tuple[bytes, bytes], ...],
+        decision: Decision,
+        scope: Scope,
     ) -> None:
         self.engine = engine
         self.grant = grant
         self._receive = receive
         self._send = send
         self.fields = fields
+        self.decision = decision
+        self.scope = scope
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -440,10 +458,13 @@ class _Holder:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start" and self.fields:
-            start = {**message}  # a copy: see _adding
-            start["headers"] = [*message.get("headers", ()), *self.fields]
-            message = start
+        if kind == "http.response.start":
+            if message.get("status") in REDIRECTS and self.decision.checks:
+                await refund_if_slash_redirect(self.engine, self.decision, self.scope, message)
+            if self.fields:
+                start = {**message}  # a copy: see _adding
+                start["headers"] = [*message.get("headers", ()), *self.fields]
+                message = start
         await self._send(message)
         if (kind == "http.response.body" and not message.get("more_body", False)) or (
             kind == "websocket.close"

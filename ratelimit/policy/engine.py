@@ -100,6 +100,7 @@ class Decision:
         "_plan",
         "_states",
         "allowed",
+        "checks",
         "grant",
         "line",
         "reason",
@@ -119,6 +120,7 @@ class Decision:
         plan: Plan,
         results: list[CheckResult | None],
         grant: Grant | None = None,
+        checks: Sequence[Check] = (),
     ) -> None:
         self.rule = rule
         self.allowed = allowed
@@ -127,6 +129,8 @@ class Decision:
         #: Seconds to wait before retrying (0 when allowed).
         self.retry_after = retry_after
         self.grant = grant
+        #: What an admitted decision took from the backend (see `Engine.refund`).
+        self.checks = checks
         #: The backend's answer per limit of the rule; None: exempt; SKIPPED: not decided.
         self.results = results
         self._plan = plan
@@ -509,7 +513,7 @@ class Engine:
             verdict = nowait(one) if nowait is not None else await self.backend.decide(one)
             result = verdict.results[0]
             if verdict.admitted:
-                return Decision(rule, True, 200, 0.0, plan, [result])
+                return Decision(rule, True, 200, 0.0, plan, [result], None, one)
             status = 503 if plan.limits[0].shared else 429
             return Decision(rule, False, status, result.retry_after, plan, [result])
         cost = rule.cost
@@ -603,7 +607,7 @@ class Engine:
                         _report_refunded(results, slots, checks)
         if admitted:
             grant = self._hold(tuple(leases), plan) if leases else None
-            decision = Decision(rule, True, 200, 0.0, plan, results, grant)
+            decision = Decision(rule, True, 200, 0.0, plan, results, grant, checks)
             if waited is not None:
                 decision.waited = waited
                 decision.line = plan.names[line_at]
@@ -626,6 +630,18 @@ class Engine:
             decision.reason = reason
             decision.line = plan.names[line_at]
         return decision
+
+    async def refund(self, decision: Decision) -> None:
+        """Give back the token-bucket units an admitted `decision` took, once.
+
+        For a request the app only redirected (see `asgi.redirects`). Its leases
+        are left to its grant, released when the response ends; a window hit
+        cannot be undone.
+        """
+        buckets = [c for c in decision.checks if c.__class__ is BucketCheck]
+        decision.checks = ()
+        if buckets:
+            await self.backend.refund(buckets)
 
     # -- waiting lines ----------------------------------------------------------
 
