@@ -367,7 +367,11 @@ class RedisBackend:
 
     async def release(self, lease: LeaseCheck) -> bool:
         """Free a lease's slot; False if it was not held (released before, or expired)."""
-        reply = await self._eval(self.scripts.release, *self._release_call(lease))
+        try:
+            reply = await self._eval(self.scripts.release, *self._release_call(lease))
+        except BaseException as exc:
+            self._haunted((lease,), exc)  # not known to have run: undone until it is
+            raise
         return bool(reply == 1)
 
     def post_release(self, lease: LeaseCheck) -> bool:
@@ -400,6 +404,9 @@ class RedisBackend:
             self._in_background(self._release_quietly(lease))
             return
         self._failed(self.scripts.release, error, started)
+        if not self._closing and _unreachable(error):
+            self.ghosts.add(self._undos((lease,)))  # retried until Redis answers
+            return
         _release_lost(lease, error)
 
     async def _release_quietly(self, lease: LeaseCheck) -> None:
@@ -880,13 +887,17 @@ class RedisBackend:
                 return  # never sent, or Redis answered: the outcome is known
         elif not isinstance(exc, asyncio.CancelledError):
             return
-        undos: list[Undo] = [
-            ([self.keys.leases(c.key), *self.keys.queue(c.key)], [c.lease_id, self.channel], c.ttl)
-            for c in checks
-            if c.__class__ is LeaseCheck
-        ]
+        undos = self._undos(checks)
         if undos:
             self.ghosts.add(undos)
+
+    def _undos(self, checks: Sequence[Check]) -> list[Undo]:
+        """forget.lua's KEYS and ARGV, and the ttl, for each lease among `checks`."""
+        return [
+            ([self.keys.leases(c.key), *self.keys.queue(c.key)], [c.lease_id, self.channel], c.ttl)
+            for c in checks
+            if isinstance(c, LeaseCheck)
+        ]
 
     async def _subscribe_url(self) -> str | None:
         """Where to SUBSCRIBE: this server, any master of a cluster, or nowhere (TLS
