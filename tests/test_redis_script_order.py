@@ -9,13 +9,13 @@ call, and a call answered NOSCRIPT is re-sent in its place in line.
 
 from __future__ import annotations
 
-import asyncio
+from functools import partial
 from typing import Any
 
 import pytest
 import redis.asyncio
 from _servers import RedisServer
-from asgi_helpers import http_scope
+from asgi_helpers import eventually, http_scope
 
 from ratelimit import Concurrency, RateLimitMiddleware, RedisBackend, Rule, keys
 from ratelimit._types import Message, Receive, Scope, Send
@@ -83,6 +83,10 @@ async def test_back_to_back_requests_across_script_flushes_are_all_admitted(
         await admin.aclose()
 
 
+def gone(lane: Any) -> bool:
+    return lane is None or bool(lane.broken)
+
+
 async def test_back_to_back_requests_after_a_restart_are_all_admitted(
     private_redis: RedisServer,
 ) -> None:
@@ -95,8 +99,7 @@ async def test_back_to_back_requests_after_a_restart_are_all_admitted(
         for _ in range(3):
             private_redis.restart()
             lane = backend._transport._lane  # type: ignore[attr-defined]
-            while lane is not None and not lane.broken:  # the close is seen at once
-                await asyncio.sleep(0.005)
+            await eventually(partial(gone, lane))  # the close is seen at once
             assert [await call(app) for _ in range(REQUESTS)] == [200] * REQUESTS
     finally:
         await app.aclose()
