@@ -11,7 +11,6 @@ request itself never waits for the round trip.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import time
@@ -131,10 +130,11 @@ async def test_closing_the_backend_waits_for_releases_already_posted(redis_url: 
         await other.aclose()
 
 
-async def test_a_posted_release_that_fails_is_counted_and_logged(
-    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+async def test_a_posted_release_that_fails_is_counted_and_retried(
+    private_redis: RedisServer,
 ) -> None:
-    """A release whose answer never comes counts against the breaker and says the lease expires."""
+    """A release whose answer never comes counts against the breaker and is sent again until
+    Redis answers: the slot is free soon after Redis runs again, not after its ttl."""
     backend = RedisBackend(private_redis.url, prefix="posted", timeout=0.1)
     lease = LeaseCheck(SLOTS, 2, 10.0, "a")
     assert private_redis.pid is not None
@@ -142,13 +142,12 @@ async def test_a_posted_release_that_fails_is_counted_and_logged(
         assert (await backend.decide([lease])).admitted
         os.kill(private_redis.pid, signal.SIGSTOP)
         try:
-            with caplog.at_level(logging.WARNING, logger="ratelimit"):
-                assert backend.post_release(lease) is True
-                await asyncio.sleep(0.4)
+            assert backend.post_release(lease) is True
+            await eventually(lambda: backend.breaker._failures >= 1)
+            assert len(backend.ghosts) == 1
         finally:
             os.kill(private_redis.pid, signal.SIGCONT)
-        assert any("could not release lease" in r.getMessage() for r in caplog.records)
-        assert backend.breaker._failures == 1
+        await until_free(backend)
     finally:
         await backend.aclose()
 
@@ -259,11 +258,11 @@ async def test_a_cancelled_close_still_closes_the_connection(private_redis: Redi
 
 
 async def test_a_write_that_raises_fails_the_calls_not_the_request(
-    backend: RedisBackend, caplog: pytest.LogCaptureFixture
+    backend: RedisBackend,
 ) -> None:
     """A connection whose write raises (closed under us, its loss not yet seen) fails the
-    calls made on it: a posted release is logged and a decision is a BackendError; no
-    exception reaches the code that made the call."""
+    calls made on it: a posted release is sent again on a new connection and a decision is a
+    BackendError; no exception reaches the code that made the call."""
     lease = LeaseCheck(SLOTS, 2, 10.0, "a")
     assert (await backend.decide([lease])).admitted
     lane = backend._transport._lane  # type: ignore[attr-defined]
@@ -272,9 +271,9 @@ async def test_a_write_that_raises_fails_the_calls_not_the_request(
         raise RuntimeError("the handler is closed")
 
     lane._transport.write = closed
-    with caplog.at_level(logging.WARNING, logger="ratelimit"):
-        assert backend.post_release(lease) is True  # no exception into the response
+    assert backend.post_release(lease) is True  # no exception into the response
     assert lane.broken
-    assert any("could not release lease" in r.getMessage() for r in caplog.records)
-    # The next decision opens a fresh connection; the slot expires within its ttl.
+    # The next decision opens a fresh connection; the release is sent again on one.
     assert (await backend.decide([LeaseCheck(SLOTS, 2, 10.0, "b")])).admitted
+    await eventually(lambda: len(backend.ghosts) == 0)
+    assert await held(backend) == 1  # "b" only

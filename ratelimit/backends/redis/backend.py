@@ -74,6 +74,7 @@ from ..base import (
     Verdict,
 )
 from ..breaker import BreakerState, CircuitBreaker
+from .ghosts import Ghosts, Undo
 from .keyspace import Keyspace
 from .pubsub import Subscriber, parse_message
 from .scripts import SCRIPTS, Script, ScriptSet
@@ -249,10 +250,14 @@ class RedisBackend:
                 connect_timeout=self.connect_timeout,
                 username=cluster_options.get("username"),
                 password=cluster_options.get("password"),
+                scripts=self.scripts.all(),
             )
         elif self._owns_client and not self.cluster and PipelinedTransport.supports(url):
             self._transport = PipelinedTransport(
-                url, timeout=self.timeout, connect_timeout=self.connect_timeout
+                url,
+                timeout=self.timeout,
+                connect_timeout=self.connect_timeout,
+                scripts=self.scripts.all(),
             )
         else:
             self._transport = ClientTransport(client)
@@ -287,6 +292,12 @@ class RedisBackend:
         self._background: set[asyncio.Task[Any]] = set()
         #: True while `aclose` runs: a posted release that fails is not retried then.
         self._closing = False
+        #: Leases proposed by calls whose outcome is unknown, being undone (see `ghosts`).
+        self.ghosts = Ghosts(
+            lambda: self.scripts.forget,
+            self._eval,
+            lambda script, keys, args, done: self._transport.post(script, keys, args, done),
+        )
 
     def __repr__(self) -> str:
         cluster = ", cluster=True" if self.cluster else ""
@@ -321,12 +332,16 @@ class RedisBackend:
                     if observer is not None:
                         observer(script.name, perf_counter() - started, None)
             return _parse_one(reply)
-        if self.split_by_slot and len(checks) > 1:
-            groups = self._groups(checks)
-            if len(groups) > 1:
-                return await self._decide_slots(checks, groups)
-        keys, args, packed = self._decide_call(checks)
-        reply = await self._eval(self.scripts.decide, keys, args, packed)
+        try:
+            if self.split_by_slot and len(checks) > 1:
+                groups = self._groups(checks)
+                if len(groups) > 1:
+                    return await self._decide_slots(checks, groups)
+            keys, args, packed = self._decide_call(checks)
+            reply = await self._eval(self.scripts.decide, keys, args, packed)
+        except BaseException as exc:
+            self._haunted(checks, exc)
+            raise
         verdict, results = _parse_decide(reply)
         return Verdict(verdict, tuple(results))
 
@@ -352,7 +367,11 @@ class RedisBackend:
 
     async def release(self, lease: LeaseCheck) -> bool:
         """Free a lease's slot; False if it was not held (released before, or expired)."""
-        reply = await self._eval(self.scripts.release, *self._release_call(lease))
+        try:
+            reply = await self._eval(self.scripts.release, *self._release_call(lease))
+        except BaseException as exc:
+            self._haunted((lease,), exc)  # not known to have run: undone until it is
+            raise
         return bool(reply == 1)
 
     def post_release(self, lease: LeaseCheck) -> bool:
@@ -385,6 +404,9 @@ class RedisBackend:
             self._in_background(self._release_quietly(lease))
             return
         self._failed(self.scripts.release, error, started)
+        if not self._closing and _unreachable(error):
+            self.ghosts.add(self._undos((lease,)))  # retried until Redis answers
+            return
         _release_lost(lease, error)
 
     async def _release_quietly(self, lease: LeaseCheck) -> None:
@@ -422,8 +444,9 @@ class RedisBackend:
                 entry, ticket.member = await self._enqueue_slot(checks, index, queue)
             else:
                 entry, ticket.member = await self._enqueue_split(checks, groups, index, queue)
-        except BaseException:
+        except BaseException as exc:
             self._tickets.pop(lease.lease_id, None)
+            self._haunted(checks, exc)
             raise
         if entry.outcome != "queued":
             self._tickets.pop(lease.lease_id, None)
@@ -529,6 +552,7 @@ class RedisBackend:
             for ticket in self._tickets.values():
                 if not ticket.future.done():
                     ticket.future.set_result("shed")
+            await self.ghosts.aclose()
             await self._subscriber.aclose()
             await self._transport.aclose()  # answers to posted releases come in meanwhile
         finally:
@@ -853,6 +877,27 @@ class RedisBackend:
             await self._leave_call(lease, member, release=True)
         except BackendError as exc:  # the ticket expires, a granted lease too: nothing leaks
             logger.debug("ratelimit: could not leave a line (%s)", exc)
+
+    def _haunted(self, checks: Sequence[Check], exc: BaseException) -> None:
+        """If the call that raised `exc` may have run unanswered (a timeout, a lost
+        connection, a cancelled caller), have its lease ids undone (see `ghosts`)."""
+        if isinstance(exc, BackendError):
+            cause = exc.__cause__
+            if isinstance(exc, BackendUnavailable) or cause is None or not _unreachable(cause):
+                return  # never sent, or Redis answered: the outcome is known
+        elif not isinstance(exc, asyncio.CancelledError):
+            return
+        undos = self._undos(checks)
+        if undos:
+            self.ghosts.add(undos)
+
+    def _undos(self, checks: Sequence[Check]) -> list[Undo]:
+        """forget.lua's KEYS and ARGV, and the ttl, for each lease among `checks`."""
+        return [
+            ([self.keys.leases(c.key), *self.keys.queue(c.key)], [c.lease_id, self.channel], c.ttl)
+            for c in checks
+            if isinstance(c, LeaseCheck)
+        ]
 
     async def _subscribe_url(self) -> str | None:
         """Where to SUBSCRIBE: this server, any master of a cluster, or nowhere (TLS

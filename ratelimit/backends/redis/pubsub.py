@@ -58,6 +58,7 @@ class _SubscriberLane(_Lane):
                 self._fail(rx.ConnectionError("Redis sent a reply nobody asked for"))
                 return
             future = waiting.popleft()
+            self._sent.popleft()
             if future.done():
                 continue
             if isinstance(reply, rx.ResponseError):

@@ -27,6 +27,7 @@ OPERATIONS = (
     "leave",
     "queue_length",
     "appoint",
+    "forget",
 )
 #: The library files each operation runs on, in order, after the clock prelude.
 LIBRARIES: dict[str, tuple[str, ...]] = {
@@ -37,6 +38,7 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
     "release": ("queue",),
     "wait": ("queue",),
     "leave": ("queue",),
+    "forget": ("queue",),
 }
 
 
@@ -68,6 +70,11 @@ class ScriptSet:
     leave: Script
     queue_length: Script
     appoint: Script
+    forget: Script
+
+    def all(self) -> tuple[Script, ...]:
+        """Every script, in field order (what a new connection loads)."""
+        return tuple(getattr(self, name) for name in OPERATIONS)
 
 
 def read_lua(name: str) -> str:

@@ -206,9 +206,12 @@ class PipelinedTransport:
         timeout: float,
         connect_timeout: float,
         lane: Callable[[asyncio.AbstractEventLoop, float], _Lane] | None = None,
+        scripts: Sequence[Script] = (),
     ) -> None:
         #: Builds the connection's protocol (a subscriber's lane takes pushed messages).
         self._lane_factory = lane
+        #: SCRIPT LOAD of each script, sent first on every new connection (see `_Lane`).
+        self._loads = tuple(pack("SCRIPT", "LOAD", script.source) for script in scripts)
         try:
             params: dict[str, Any] = dict(parse_url(url))
         except ValueError as exc:
@@ -307,8 +310,11 @@ class PipelinedTransport:
             return
         self._closing = True
         try:
-            if lane.pending and not lane.broken and lane.loop is _running_loop():
-                # Replies come in order: once this one is back, every earlier call is.
+            # Replies come in order: once this one is back, every earlier call is (a call
+            # re-sent after a NOSCRIPT may come after it: then once more).
+            for _ in range(3):
+                if not (lane.pending and not lane.broken and lane.loop is _running_loop()):
+                    break
                 with contextlib.suppress(rx.RedisError):
                     await lane.call(_PING)
         finally:  # cancelled too: the socket is closed, never left behind
@@ -348,6 +354,10 @@ class PipelinedTransport:
             await self._handshake(lane, pack("AUTH", *auth))
         if self.db:
             await self._handshake(lane, pack("SELECT", str(self.db)))
+        if self._loads:
+            # Before any call: a fresh server (first start, restart, failover) knows no
+            # script, and a NOSCRIPT retried later would run after calls made meanwhile.
+            await self._handshake(lane, lane.load_scripts(self._loads))
         self._lane = lane
         return lane
 
@@ -426,9 +436,9 @@ class PipelinedTransport:
             loop.remove_writer(sock)
             timer.cancel()
 
-    async def _handshake(self, lane: _Lane, command: bytes) -> None:
+    async def _handshake(self, lane: _Lane, command: bytes | asyncio.Future[Any]) -> None:
         try:
-            await lane.call(command)
+            await (lane.call(command) if isinstance(command, bytes) else command)
         except BaseException:
             lane.close()
             raise
@@ -472,8 +482,10 @@ class ClusterTransport(_AwaitedOnly):
         connect_timeout: float,
         username: str | None = None,
         password: str | None = None,
+        scripts: Sequence[Script] = (),
     ) -> None:
         self.client = client
+        self._scripts = tuple(scripts)
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         auth = ""
@@ -569,6 +581,7 @@ class ClusterTransport(_AwaitedOnly):
                 f"redis://{self._auth}{host}:{port}/0",
                 timeout=self.timeout,
                 connect_timeout=self.connect_timeout,
+                scripts=self._scripts,
             )
         return transport
 
@@ -607,6 +620,12 @@ class _Lane(asyncio.Protocol):
             else RespReader()
         )
         self._waiting: deque[asyncio.Future[Any] | _Posted] = deque()
+        #: The command of each waiter, in the same order: re-sent after a NOSCRIPT reply.
+        self._sent: deque[bytes] = deque()
+        #: SCRIPT LOAD commands (`load_scripts`), and the position in the stream of the
+        #: last one written: a NOSCRIPT to a call written before it needs no new load.
+        self._loads: tuple[bytes, ...] = ()
+        self._loaded_at = 0
         self._out: list[bytes] = []
         self._flush_scheduled = False
         #: Commands written so far, replies read so far.
@@ -627,6 +646,7 @@ class _Lane(asyncio.Protocol):
         reader = self._reader
         reader.feed(data)
         waiting = self._waiting
+        sent = self._sent
         while True:
             reply = reader.gets()
             if reply is False:
@@ -636,10 +656,12 @@ class _Lane(asyncio.Protocol):
                 self._fail(rx.ConnectionError("Redis sent a reply nobody asked for"))
                 return
             future = waiting.popleft()
+            command = sent.popleft()
             if future.done():  # the caller was cancelled; its reply is dropped in order
                 continue
             if isinstance(reply, rx.ResponseError):
-                future.set_exception(reply)
+                if not (str(reply).startswith("NOSCRIPT") and self._resend(command, future)):
+                    future.set_exception(reply)
             else:
                 future.set_result(reply)
 
@@ -669,8 +691,56 @@ class _Lane(asyncio.Protocol):
             return
         self._queue(command, _Posted(done))
 
+    def load_scripts(self, loads: tuple[bytes, ...]) -> asyncio.Future[Any]:
+        """Queue `loads` (SCRIPT LOAD commands, kept for reloads); the future is answered
+        once they are. A load's error reply is ignored: the EVALSHA fallback remains."""
+        self._loads = loads
+        for command in loads:
+            self._queue(command, _Posted(_ignore))
+        self._loaded_at = self._written + len(self._out)
+        return self.call(_PING)
+
+    def _resend(self, command: bytes, waiter: asyncio.Future[Any] | _Posted) -> bool:
+        """Re-send a call Redis answered NOSCRIPT (it did not run), now, while its reply
+        is read: after the calls written before it and before any call written later,
+        so a release reloaded this way is never overtaken by a later decision.
+
+        The scripts are loaded again first, unless that was already done after this
+        call was written (the calls written before the load get NOSCRIPT too). A call
+        is re-sent once; False, doing nothing, when it cannot be (already re-sent, no
+        scripts to load, or the connection is gone).
+        """
+        if command.__class__ is _Again or not self._loads or self._transport is None:
+            return False
+        commands: list[bytes] = []
+        waiters: list[asyncio.Future[Any] | _Posted] = []
+        if self._answered > self._loaded_at:  # written after the last load: flushed since
+            commands += self._loads
+            waiters += [_Posted(_ignore) for _ in self._loads]
+        commands.append(_Again(command))
+        waiters.append(waiter)
+        try:
+            self._transport.write(b"".join(commands))
+        except Exception as exc:
+            self._fail(rx.ConnectionError(f"Connection to Redis lost: {exc}"))
+            return False
+        # In the stream after the calls written and before those not written yet.
+        at = self._written - self._answered
+        for n, (again, answer) in enumerate(zip(commands, waiters, strict=True)):
+            self._waiting.insert(at + n, answer)
+            self._sent.insert(at + n, again)
+        self._written += len(commands)
+        if len(commands) > 1:
+            self._loaded_at = self._written - 1
+        deadline = self.loop.time() + self.timeout
+        self._batches.append((self._written, deadline))
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._check_deadline)
+        return True
+
     def _queue(self, command: bytes, waiter: asyncio.Future[Any] | _Posted) -> None:
         self._waiting.append(waiter)
+        self._sent.append(command)
         self._out.append(command)
         # At once when Redis has nothing of ours to work on, or a batch is full: Redis then
         # runs it while this loop builds the next, instead of waiting for the turn's end.
@@ -735,12 +805,23 @@ class _Lane(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         waiting, self._waiting = self._waiting, deque()
+        self._sent.clear()
         self._out.clear()
         for future in waiting:
             if not future.done():
                 future.set_exception(exc)
         if self._transport is not None:
             self._transport.abort()
+
+
+class _Again(bytes):
+    """A command re-sent after a NOSCRIPT reply (see `_Lane._resend`): never re-sent twice."""
+
+    __slots__ = ()
+
+
+def _ignore(reply: Any, error: BaseException | None) -> None:
+    """The answer to a call nobody waits for (a SCRIPT LOAD)."""
 
 
 class _Posted:
