@@ -11,7 +11,9 @@ rules x limits x outcomes however many callers there are.
         `limit` names the limit that decided a refusal (or would have: the
         shadow_* outcomes of rules in shadow mode, whose requests went on to
         the app), "" otherwise. `blocked`: refused by an operator's block
-        override, without consulting any limit. Under
+        override, without consulting any limit. `invalid`: refused with 400
+        because a key, cost, priority or fair_key function failed (`limit`
+        names the limit whose function it was, "" for the cost). Under
         fail="local" the in-process verdict is counted (allowed, limited,
         rejected) and the failure shows in ratelimit_backend_errors_total.
     ratelimit_decision_seconds{rule}                 histogram
@@ -89,6 +91,8 @@ OUTCOMES: Final = (
     "queue_timeout",  # 503 after waiting its whole timeout
     "shed",  # 503: pushed out of a full line by a higher class
     "abandoned",  # the client left while waiting (no response sent)
+    "invalid",  # 400: a key, cost or priority function failed; nothing consumed
+    "shadow_invalid",  # shadow mode: the same, the request went on
 )
 
 #: `outcome` of a refused decision by its `Decision.reason`.
@@ -467,6 +471,15 @@ class Metrics:
             self._decision_child(rule.name, "", f"failed_{policy}").inc()
         if self.backend_seconds is None:  # else the backend reported the error itself
             self.observe_backend_error("decide")
+
+    def observe_invalid(self, rule: Rule, limit: str) -> None:
+        """A user callable of `rule` (of its limit `limit`; "" for the cost) failed."""
+        outcome = "shadow_invalid" if rule.shadow else "invalid"
+        key = (rule.name, limit, outcome)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_child(*key)
+        child.inc()
 
     def observe_backend_call(
         self, operation: str, seconds: float, error: BaseException | None

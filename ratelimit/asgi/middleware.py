@@ -17,7 +17,7 @@ from functools import partial
 from time import perf_counter
 from typing import Any
 
-from .._errors import ConfigError
+from .._errors import CallableError, ConfigError
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
@@ -29,6 +29,7 @@ from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
 from . import responses
 from .metrics import Metrics
+from .unrated import UNRATABLE, CallableErrorLog
 
 logger = logging.getLogger("ratelimit")
 
@@ -128,6 +129,8 @@ class RateLimitMiddleware:
         )
         #: True until the overrides are started (lifespan start-up or first request).
         self._unstarted = True
+        #: Logs failing key/cost/priority functions, each at most once per 10 s.
+        self.callable_errors = CallableErrorLog(logger)
 
     @classmethod
     def from_config(
@@ -169,6 +172,9 @@ class RateLimitMiddleware:
             decision = await engine.decide(
                 rule, scope, inbox.until_gone if inbox is not None else None
             )
+        except CallableError as exc:
+            await self._unrated(rule, exc, scope, receive, send)
+            return
         except Exception as exc:
             fail = rule.fail or self.fail
             self._note_failure(rule, fail, exc)
@@ -183,6 +189,9 @@ class RateLimitMiddleware:
                 decision = await engine.decide(
                     rule, scope, inbox.until_gone if inbox is not None else None
                 )
+            except CallableError as exc:  # it failed this time only (it asked no store)
+                await self._unrated(rule, exc, scope, receive, send)
+                return
             except Exception:
                 # Not the store then (e.g. a key function that raises): the limiter
                 # still must not turn it into a 500, so this request is admitted.
@@ -320,6 +329,23 @@ class RateLimitMiddleware:
         if not self._failing:
             self._failing = True
             logger.error("ratelimit backend failed (%r); failing %s until it answers", exc, policy)
+
+    async def _unrated(
+        self, rule: Rule, exc: CallableError, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A user callable failed for this request: 400, whatever the `fail` policy.
+
+        Nothing was consumed (the engine asks every callable before the store)
+        and the store is not at fault: no breaker, no fallback, no fail-open.
+        A rule in shadow mode lets the request through, as its refusals.
+        """
+        self.callable_errors.report(exc, shadow=rule.shadow)
+        if self.metrics is not None:
+            self.metrics.observe_invalid(rule, exc.limit)
+        if rule.shadow:
+            await self.app(scope, receive, send)
+            return
+        await _send_plain(scope, receive, send, *UNRATABLE)
 
     def _local_engine(self) -> Engine:
         """The in-process fallback for `fail="local"`: every limit times `local_share`."""

@@ -149,10 +149,12 @@ class Concurrency(Limit):
     for one; 0 refuses at once.
 
     Waiting order: `priority(scope)` gives a request's class, either an int
-    (higher first) or a name listed in `classes` (first listed first; a name
-    not listed comes last). `shares` maps classes to fractions of `limit`
-    each is guaranteed when it needs them (idle slots are borrowed by any
-    class); for named classes, `classes` defaults to the order of `shares`.
+    (higher first) or a name listed in `classes` (first listed first), or
+    None (no class: last among names, as 0 among ints). Any other value, e.g.
+    a name not listed, makes the request unratable (see `CallableError`).
+    `shares` maps classes to fractions of `limit` each is guaranteed when it
+    needs them (idle slots are borrowed by any class); for named classes,
+    `classes` defaults to the order of `shares`.
     `fair_key(scope)` (e.g. the API key) orders each caller's n-th waiting
     request after every other caller's earlier ones; without it, FIFO.
 
@@ -228,13 +230,22 @@ class Concurrency(Limit):
         return bool(self.queue or self.guaranteed)
 
     def rank(self, cls: object) -> int:
-        """The place of a priority class in line: 0 first (see `algorithms.queue`)."""
+        """The place of a priority class in line: 0 first (see `algorithms.queue`).
+
+        A class is a name listed in `classes`, an int, or None (no class: after
+        every named class, or as the int 0). Anything else raises ValueError: an
+        unknown name may be a typo or a forged header, and must not jump the line.
+        """
         if isinstance(cls, str):
             classes = self.classes
-            return classes.index(cls) if cls in classes else len(classes)
+            if cls in classes:
+                return classes.index(cls)
+            raise ValueError(f"not one of the classes {list(classes)}")
         if isinstance(cls, int) and not isinstance(cls, bool):
             return min(RANK_MAX, max(0, _INT_RANK_ORIGIN - cls))
-        return len(self.classes) if self.classes else _INT_RANK_ORIGIN
+        if cls is None:
+            return len(self.classes) if self.classes else _INT_RANK_ORIGIN
+        raise ValueError("not a class name, an int or None")
 
     def scaled(self, share: float) -> Concurrency:
         clone = copy.copy(self)
