@@ -65,15 +65,17 @@ from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.asgi import make_asgi_app
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .._errors import ConfigError
-from .._types import ASGIApp
+from .._types import ASGIApp, Receive, Scope, Send
 from ..backends.breaker import BreakerState, CircuitBreaker
 from ..policy.engine import BlockedDecision, Decision, Engine, Grant
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
+from .admin import BadRequest, query_params, send_bad_request
 
 logger = logging.getLogger("ratelimit")
 
@@ -552,5 +554,45 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
         registry = REGISTRY
     elif not isinstance(registry, CollectorRegistry):
         raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
-    app: ASGIApp = make_asgi_app(registry)
+    exposition: ASGIApp = make_asgi_app(registry)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # prometheus_client's app asserts on anything else
+        try:
+            _check_scrape(scope)
+        except BadRequest as exc:
+            await send_bad_request(send, str(exc))
+            return
+        await exposition(scope, receive, send)
+
     return app
+
+
+#: Nothing to expose: for trying an `Accept` header's format and version on.
+_EMPTY = CollectorRegistry()
+
+
+def _check_scrape(scope: Scope) -> None:
+    """Raise `BadRequest` for input prometheus_client's app would answer with a 500.
+
+    It decodes the query and headers as UTF-8 and compares the `version` of
+    an `Accept` header as numbers; here they are read the same way first, and
+    the chosen format is tried on an empty registry.
+    """
+    query_params(scope, ())
+    accept = []
+    for name, value in scope.get("headers", ()):
+        lowered = bytes(name).lower()
+        if lowered in (b"accept", b"accept-encoding"):
+            try:
+                text = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest(f"{lowered.decode()}: not valid UTF-8") from None
+            if lowered == b"accept":
+                accept.append(text)
+    try:
+        encoder, _ = choose_encoder(",".join(accept))
+        encoder(_EMPTY)
+    except Exception:
+        raise BadRequest("accept: a format or version the exposition cannot write") from None
