@@ -24,6 +24,7 @@ from ..backends.memory import MemoryBackend
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.engine import ABANDONED, BlockedDecision, Decision, Engine, Grant
 from ..policy.live import LiveOverrides, store_for
+from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
@@ -95,6 +96,15 @@ class RateLimitMiddleware:
             rules = [_in_shadow(r) for r in rules]
         self.shadow = shadow
         self.engine = Engine(rules, backend)
+        for later, earlier in shadowed(self.engine.rules):
+            logger.warning(
+                "ratelimit: rule %r (%s) never applies: the earlier rule %r (%s) matches every "
+                "request it would (the first matching rule wins; put the narrower rule first)",
+                later.name,
+                _describe(later),
+                earlier.name,
+                _describe(earlier),
+            )
         self.backend = backend
         self.fail = fail
         self.on_refuse = on_refuse
@@ -377,6 +387,11 @@ class RateLimitMiddleware:
         await self._stop_overrides()
         await self.engine.aclose()
         await self.backend.aclose()
+
+
+def _describe(rule: Rule) -> str:
+    methods = "any method" if rule.methods is None else ", ".join(sorted(rule.methods))
+    return f"{rule.path}, {methods}"
 
 
 def _in_shadow(rule: Rule) -> Rule:
