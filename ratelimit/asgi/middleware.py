@@ -10,6 +10,7 @@ fails or the task is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ from ..policy.top import TopCallers, publisher_for
 from . import responses
 from .metrics import Metrics
 from .unrated import UNRATABLE, CallableErrorLog
+from .workers import other_workers
 
 logger = logging.getLogger("ratelimit")
 
@@ -274,6 +276,9 @@ class RateLimitMiddleware:
         if not self._unstarted:
             return
         self._unstarted = False
+        if isinstance(self.backend, MemoryBackend):
+            # Later, not now: a server may still be starting the other workers.
+            asyncio.get_running_loop().call_later(_WORKERS_CHECK_DELAY, _warn_if_workers)
         try:
             await self.overrides.start()
         except Exception:
@@ -387,6 +392,26 @@ class RateLimitMiddleware:
         await self._stop_overrides()
         await self.engine.aclose()
         await self.backend.aclose()
+
+
+#: Seconds after start-up to look for sibling workers (see `_warn_if_workers`).
+_WORKERS_CHECK_DELAY = 1.0
+
+
+def _warn_if_workers() -> None:
+    """Warn once if this process is one of several workers on a MemoryBackend."""
+    try:
+        others = other_workers()
+    except Exception:  # a look at /proc must never stop the app
+        return
+    if others:
+        logger.warning(
+            "ratelimit: MemoryBackend in one of %d worker processes: each worker keeps its "
+            "own limits, so each limit is allowed %d times over. Use RedisBackend(url) to "
+            "share them across workers (or divide every limit by the number of workers)",
+            others + 1,
+            others + 1,
+        )
 
 
 def _describe(rule: Rule) -> str:
