@@ -7,6 +7,7 @@ leases that cannot leak, honest 429/503 refusals with `Retry-After` and the
 
 from ._errors import BackendError as BackendError
 from ._errors import BackendUnavailable as BackendUnavailable
+from ._errors import CallableError as CallableError
 from ._errors import ConfigError as ConfigError
 from ._errors import LeaseError as LeaseError
 from ._errors import RateLimitError as RateLimitError
@@ -33,6 +34,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendUnavailable",
+    "CallableError",
     "Concurrency",
     "ConfigError",
     "Decision",

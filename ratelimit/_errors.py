@@ -4,6 +4,8 @@
     ├── ConfigError (ValueError)   bad configuration, raised at construction
     ├── BackendError               the store failed; the driver's error is __cause__
     │   └── BackendUnavailable     the circuit breaker is open, no call was made
+    ├── CallableError              a key, cost, priority or fair_key function failed
+    │                              for one request (it cannot be rated); its error is __cause__
     └── LeaseError                 misuse of a lease (released twice, unknown)
 
 A refused request is not an exception: it is a `Decision` value.
@@ -49,6 +51,34 @@ class BackendError(RateLimitError):
 
 class BackendUnavailable(BackendError):
     """The circuit breaker is open: the backend was not called at all."""
+
+
+class CallableError(RateLimitError):
+    """A user callable failed for one request: it raised (kept as `__cause__`), or
+    returned what its role does not allow (a cost that is not an integer >= 1, a
+    priority that is not a class of the limit).
+
+    Raised by the engine before any backend call, so nothing was consumed. The
+    middleware refuses such a request with 400, whatever the rule's `fail`
+    policy: it is the request's fault, not the store's.
+    """
+
+    def __init__(self, role: str, func: object, rule: str, limit: str, problem: str) -> None:
+        #: "key", "cost", "priority" or "fair_key".
+        self.role = role
+        #: The callable's `__qualname__` (its class's for a callable object).
+        self.callable = callable_name(func)
+        self.rule = rule
+        #: The limit's policy name; "" for the rule's cost.
+        self.limit = limit
+        where = f"rule {rule!r}" + (f", limit {limit!r}" if limit else "")
+        super().__init__(f"{role} function {self.callable} of {where}: {problem}")
+
+
+def callable_name(func: object) -> str:
+    """A callable's `__qualname__`, or its class's for an object with `__call__`."""
+    name = getattr(func, "__qualname__", None)
+    return name if isinstance(name, str) else type(func).__qualname__
 
 
 class LeaseError(RateLimitError):

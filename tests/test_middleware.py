@@ -602,8 +602,9 @@ def test_local_share_must_be_a_fraction() -> None:
         RateLimitMiddleware(starlette_app(), rules=IMAGES_RULES, local_share=2)
 
 
-async def test_fail_local_admits_when_the_fallback_fails_too() -> None:
-    """A key function that raises under fail="local" admits the request: never a 500."""
+async def test_fail_local_refuses_with_400_when_a_key_function_raises() -> None:
+    """A key function that raises under fail="local" is the request's fault: 400, not a
+    fallback, not an admission, never a 500 (tests/test_callables.py has every case)."""
 
     def broken_key(scope: Scope) -> str:
         raise RuntimeError("key function bug")
@@ -612,4 +613,4 @@ async def test_fail_local_admits_when_the_fallback_fails_too() -> None:
     app = RateLimitMiddleware(starlette_app(), rules=rules)
     async with client(app) as c:
         codes = [(await c.get("/v1/models")).status_code for _ in range(3)]
-    assert codes == [200, 200, 200]
+    assert codes == [400, 400, 400]

@@ -11,7 +11,9 @@ rules x limits x outcomes however many callers there are.
         `limit` names the limit that decided a refusal (or would have: the
         shadow_* outcomes of rules in shadow mode, whose requests went on to
         the app), "" otherwise. `blocked`: refused by an operator's block
-        override, without consulting any limit. Under
+        override, without consulting any limit. `invalid`: refused with 400
+        because a key, cost, priority or fair_key function failed (`limit`
+        names the limit whose function it was, "" for the cost). Under
         fail="local" the in-process verdict is counted (allowed, limited,
         rejected) and the failure shows in ratelimit_backend_errors_total.
     ratelimit_decision_seconds{rule}                 histogram
@@ -63,15 +65,17 @@ from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.asgi import make_asgi_app
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .._errors import ConfigError
-from .._types import ASGIApp
+from .._types import ASGIApp, Receive, Scope, Send
 from ..backends.breaker import BreakerState, CircuitBreaker
 from ..policy.engine import BlockedDecision, Decision, Engine, Grant
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
+from .admin import BadRequest, query_params, send_bad_request
 
 logger = logging.getLogger("ratelimit")
 
@@ -89,6 +93,8 @@ OUTCOMES: Final = (
     "queue_timeout",  # 503 after waiting its whole timeout
     "shed",  # 503: pushed out of a full line by a higher class
     "abandoned",  # the client left while waiting (no response sent)
+    "invalid",  # 400: a key, cost or priority function failed; nothing consumed
+    "shadow_invalid",  # shadow mode: the same, the request went on
 )
 
 #: `outcome` of a refused decision by its `Decision.reason`.
@@ -468,6 +474,15 @@ class Metrics:
         if self.backend_seconds is None:  # else the backend reported the error itself
             self.observe_backend_error("decide")
 
+    def observe_invalid(self, rule: Rule, limit: str) -> None:
+        """A user callable of `rule` (of its limit `limit`; "" for the cost) failed."""
+        outcome = "shadow_invalid" if rule.shadow else "invalid"
+        key = (rule.name, limit, outcome)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_child(*key)
+        child.inc()
+
     def observe_backend_call(
         self, operation: str, seconds: float, error: BaseException | None
     ) -> None:
@@ -539,5 +554,45 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
         registry = REGISTRY
     elif not isinstance(registry, CollectorRegistry):
         raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
-    app: ASGIApp = make_asgi_app(registry)
+    exposition: ASGIApp = make_asgi_app(registry)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # prometheus_client's app asserts on anything else
+        try:
+            _check_scrape(scope)
+        except BadRequest as exc:
+            await send_bad_request(send, str(exc))
+            return
+        await exposition(scope, receive, send)
+
     return app
+
+
+#: Nothing to expose: for trying an `Accept` header's format and version on.
+_EMPTY = CollectorRegistry()
+
+
+def _check_scrape(scope: Scope) -> None:
+    """Raise `BadRequest` for input prometheus_client's app would answer with a 500.
+
+    It decodes the query and headers as UTF-8 and compares the `version` of
+    an `Accept` header as numbers; here they are read the same way first, and
+    the chosen format is tried on an empty registry.
+    """
+    query_params(scope, ())
+    accept = []
+    for name, value in scope.get("headers", ()):
+        lowered = bytes(name).lower()
+        if lowered in (b"accept", b"accept-encoding"):
+            try:
+                text = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest(f"{lowered.decode()}: not valid UTF-8") from None
+            if lowered == b"accept":
+                accept.append(text)
+    try:
+        encoder, _ = choose_encoder(",".join(accept))
+        encoder(_EMPTY)
+    except Exception:
+        raise BadRequest("accept: a format or version the exposition cannot write") from None

@@ -10,6 +10,7 @@ fails or the task is cancelled.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -17,19 +18,22 @@ from functools import partial
 from time import perf_counter
 from typing import Any
 
-from .._errors import ConfigError
+from .._errors import CallableError, ConfigError
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.engine import ABANDONED, BlockedDecision, Decision, Engine, Grant
 from ..policy.live import LiveOverrides, store_for
+from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
 from . import responses
 from .metrics import Metrics
 from .redirects import REDIRECTS, refund_if_slash_redirect
+from .unrated import UNRATABLE, CallableErrorLog
+from .workers import other_workers
 
 logger = logging.getLogger("ratelimit")
 
@@ -95,6 +99,15 @@ class RateLimitMiddleware:
             rules = [_in_shadow(r) for r in rules]
         self.shadow = shadow
         self.engine = Engine(rules, backend)
+        for later, earlier in shadowed(self.engine.rules):
+            logger.warning(
+                "ratelimit: rule %r (%s) never applies: the earlier rule %r (%s) matches every "
+                "request it would (the first matching rule wins; put the narrower rule first)",
+                later.name,
+                _describe(later),
+                earlier.name,
+                _describe(earlier),
+            )
         self.backend = backend
         self.fail = fail
         self.on_refuse = on_refuse
@@ -129,6 +142,8 @@ class RateLimitMiddleware:
         )
         #: True until the overrides are started (lifespan start-up or first request).
         self._unstarted = True
+        #: Logs failing key/cost/priority functions, each at most once per 10 s.
+        self.callable_errors = CallableErrorLog(logger)
 
     @classmethod
     def from_config(
@@ -170,6 +185,9 @@ class RateLimitMiddleware:
             decision = await engine.decide(
                 rule, scope, inbox.until_gone if inbox is not None else None
             )
+        except CallableError as exc:
+            await self._unrated(rule, exc, scope, receive, send)
+            return
         except Exception as exc:
             fail = rule.fail or self.fail
             self._note_failure(rule, fail, exc)
@@ -184,6 +202,9 @@ class RateLimitMiddleware:
                 decision = await engine.decide(
                     rule, scope, inbox.until_gone if inbox is not None else None
                 )
+            except CallableError as exc:  # it failed this time only (it asked no store)
+                await self._unrated(rule, exc, scope, receive, send)
+                return
             except Exception:
                 # Not the store then (e.g. a key function that raises): the limiter
                 # still must not turn it into a 500, so this request is admitted.
@@ -258,6 +279,9 @@ class RateLimitMiddleware:
         if not self._unstarted:
             return
         self._unstarted = False
+        if isinstance(self.backend, MemoryBackend):
+            # Later, not now: a server may still be starting the other workers.
+            asyncio.get_running_loop().call_later(_WORKERS_CHECK_DELAY, _warn_if_workers)
         try:
             await self.overrides.start()
         except Exception:
@@ -324,6 +348,23 @@ class RateLimitMiddleware:
             self._failing = True
             logger.error("ratelimit backend failed (%r); failing %s until it answers", exc, policy)
 
+    async def _unrated(
+        self, rule: Rule, exc: CallableError, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """A user callable failed for this request: 400, whatever the `fail` policy.
+
+        Nothing was consumed (the engine asks every callable before the store)
+        and the store is not at fault: no breaker, no fallback, no fail-open.
+        A rule in shadow mode lets the request through, as its refusals.
+        """
+        self.callable_errors.report(exc, shadow=rule.shadow)
+        if self.metrics is not None:
+            self.metrics.observe_invalid(rule, exc.limit)
+        if rule.shadow:
+            await self.app(scope, receive, send)
+            return
+        await _send_plain(scope, receive, send, *UNRATABLE)
+
     def _local_engine(self) -> Engine:
         """The in-process fallback for `fail="local"`: every limit times `local_share`."""
         if self._local is None:
@@ -354,6 +395,31 @@ class RateLimitMiddleware:
         await self._stop_overrides()
         await self.engine.aclose()
         await self.backend.aclose()
+
+
+#: Seconds after start-up to look for sibling workers (see `_warn_if_workers`).
+_WORKERS_CHECK_DELAY = 1.0
+
+
+def _warn_if_workers() -> None:
+    """Warn once if this process is one of several workers on a MemoryBackend."""
+    try:
+        others = other_workers()
+    except Exception:  # a look at /proc must never stop the app
+        return
+    if others:
+        logger.warning(
+            "ratelimit: MemoryBackend in one of %d worker processes: each worker keeps its "
+            "own limits, so each limit is allowed %d times over. Use RedisBackend(url) to "
+            "share them across workers (or divide every limit by the number of workers)",
+            others + 1,
+            others + 1,
+        )
+
+
+def _describe(rule: Rule) -> str:
+    methods = "any method" if rule.methods is None else ", ".join(sorted(rule.methods))
+    return f"{rule.path}, {methods}"
 
 
 def _in_shadow(rule: Rule) -> Rule:

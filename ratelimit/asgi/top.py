@@ -8,7 +8,8 @@ only operators reach it, since with `show_keys=True` it shows key text.
 Answer (one process's view; under several workers, the answering one's):
 `{"pid": 123, "capacity": 64, "keys_shown": false, "tables": {"api-key":
 {"total": 1500, "callers": [{"key": "9f..", "estimate": 900, "error": 0}]}}}`.
-`?n=20` asks for more callers per table (at most the capacity). For the
+`?n=20` asks for more callers per table (a whole number; past the capacity it
+reads as the capacity); anything else, or `n` given twice, is a 400. For the
 whole fleet's view, see `RateLimitMiddleware(top=)` and `ratelimit top`.
 """
 
@@ -16,24 +17,31 @@ from __future__ import annotations
 
 import json
 import os
-from urllib.parse import parse_qs
 
+from .._errors import ConfigError
 from .._types import ASGIApp, Receive, Scope, Send
 from ..policy.top import TopCallers
+from .admin import BadRequest, count_param, query_params, send_bad_request
 
 __all__ = ["top_app"]
 
 
 def top_app(top: TopCallers, n: int = 10) -> ASGIApp:
     """An ASGI app answering GET with `top`'s `n` heaviest callers per table, as JSON."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError("n", "a positive integer", n)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        count = n
-        query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
-        if query.get("n", [""])[0].isdigit():
-            count = min(int(query["n"][0]), top.capacity)
+        count = min(n, top.capacity)
+        try:
+            params = query_params(scope, ("n",))
+            if "n" in params:
+                count = count_param("n", params["n"], top.capacity)
+        except BadRequest as exc:
+            await send_bad_request(send, str(exc))
+            return
         body = json.dumps(
             {
                 "pid": os.getpid(),

@@ -17,13 +17,14 @@ import itertools
 import logging
 import math
 import os
+import reprlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
-from .._errors import ConfigError, LeaseError
+from .._errors import CallableError, ConfigError, LeaseError
 from .._types import Scope
 from ..algorithms import queue
 from ..backends.base import (
@@ -359,14 +360,50 @@ def reset_after(limit: Limit, r: CheckResult) -> float:
     return max(0.0, r.reset_after - (limit.burst - 1) * limit.interval)
 
 
-async def _rank(limit: Concurrency, scope: Scope) -> int:
-    """The request's class in `limit`'s line (0 without a priority function)."""
+def _raised(role: str, func: object, plan: Plan, i: int, exc: Exception) -> CallableError:
+    """The error for limit `i`'s `role` callable having raised `exc` (its cause)."""
+    name = plan.names[i]
+    return CallableError(role, func, plan.rule.name, name, f"raised {type(exc).__name__}")
+
+
+async def _ask(role: str, func: Callable[[Scope], Any], plan: Plan, i: int, scope: Scope) -> Any:
+    """Limit `i`'s `role` callable (sync or async) asked for `scope`."""
+    try:
+        value = func(scope)
+        if inspect.isawaitable(value):
+            value = await value
+    except Exception as exc:
+        raise _raised(role, func, plan, i, exc) from exc
+    return value
+
+
+async def _rank(plan: Plan, i: int, scope: Scope) -> int:
+    """The request's class in limit `i`'s line (0 without a priority function)."""
+    limit = plan.limits[i]
+    assert isinstance(limit, Concurrency)
     if limit.priority is None:
         return 0
-    value = limit.priority(scope)
-    if inspect.isawaitable(value):
-        value = await value
-    return limit.rank(value)
+    value = await _ask("priority", limit.priority, plan, i, scope)
+    try:
+        return limit.rank(value)
+    except ValueError as exc:
+        problem = f"returned {reprlib.repr(value)}, {exc}"
+        raise CallableError(
+            "priority", limit.priority, plan.rule.name, plan.names[i], problem
+        ) from None
+
+
+async def _fair_text(plan: Plan, i: int, scope: Scope) -> str | None:
+    """Limit `i`'s fair key for `scope` as text; None without one (or when it says None)."""
+    limit = plan.limits[i]
+    assert isinstance(limit, Concurrency)
+    if limit.fair_key is None:
+        return None
+    value = await _ask("fair_key", limit.fair_key, plan, i, scope)
+    try:
+        return None if value is None else str(value)
+    except Exception as exc:
+        raise _raised("fair_key", limit.fair_key, plan, i, exc) from exc
 
 
 def _client_timeout(scope: Scope, header: keys.header | None) -> float | None:
@@ -500,12 +537,15 @@ class Engine:
         single = plan.single
         if single is not None:
             # One bucket: no lists, no loop; no await either when decided in this process.
-            key = single[0](scope)
-            if key is not None and key.__class__ is not str:
-                # As in the loop below: a key function may still return an awaitable.
-                if inspect.isawaitable(key):
-                    key = await key
-                key = None if key is None else str(key)
+            try:
+                key = single[0](scope)
+                if key is not None and key.__class__ is not str:
+                    # As in the loop below: a key function may still return an awaitable.
+                    if inspect.isawaitable(key):
+                        key = await key
+                    key = None if key is None else str(key)
+            except Exception as exc:
+                raise _raised("key", single[0], plan, 0, exc) from exc
             if key is None:
                 return Decision(rule, True, 200, 0.0, plan, [None])
             one = (single[1].get(key) or plan.entry(0, key),)
@@ -522,20 +562,23 @@ class Engine:
         checks: list[Check] = []
         slots: list[int] = []  # index in the rule of each check
         leases: list[LeaseCheck] = []
-        #: Check index -> (limit index, rank) of leases that may wait in line.
-        lines: dict[int, tuple[int, int]] | None = None
+        #: Check index -> (limit index, rank, fair key text) of leases that may wait in line.
+        lines: dict[int, tuple[int, int, str | None]] | None = None
         window_key: StoreKey | None = None
         for i, step, entry, key_func, key_async, cache, p1, p2 in plan.specs:
             if entry is None:
-                key = key_func(scope)
-                if key is None:
-                    continue
-                if key.__class__ is not str:
-                    if key_async or inspect.isawaitable(key):
-                        key = await key
-                        if key is None:
-                            continue
-                    key = str(key)
+                try:
+                    key = key_func(scope)
+                    if key is None:
+                        continue
+                    if key.__class__ is not str:
+                        if key_async or inspect.isawaitable(key):
+                            key = await key
+                            if key is None:
+                                continue
+                        key = str(key)
+                except Exception as exc:
+                    raise _raised("key", key_func, plan, i, exc) from exc
                 # Plan.entry inlined for the hit, the common case.
                 entry = cache.get(key) or plan.entry(i, key)
             if step == _READY_BUCKET:
@@ -551,13 +594,16 @@ class Engine:
                 checks.append(_new(BucketCheck, (entry, p1, p2, cost)))
             elif step == _QUEUED_LEASE:
                 limit = plan.limits[i]
-                rank = await _rank(limit, scope)
+                rank = await _rank(plan, i, scope)
                 serial = f"{self._lease_prefix}{next(self._lease_ids)}"
                 lease = _new(LeaseCheck, (entry, p1, p2, queue.ticket_id(rank, serial)))
                 if limit.queue:
                     if lines is None:
                         lines = {}
-                    lines[len(checks)] = (i, rank)
+                    # The fair key is asked now, though only a request that waits uses
+                    # it: every callable runs before the backend is asked, so one that
+                    # fails has consumed nothing, busy or not.
+                    lines[len(checks)] = (i, rank, await _fair_text(plan, i, scope))
                 checks.append(lease)
                 leases.append(lease)
             else:
@@ -661,11 +707,14 @@ class Engine:
         scope: Scope,
         checks: list[Check],
         k: int,
-        where: tuple[int, int],
+        where: tuple[int, int, str | None],
         abandon: Abandon | None,
     ) -> tuple[bool, Sequence[CheckResult], str | None, float | None]:
-        """Wait in line for check `k`'s slot: (admitted, results, reason, seconds waited)."""
-        i, rank = where
+        """Wait in line for check `k`'s slot: (admitted, results, reason, seconds waited).
+
+        `where` is (limit index, rank, fair key text or None), asked before deciding.
+        """
+        i, rank, fair_text = where
         limit = plan.limits[i]
         assert isinstance(limit, Concurrency)
         lease = checks[k]
@@ -677,13 +726,7 @@ class Engine:
         if asked is not None and asked < timeout:
             timeout = asked
         service = self._service.get((plan.rule.name, i), 0.0)
-        fair = ""
-        if limit.fair_key is not None:
-            value = limit.fair_key(scope)
-            if inspect.isawaitable(value):
-                value = await value
-            if value is not None:
-                fair = _digest(str(value))
+        fair = "" if fair_text is None else _digest(fair_text)
         line = QueueCheck(
             lease,
             limit.queue,
@@ -791,12 +834,23 @@ class Engine:
         task.add_done_callback(_log_failure)
 
     async def _cost(self, rule: Rule, scope: Scope) -> int:
-        assert callable(rule.cost)
-        value = rule.cost(scope)
-        cost = await value if inspect.isawaitable(value) else value
-        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 0:
-            raise ConfigError(
-                f"rules[{rule.name}].cost", "an integer >= 0 from the cost callable", cost
+        """The rule's cost callable asked for `scope`: an integer >= 1, else CallableError.
+
+        Not 0: a cost of nothing would admit the request without taking from
+        any bucket (an exemption is a key function's None).
+        """
+        func = rule.cost
+        assert callable(func)
+        try:
+            value = func(scope)
+            cost = await value if inspect.isawaitable(value) else value
+        except Exception as exc:
+            raise CallableError(
+                "cost", func, rule.name, "", f"raised {type(exc).__name__}"
+            ) from exc
+        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
+            raise CallableError(
+                "cost", func, rule.name, "", f"returned {reprlib.repr(cost)}, not an integer >= 1"
             )
         return cost
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from limits import RateLimitItem
-from limits import parse as parse_rate
+from limits import parse_many as parse_rates
 
 from .._errors import ConfigError
 from .._types import KeyFunc, Scope
@@ -37,16 +37,32 @@ def check_name(field: str, name: object) -> str:
     return name
 
 
+#: A period of zero units ("10/0 seconds"), which `limits` reads as one unit.
+_ZERO_PERIOD = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.IGNORECASE)
+
+#: Longest lease (seconds): a lease held by a crashed worker is capacity lost until it
+#: expires, and past the store's time range (1e16 s) one is never given back.
+MAX_LEASE = 86400.0
+
+
 def parse_rate_string(field: str, rate: object) -> RateLimitItem:
-    """Parse `"5/minute"` or `"100 per hour"` with the `limits` package."""
+    """Parse `"5/minute"` or `"100 per hour"` with the `limits` package.
+
+    One rate, a positive amount, a positive period: `limits` would read
+    `"10/0 seconds"` as 10 per second, and keep only the first of several.
+    """
     if isinstance(rate, str):
+        if _ZERO_PERIOD.search(rate):
+            raise ConfigError(field, "a rate over a period longer than 0", rate)
         try:
-            item = parse_rate(rate)
+            items = parse_rates(rate)
         except ValueError:
             pass
         else:
-            if item.amount > 0:
-                return item
+            if len(items) > 1:
+                raise ConfigError(field, "one rate (use one limit per rate)", rate)
+            if items and items[0].amount > 0:
+                return items[0]
     raise ConfigError(field, 'a rate like "10/minute" or "100 per hour"', rate)
 
 
@@ -149,10 +165,12 @@ class Concurrency(Limit):
     for one; 0 refuses at once.
 
     Waiting order: `priority(scope)` gives a request's class, either an int
-    (higher first) or a name listed in `classes` (first listed first; a name
-    not listed comes last). `shares` maps classes to fractions of `limit`
-    each is guaranteed when it needs them (idle slots are borrowed by any
-    class); for named classes, `classes` defaults to the order of `shares`.
+    (higher first) or a name listed in `classes` (first listed first), or
+    None (no class: last among names, as 0 among ints). Any other value, e.g.
+    a name not listed, makes the request unratable (see `CallableError`).
+    `shares` maps classes to fractions of `limit` each is guaranteed when it
+    needs them (idle slots are borrowed by any class); for named classes,
+    `classes` defaults to the order of `shares`.
     `fair_key(scope)` (e.g. the API key) orders each caller's n-th waiting
     request after every other caller's earlier ones; without it, FIFO.
 
@@ -213,6 +231,20 @@ class Concurrency(Limit):
             ) from None
         self.shares = dict(_check_shares(shares))
         self.classes = _check_classes(classes, self.shares)
+        if self.shares and priority is None:
+            raise ConfigError(
+                "shares",
+                "a priority= function as well (without one every request is in one class)",
+                self.shares,
+            )
+        for cls, fraction in self.shares.items():
+            if math.floor(self.limit * fraction) < 1:
+                raise ConfigError(
+                    f"shares.{cls}",
+                    f"a fraction worth at least one of the {self.limit} slots "
+                    f"(>= 1/{self.limit}; less guarantees nothing)",
+                    fraction,
+                )
         #: (rank, slots) guaranteed per class.
         self.guaranteed = tuple(
             sorted((self.rank(cls), math.floor(self.limit * f)) for cls, f in self.shares.items())
@@ -220,6 +252,12 @@ class Concurrency(Limit):
         self.lease = _non_negative_float("lease", lease)
         if self.lease < 1.0:
             raise ConfigError("lease", "at least 1 second (renewals run every lease/3)", lease)
+        if self.lease > MAX_LEASE:
+            raise ConfigError(
+                "lease",
+                "at most 86400 seconds (1 day: a crashed worker's slots stay taken that long)",
+                lease,
+            )
         self.retry_after = _non_negative_float("retry_after", retry_after)
 
     @property
@@ -228,13 +266,22 @@ class Concurrency(Limit):
         return bool(self.queue or self.guaranteed)
 
     def rank(self, cls: object) -> int:
-        """The place of a priority class in line: 0 first (see `algorithms.queue`)."""
+        """The place of a priority class in line: 0 first (see `algorithms.queue`).
+
+        A class is a name listed in `classes`, an int, or None (no class: after
+        every named class, or as the int 0). Anything else raises ValueError: an
+        unknown name may be a typo or a forged header, and must not jump the line.
+        """
         if isinstance(cls, str):
             classes = self.classes
-            return classes.index(cls) if cls in classes else len(classes)
+            if cls in classes:
+                return classes.index(cls)
+            raise ValueError(f"not one of the classes {list(classes)}")
         if isinstance(cls, int) and not isinstance(cls, bool):
             return min(RANK_MAX, max(0, _INT_RANK_ORIGIN - cls))
-        return len(self.classes) if self.classes else _INT_RANK_ORIGIN
+        if cls is None:
+            return len(self.classes) if self.classes else _INT_RANK_ORIGIN
+        raise ValueError("not a class name, an int or None")
 
     def scaled(self, share: float) -> Concurrency:
         clone = copy.copy(self)

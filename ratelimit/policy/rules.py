@@ -53,6 +53,11 @@ class Rule:
         else:
             if isinstance(methods, str):
                 raise ConfigError("methods", 'a list of HTTP methods like ["POST"]', methods)
+            methods = list(methods)
+            if not methods:
+                raise ConfigError(
+                    "methods", "at least one HTTP method (or None for every method)", methods
+                )
             upper = []
             for i, m in enumerate(methods):
                 if not isinstance(m, str) or m.upper() not in _HTTP_METHODS:
