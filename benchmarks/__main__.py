@@ -313,7 +313,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "http_overhead",
         "req/s and p99 under uvicorn + wrk, bare and behind each limiter, memory backends",
         "~4 min",
-        "~1 min",
+        "~1.5 min",
         False,
         run_http,
     ),
@@ -352,7 +352,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "key_flood",
         "memory backend: µs per decision during a flood of 10^4-10^6 distinct keys vs steady",
-        "~1 min",
+        "~1.5 min",
         "~15 s",
         False,
         run_key_flood,
