@@ -258,7 +258,7 @@ class Plan:
         cost = self.static_cost
         if cost is not None and self.kinds[i] == _BUCKET:
             interval, burst = self.params[i]
-            return BucketCheck(skey, interval, burst, cost)
+            return _new(BucketCheck, (skey, interval, burst, cost))
         return skey
 
     def entry(self, i: int, text: str) -> Any:
@@ -269,7 +269,9 @@ class Plan:
         cache = self.caches[i]
         entry = cache.get(text)
         if entry is None:
-            entry = self._entry(i, StoreKey(self.rule.name, self.names[i], _digest(text)))
+            # Once per new caller (every request of a key flood): tuple.__new__, as in decide.
+            skey = _new(StoreKey, (self.rule.name, self.names[i], _digest(text)))
+            entry = self._entry(i, skey)
             if len(text) <= _CACHED_KEY_CHARS:
                 if len(cache) >= _KEY_CACHE:
                     cache.clear()
