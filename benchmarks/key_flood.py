@@ -190,8 +190,7 @@ def render(steady: float, rows: list[Row], budget: float) -> str:
         "a new IP, on a fresh middleware (floods up to 10^5 run 3 times: the median is shown);",
         f'"filling" is the mean over slices of {SLICE:,} requests made while the store held',
         'fewer than max_keys keys, "evicting" the mean over slices made while it was full',
-        "(each new key evicts the oldest). Floods stop",
-        f"after {budget:g} s.",
+        f"(each new key evicts the oldest). Floods stop after {budget:g} s.",
         "",
         "| scenario | requests | µs/request filling | µs/request evicting "
         "| worst slice (µs) | evicting / steady |",
