@@ -284,6 +284,22 @@ def run_queue_handoff(run: Run) -> None:
     run.sections["queue_handoff"] = body + f"\n- Command: `{command}`"
 
 
+def run_key_flood(run: Run) -> None:
+    """Per-decision cost on the memory backend while distinct keys flood it."""
+    args = ["--quick"] if run.quick else []
+    body = _bench_module(run, "key_flood", args)
+    command = f"python3 -m benchmarks --only key_flood{_argv(run)}"
+    run.sections["key_flood"] = body + f"\n- Command: `{command}`"
+    run.summary.append(
+        (
+            "Key flood (rotating IPs), memory backend: µs per decision vs steady state",
+            "see the key_flood section",
+            "-",
+            "-",
+        )
+    )
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "accuracy",
@@ -297,7 +313,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "http_overhead",
         "req/s and p99 under uvicorn + wrk, bare and behind each limiter, memory backends",
         "~4 min",
-        "~1 min",
+        "~1.5 min",
         False,
         run_http,
     ),
@@ -332,6 +348,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "~5 s",
         False,
         run_queue_handoff,
+    ),
+    Benchmark(
+        "key_flood",
+        "memory backend: µs per decision during a flood of 10^4-10^6 distinct keys vs steady",
+        "~1.5 min",
+        "~15 s",
+        False,
+        run_key_flood,
     ),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}

@@ -31,6 +31,7 @@ def test_list_names_every_benchmark_and_runs_none() -> None:
         "metrics_overhead",
         "queue_goodput",
         "queue_handoff",
+        "key_flood",
     ]
 
 

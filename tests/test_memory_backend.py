@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import statistics
+import time
 from collections.abc import Sequence
 
 import psutil
 import pytest
 from asgi_helpers import http_scope
 
-from ratelimit import Concurrency, ConfigError, MemoryBackend, Rule, TokenBucket, keys
+from ratelimit import Concurrency, ConfigError, MemoryBackend, Rule, TokenBucket, Window, keys
 from ratelimit.backends.base import (
     Backend,
     BucketCheck,
@@ -129,6 +131,41 @@ async def test_key_count_is_capped_with_lru_eviction() -> None:
     assert b.evictions == 900
 
 
+def _seconds_per_decision(b: MemoryBackend, checks: Sequence[BucketCheck]) -> float:
+    decide = b.decide_nowait
+    started = time.perf_counter()
+    for check in checks:
+        decide((check,))
+    return (time.perf_counter() - started) / len(checks)
+
+
+@pytest.mark.parametrize("max_keys", [100_000, 50_000], ids=["sweeping", "evicting"])
+def test_a_key_flood_costs_at_most_3x_a_steady_decision(max_keys: int) -> None:
+    """With 60,000-80,000 distinct live keys held, a decision costs at most 3x a steady one.
+
+    Steady: a few hot callers on a backend of their own (in the flooded one they would
+    pay for the flood too: the sweep runs every few writes, whoever writes).
+    """
+    b = MemoryBackend(max_keys=max_keys)
+    quiet = MemoryBackend(max_keys=max_keys)
+
+    def check(caller: str) -> BucketCheck:
+        # Admitted every time; non-full for 12 s after each hit, so nothing is swept.
+        return BucketCheck(StoreKey("r", "tb", caller), 12.0, 10**9, 1)
+
+    flood = [check(f"{i:032x}") for i in range(80_000)]
+    hot = [check(f"hot{i % 8}") for i in range(4_000)]
+    for c in flood[:60_000]:
+        b.decide_nowait((c,))
+    steady, flooded = [], []
+    for r in range(5):  # interleaved rounds, the median of each: a shared machine is noisy
+        steady.append(_seconds_per_decision(quiet, hot))
+        flooded.append(_seconds_per_decision(b, flood[60_000 + r * 4_000 :][:4_000]))
+    assert len(b) <= max_keys
+    ratio = statistics.median(flooded) / statistics.median(steady)
+    assert ratio <= 3.0, f"{ratio:.1f}x the steady state: {flooded} vs {steady}"
+
+
 @pytest.mark.slow
 async def test_a_million_distinct_keys_cannot_grow_memory_without_bound() -> None:
     """1,000,000 distinct callers (an attacker rotating IPs) leave RSS bounded by the cap."""
@@ -238,3 +275,33 @@ async def test_the_engine_calls_an_overridden_decide_and_release() -> None:
     assert decision.grant is not None
     await engine.release(decision.grant)
     assert backend.calls == ["decide", "release"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fixed", "moving", "sliding"])
+async def test_window_state_holds_at_most_max_keys(strategy: str) -> None:
+    """200,000 distinct Window callers against max_keys=100,000 leave at most 100,000 keys."""
+    backend = MemoryBackend(max_keys=100_000)
+    rule = Rule("/w", limits=[Window("5/minute", strategy=strategy, key=keys.header("x-k"))])
+    engine = Engine([rule], backend)
+
+    def scope(caller: int) -> dict[str, object]:
+        return http_scope("/w", headers=[(b"x-k", str(caller).encode())])
+
+    storage = backend.window_storage()
+    for i in range(200_000):
+        assert (await engine.decide(rule, scope(i))).allowed
+        if not i % 10_000:
+            held = len(storage.storage) + len(storage.events)  # type: ignore[attr-defined]
+            assert held <= 100_000, held
+    held = len(storage.storage) + len(storage.events)  # type: ignore[attr-defined]
+    assert 99_000 <= held <= 100_000
+    assert len(backend) == held
+    # The newest callers are the ones kept: the last one has 4 of its 5 hits left.
+    assert [(await engine.decide(rule, scope(199_999))).allowed for _ in range(5)] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+    ]

@@ -10,6 +10,7 @@ line's length return to their true values.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -384,6 +385,89 @@ async def test_a_waiter_that_gets_its_slot_still_receives_its_body() -> None:
     await asyncio.wait_for(task, 2)
     assert seen == [b"prompt: a cat"]
     assert waiter.sent[0]["status"] == 200
+
+
+class Upload:
+    """A server's `receive` for a streamed upload of `chunks`; then silence (no disconnect)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.served = 0
+
+    async def receive(self) -> dict[str, Any]:
+        if self.served == len(self.chunks):
+            await asyncio.Event().wait()
+        self.served += 1
+        more = self.served < len(self.chunks)
+        return {"type": "http.request", "body": self.chunks[self.served - 1], "more_body": more}
+
+
+async def _drained() -> None:
+    """Let ready tasks run: the inbox's reads of an `Upload` never suspend, so this many
+    turns of the loop let it read everything it ever will."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def test_a_waiting_upload_is_read_ahead_at_most_64_kib_then_reaches_the_app_whole() -> None:
+    """While it waits, 64 KiB of a 2 MiB upload are read; admitted, the app gets every byte."""
+    chunks = [os.urandom(16 * 1024) for _ in range(128)]
+    received: list[bytes] = []
+
+    async def sink(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            received.append(message["body"])
+            if not message["more_body"]:
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = asyncio.Event()
+    rules = [Rule("/gen", limits=[Concurrency(1, queue=4, timeout=30.0, name="gpu")])]
+    holder_mw = RateLimitMiddleware(gated(gate), rules=rules)
+    sink_mw = RateLimitMiddleware(sink, rules=rules, backend=holder_mw.backend)
+    backend = holder_mw.backend
+    assert isinstance(backend, MemoryBackend)
+    key = StoreKey("gen", "gpu", "*")
+    holding = Exchange(holder_mw, http_scope("/gen")).start()
+    await until(lambda: backend._leases.get(key) is not None)
+    upload, sent = Upload(chunks), []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    task = asyncio.create_task(sink_mw(http_scope("/gen", "POST"), upload.receive, send))
+    await until(lambda: key in backend._lines)
+    await _drained()
+    assert upload.served == 4  # 4 x 16 KiB: the read-ahead's bound, reached exactly
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(task, holding), 5)
+    assert sent[0]["status"] == 200
+    assert b"".join(received) == b"".join(chunks)
+
+
+async def test_a_waiter_whose_upload_is_not_read_still_times_out() -> None:
+    """Past the read-ahead a waiter is refused at its own timeout, like any other."""
+    gate = asyncio.Event()
+    mw = RateLimitMiddleware(
+        gated(gate),
+        rules=[Rule("/gen", limits=[Concurrency(1, queue=4, timeout=0.2, name="gpu")])],
+    )
+    holding = Exchange(mw, http_scope("/gen")).start()
+    backend = mw.backend
+    assert isinstance(backend, MemoryBackend)
+    await until(lambda: backend._leases.get(StoreKey("gen", "gpu", "*")) is not None)
+    upload, sent = Upload([b"x" * 65536] * 100), []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(mw(http_scope("/gen", "POST"), upload.receive, send), 5)
+    assert sent[0]["status"] == 503
+    assert upload.served == 1
+    gate.set()
+    await asyncio.wait_for(holding, 5)
 
 
 async def test_queue_without_timeout_is_a_config_error() -> None:

@@ -460,27 +460,44 @@ def _adding(
     return send_with_fields
 
 
+#: Body bytes a waiting request's inbox reads ahead at most (plus the message that
+#: crosses it): past it the upload stays with the server, whose back-pressure holds it.
+_READ_AHEAD = 64 * 1024
+
+
 class _Inbox:
     """The server's `receive` for a request that may wait in line.
 
-    While it waits, `until_gone` reads ahead (keeping what it reads, e.g. the
-    request body) until the client disconnects; the app's `receive` then
-    gets the kept messages first. Nothing is read ahead unless the request waits.
+    While it waits, `until_gone` reads ahead to notice a disconnect, keeping what
+    it reads; the app's `receive` gets the kept messages first, then reads live,
+    so the app sees the body unchanged. Nothing is read ahead unless the request
+    waits, and at most `_READ_AHEAD` body bytes (plus the message that crosses it):
+    a 400 MiB upload must not be buffered here while it waits. Past that,
+    `until_gone` stops reading: the server then stops reading the socket too
+    (uvicorn pauses past 64 KiB of unread body) and notices a disconnect only
+    when reading resumes, i.e. once the wait ends (admitted: the app's reads;
+    timed out or refused: the answer's write).
     """
 
-    __slots__ = ("_kept", "_receive")
+    __slots__ = ("_kept", "_read", "_receive")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self._kept: list[Message] = []
+        self._read = 0
 
     async def until_gone(self) -> None:
-        """Return once the client has disconnected (a cancelled read loses nothing)."""
-        while True:
+        """Return once the client has disconnected (a cancelled read loses nothing);
+        never, once `_READ_AHEAD` bytes are kept (the wait's own timeout still applies)."""
+        while self._read < _READ_AHEAD:
             message = await self._receive()
             self._kept.append(message)
             if message["type"] in ("http.disconnect", "websocket.disconnect"):
                 return
+            self._read += len(message.get("body") or message.get("bytes") or b"") + len(
+                message.get("text") or ""
+            )
+        await asyncio.get_running_loop().create_future()  # cancelled when the wait ends
 
     async def receive(self) -> Message:
         if self._kept:

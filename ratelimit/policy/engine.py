@@ -181,6 +181,11 @@ _new = tuple.__new__
 
 #: Store keys kept per limit to skip re-hashing hot callers; cleared whole when full.
 _KEY_CACHE = 4096
+#: Longest caller text kept in those caches (API keys, JWTs and IPs fit): a longer
+#: one is hashed on each request instead, so a cache holds at most
+#: _KEY_CACHE x _CACHED_KEY_CHARS characters (4 Mi) of caller text whatever callers
+#: send (a server may accept 1 MB header values: 400 of them once held 385 MiB).
+_CACHED_KEY_CHARS = 1024
 
 
 def _digest(text: str) -> str:
@@ -259,19 +264,24 @@ class Plan:
         cost = self.static_cost
         if cost is not None and self.kinds[i] == _BUCKET:
             interval, burst = self.params[i]
-            return BucketCheck(skey, interval, burst, cost)
+            return _new(BucketCheck, (skey, interval, burst, cost))
         return skey
 
     def entry(self, i: int, text: str) -> Any:
         """What limit `i` keeps for caller `text`, cached: its store key (hashed), or
-        its whole `BucketCheck` when the rule's cost is a constant (`_READY_BUCKET`)."""
+        its whole `BucketCheck` when the rule's cost is a constant (`_READY_BUCKET`).
+
+        Text longer than `_CACHED_KEY_CHARS` is not cached (see there)."""
         cache = self.caches[i]
         entry = cache.get(text)
         if entry is None:
-            if len(cache) >= _KEY_CACHE:
-                cache.clear()
-            skey = StoreKey(self.rule.name, self.names[i], _digest(text))
-            entry = cache[text] = self._entry(i, skey)
+            # Once per new caller (every request of a key flood): tuple.__new__, as in decide.
+            skey = _new(StoreKey, (self.rule.name, self.names[i], _digest(text)))
+            entry = self._entry(i, skey)
+            if len(text) <= _CACHED_KEY_CHARS:
+                if len(cache) >= _KEY_CACHE:
+                    cache.clear()
+                cache[text] = entry
         return entry
 
     def states(self, results: list[CheckResult | None]) -> tuple[LimitState, ...]:

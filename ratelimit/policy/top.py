@@ -8,7 +8,8 @@ admitted or refused) counts one for the caller in a Space-Saving table of
 `capacity` counters, so millions of distinct callers cannot grow it and every
 caller with more than 1/capacity of the requests is in it. Callers are kept as
 the same digest the backend stores (`show_keys=True` keeps the key text
-instead: API keys and IPs are personal data, so that is opt-in). Nothing of it
+instead, the first 64 characters and a digest of text over 256: API keys and
+IPs are personal data, so that is opt-in). Nothing of it
 reaches Prometheus labels; `top_app(top)` serves it as JSON at a path the app
 chooses to mount (none by default).
 
@@ -59,6 +60,11 @@ __all__ = ["FleetTable", "FleetTop", "TopCallers", "TopPublisher", "publisher_fo
 DEFAULT_EVERY = 5.0
 #: Version of the published JSON (a reader skips versions it does not know).
 _FORMAT = 1
+#: With `show_keys`, longer caller text is shown as its first `_SHOWN_PREFIX`
+#: characters and its digest: a table holds `capacity` callers, but a caller's
+#: text may be a 1 MB header value.
+_SHOWN_CHARS = 256
+_SHOWN_PREFIX = 64
 
 
 class TopCallers:
@@ -111,7 +117,12 @@ class TopCallers:
     def _count(self, name: str, text: object) -> None:
         if text is not None:
             text = str(text)
-            item = text if self.show_keys else _digest(text)
+            if not self.show_keys:
+                item = _digest(text)
+            elif len(text) <= _SHOWN_CHARS:
+                item = text
+            else:
+                item = f"{text[:_SHOWN_PREFIX]}...{_digest(text)}"
             self.tables[name].add(item)
             window = self._window
             if window is not None:
