@@ -370,7 +370,12 @@ class RedisBackend:
         try:
             reply = await self._eval(self.scripts.release, *self._release_call(lease))
         except BaseException as exc:
-            self._haunted((lease,), exc)  # not known to have run: undone until it is
+            if isinstance(exc, BackendUnavailable) and not self._closing:
+                # Not sent (the breaker is open), and the slot is held: freed once Redis
+                # answers, not when its lease expires.
+                self.ghosts.add(self._undos((lease,)))
+            else:
+                self._haunted((lease,), exc)  # not known to have run: undone until it is
             raise
         return bool(reply == 1)
 
