@@ -880,8 +880,13 @@ class RedisBackend:
     async def _leave_quietly(self, lease: LeaseCheck, member: str) -> None:
         try:
             await self._leave_call(lease, member, release=True)
-        except BackendError as exc:  # the ticket expires, a granted lease too: nothing leaks
+        except BackendError as exc:
             logger.debug("ratelimit: could not leave a line (%s)", exc)
+            cause = exc.__cause__
+            if isinstance(exc, BackendUnavailable) or (cause is not None and _unreachable(cause)):
+                # Not sent, or not answered: the ticket, or the lease it was granted
+                # meanwhile, is undone once Redis answers, not held for its ttl.
+                self.ghosts.add(self._undos((lease,)))
 
     def _haunted(self, checks: Sequence[Check], exc: BaseException) -> None:
         """If the call that raised `exc` may have run unanswered (a timeout, a lost
