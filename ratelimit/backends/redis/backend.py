@@ -370,7 +370,12 @@ class RedisBackend:
         try:
             reply = await self._eval(self.scripts.release, *self._release_call(lease))
         except BaseException as exc:
-            self._haunted((lease,), exc)  # not known to have run: undone until it is
+            if isinstance(exc, BackendUnavailable) and not self._closing:
+                # Not sent (the breaker is open), and the slot is held: freed once Redis
+                # answers, not when its lease expires.
+                self.ghosts.add(self._undos((lease,)))
+            else:
+                self._haunted((lease,), exc)  # not known to have run: undone until it is
             raise
         return bool(reply == 1)
 
@@ -875,8 +880,13 @@ class RedisBackend:
     async def _leave_quietly(self, lease: LeaseCheck, member: str) -> None:
         try:
             await self._leave_call(lease, member, release=True)
-        except BackendError as exc:  # the ticket expires, a granted lease too: nothing leaks
+        except BackendError as exc:
             logger.debug("ratelimit: could not leave a line (%s)", exc)
+            cause = exc.__cause__
+            if isinstance(exc, BackendUnavailable) or (cause is not None and _unreachable(cause)):
+                # Not sent, or not answered: the ticket, or the lease it was granted
+                # meanwhile, is undone once Redis answers, not held for its ttl.
+                self.ghosts.add(self._undos((lease,)))
 
     def _haunted(self, checks: Sequence[Check], exc: BaseException) -> None:
         """If the call that raised `exc` may have run unanswered (a timeout, a lost
