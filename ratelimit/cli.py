@@ -29,20 +29,23 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ._errors import ConfigError
-from .backends.base import StoreKey
 from .policy import keys
 from .policy.config import Settings, load_config
 from .policy.engine import _digest
 from .policy.limits import Concurrency, Limit, TokenBucket, Window
-from .policy.live import RedisOverrideStore
+from .policy.live import removed, snapshot
 from .policy.overrides import Override, check_override, describe_limit, resolve
 from .policy.rules import Rule
 from .policy.top import read_fleet
+
+if TYPE_CHECKING:
+    from .backends.redis import RedisBackend
+    from .backends.stores import OverrideStore
 
 #: Exit codes (see the module docstring).
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
@@ -341,10 +344,11 @@ class Context:
             args.redis or os.environ.get("RATELIMIT_REDIS_URL") or from_file.get("url")
         )
         self.prefix: str = args.prefix or from_file.get("prefix") or DEFAULT_PREFIX
-        self._backend: Any = None
+        self._backend: RedisBackend | None = None
+        self._store: OverrideStore | None = None
 
-    def backend(self) -> Any:
-        """A RedisBackend on the URL and prefix (for its keyspace, scripts and client)."""
+    def backend(self) -> RedisBackend:
+        """A RedisBackend on the URL and prefix: its stores are what the commands read."""
         if self._backend is None:
             if not self.url:
                 _usage(
@@ -361,8 +365,11 @@ class Context:
                 raise Refused(f"--redis/--prefix: {exc}") from None
         return self._backend
 
-    def store(self) -> RedisOverrideStore:
-        return RedisOverrideStore(self.backend().client, self.prefix)
+    def store(self) -> OverrideStore:
+        """The fleet's override store (the backend's)."""
+        if self._store is None:
+            self._store = self.backend().override_store()
+        return self._store
 
     async def aclose(self) -> None:
         if self._backend is not None:
@@ -544,7 +551,7 @@ async def cmd_override_set(ctx: Context) -> int:
             raise Refused(
                 f"override refused: {exc} (checked against {source})", exc.field
             ) from None
-    version = await store.put(override)
+    version = await store.put(override.slot, override.to_json())
     out = ctx.out
     if out.json:
         out.document(
@@ -592,16 +599,16 @@ def _override_data(o: Override, now: float) -> dict[str, Any]:
 
 async def cmd_override_list(ctx: Context) -> int:
     store = ctx.store()
-    snapshot = await store.load()
+    stored = snapshot(await store.load())
     now = store.now()
-    live = [o for o in snapshot.overrides if not o.expired(now)]
+    live = [o for o in stored.overrides if not o.expired(now)]
     out = ctx.out
     if out.json:
         out.document(
             {
-                "version": snapshot.version,
+                "version": stored.version,
                 "overrides": [_override_data(o, now) for o in live],
-                "unreadable": [{"slot": s, "error": str(e)} for s, e in snapshot.unreadable],
+                "unreadable": [{"slot": s, "error": str(e)} for s, e in stored.unreadable],
             }
         )
         return OK
@@ -622,7 +629,7 @@ async def cmd_override_list(ctx: Context) -> int:
                 for o in live
             ],
         )
-    for slot, exc in snapshot.unreadable:
+    for slot, exc in stored.unreadable:
         out.line(out.paint(f"unreadable entry {clean(slot)}: {clean(str(exc))}", "red"))
     return OK
 
@@ -630,16 +637,17 @@ async def cmd_override_list(ctx: Context) -> int:
 async def cmd_override_clear(ctx: Context) -> int:
     a = ctx.args
     store = ctx.store()
-    removed, version = await store.clear(a.rule, a.limit)
+    gone, version = await store.clear(a.rule, a.limit)
+    cleared = removed(gone)
     now = store.now()
     out = ctx.out
     if out.json:
-        out.document({"removed": [_override_data(o, now) for o in removed], "version": version})
+        out.document({"removed": [_override_data(o, now) for o in cleared], "version": version})
         return OK
     target = f"{a.rule}/{a.limit}" if a.limit else a.rule
-    if not removed:
+    if not cleared:
         out.line(f"no override on {clean(target)}")
-    for o in removed:
+    for o in cleared:
         out.line(f"cleared {o.slot}: {o.describe()}")
     return OK
 
@@ -648,7 +656,7 @@ async def status_data(ctx: Context) -> dict[str, Any]:
     """Everything `status` shows, as its `--json` document."""
     store = ctx.store()
     reports = await store.reports()
-    snapshot = await store.load()
+    stored = snapshot(await store.load())
     now = store.now()
     source: str
     if ctx.settings is not None:
@@ -657,8 +665,8 @@ async def status_data(ctx: Context) -> dict[str, Any]:
     else:
         rules = _rules_from_reports(reports)
         source = "workers"
-    resolution = resolve(rules, snapshot.overrides, now)
-    backend = ctx.backend()
+    resolution = resolve(rules, stored.overrides, now)
+    admin = ctx.backend().admin()
     data_rules = []
     for e in resolution.rules:
         limits = []
@@ -674,8 +682,8 @@ async def status_data(ctx: Context) -> dict[str, Any]:
                 "override": None if shaper is None else _override_data(shaper, now),
             }
             if isinstance(conf, Concurrency):
-                item["in_use"] = await _in_use(backend, e.rule.name, name, conf.shared)
-                item["waiting"] = await _waiting(backend, e.rule.name, name, conf.shared)
+                item["in_use"] = await admin.in_use(e.rule.name, name, conf.shared)
+                item["waiting"] = await admin.waiting(e.rule.name, name, conf.shared)
             limits.append(item)
         data_rules.append(
             {
@@ -687,12 +695,12 @@ async def status_data(ctx: Context) -> dict[str, Any]:
                 "limits": limits,
             }
         )
-    current = sum(1 for r in reports.values() if r.get("version") == snapshot.version)
+    current = sum(1 for r in reports.values() if r.get("version") == stored.version)
     return {
         "redis": _redact(ctx.url or ""),
         "prefix": ctx.prefix,
         "time": iso(now),
-        "version": snapshot.version,
+        "version": stored.version,
         "rules_from": source,
         "workers": {
             "live": len(reports),
@@ -701,38 +709,8 @@ async def status_data(ctx: Context) -> dict[str, Any]:
         },
         "rules": data_rules,
         "problems": [{"slot": o.slot, "error": str(exc)} for o, exc in resolution.problems]
-        + [{"slot": s, "error": str(exc)} for s, exc in snapshot.unreadable],
+        + [{"slot": s, "error": str(exc)} for s, exc in stored.unreadable],
     }
-
-
-async def _in_use(backend: Any, rule: str, limit: str, shared: bool) -> int:
-    """Slots held now: the shared key's, or the sum over callers (scanning their keys)."""
-    return await _per_caller_sum(backend, rule, limit, shared, "leases", backend.in_use)
-
-
-async def _waiting(backend: Any, rule: str, limit: str, shared: bool) -> int:
-    """Requests waiting in line now: the shared key's line, or the sum over callers' lines."""
-    return await _per_caller_sum(backend, rule, limit, shared, "line", backend.queue_length)
-
-
-async def _per_caller_sum(
-    backend: Any,
-    rule: str,
-    limit: str,
-    shared: bool,
-    suffix: str,
-    count: Callable[[StoreKey], Awaitable[int]],
-) -> int:
-    """`count` of the shared key, or summed over every caller with a `suffix` key in Redis."""
-    if shared:
-        return int(await count(StoreKey(rule, limit, "*")))
-    total = 0
-    pattern = f"{backend.prefix}:{{{rule}:*}}:{limit}:{suffix}"
-    async for raw in backend.client.scan_iter(match=pattern, count=1000):
-        name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        caller = name.split("{", 1)[1].split("}", 1)[0].split(":", 1)[1]
-        total += int(await count(StoreKey(rule, limit, caller)))
-    return total
 
 
 def _redact(url: str) -> str:
@@ -826,20 +804,7 @@ async def cmd_reset(ctx: Context) -> int:
                 f"--limit: expected one of {by_name[a.rule].limit_names()}, got {a.limit!r}"
             )
     digest = _digest(a.key)
-    backend = ctx.backend()
-    client = backend.client
-    if a.rule and a.limit:
-        candidates = [backend.keys.bucket(StoreKey(a.rule, a.limit, digest))]
-    else:
-        pattern = f"{backend.prefix}:{{{a.rule or '*'}:{digest}}}:*:tat"
-        candidates = [
-            raw.decode() if isinstance(raw, bytes) else str(raw)
-            async for raw in client.scan_iter(match=pattern, count=1000)
-        ]
-    deleted = []
-    for key in sorted(set(candidates)):
-        if await client.delete(key):
-            deleted.append(key)
+    deleted = await ctx.backend().admin().forget(digest, a.rule or None, a.limit or None)
     out = ctx.out
     if out.json:
         out.document({"caller": digest, "deleted": deleted})
@@ -858,7 +823,7 @@ async def cmd_reset(ctx: Context) -> int:
 async def top_data(ctx: Context) -> dict[str, Any]:
     """Everything `top` shows, as its `--json` document."""
     a = ctx.args
-    fleet = await read_fleet(ctx.backend().client, ctx.prefix, name=a.name, n=a.n)
+    fleet = await read_fleet(ctx.backend().top_store(), name=a.name, n=a.n)
     tables: dict[str, Any] = {}
     for name, t in fleet.tables.items():
         tables[name] = {
