@@ -37,6 +37,7 @@ from .base import (
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
 
+    from .memory_stores import MemoryAdmin, MemoryOverrideStore
     from .memory_window import BoundedMemoryStorage
 
 #: Builds a NamedTuple from a tuple in C: half the cost of calling the class,
@@ -434,3 +435,21 @@ class MemoryBackend:
                 # Not full yet: rotate it so the next step looks at others. This
                 # makes the eviction order only approximately least-recently-used.
                 buckets[key] = tat
+
+    # -- the stores beside limiter state (see `backends.stores`) ------------------
+
+    def override_store(self) -> MemoryOverrideStore:
+        """Overrides of this process only (a new store each call, as each app's own)."""
+        from .memory_stores import MemoryOverrideStore
+
+        return MemoryOverrideStore()
+
+    def top_store(self) -> None:
+        """None: one process has nothing to share (`top_app` shows its tables)."""
+        return None
+
+    def admin(self) -> MemoryAdmin:
+        """Reads and resets over this process's callers."""
+        from .memory_stores import MemoryAdmin
+
+        return MemoryAdmin(self)

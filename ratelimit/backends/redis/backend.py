@@ -90,6 +90,10 @@ from .window import GuardedStorage
 if TYPE_CHECKING:
     from limits.aio.storage import Storage
 
+    from .admin import RedisAdmin
+    from .overrides import RedisOverrideStore
+    from .top import RedisTopStore
+
 logger = logging.getLogger("ratelimit")
 
 #: Error replies to a posted call that the awaited path knows how to recover from.
@@ -277,7 +281,7 @@ class RedisBackend:
         #: The last error counted against the breaker (a batch failing together counts once).
         self._last_failure: BaseException | None = None
         #: Where the queue scripts publish hand-offs and sheds (one channel per prefix).
-        self.channel = f"{prefix}:queue"
+        self.channel = self.keys.queue_channel
         #: This process's waiters by ticket id.
         self._tickets: dict[str, _Ticket] = {}
         self._subscriber = Subscriber(
@@ -524,7 +528,7 @@ class RedisBackend:
         if self._storage is None:
             from limits.aio.storage import RedisClusterStorage, RedisStorage
 
-            prefix = f"{self.prefix}:window"
+            prefix = self.keys.windows
             if isinstance(self.client, RedisCluster):
                 nodes = ",".join(f"{n.host}:{n.port}" for n in self._startup_nodes())
                 cluster_storage = RedisClusterStorage(
@@ -1048,6 +1052,26 @@ class RedisBackend:
             logger.debug("ratelimit: redis at %s circuit breaker %s -> %s", self.url, old, new)
         if self._on_breaker_change is not None:
             self._on_breaker_change(old, new)
+
+    # -- the stores beside limiter state (see `backends.stores`) ------------------
+
+    def override_store(self) -> RedisOverrideStore:
+        """The fleet's live overrides under this backend's prefix (a new watcher each call)."""
+        from .overrides import RedisOverrideStore
+
+        return RedisOverrideStore(self.client, self.keys)
+
+    def top_store(self) -> RedisTopStore:
+        """The fleet's top-callers windows under this backend's prefix."""
+        from .top import RedisTopStore
+
+        return RedisTopStore(self.client, self.keys)
+
+    def admin(self) -> RedisAdmin:
+        """Reads and resets over every caller, for the `ratelimit` command."""
+        from .admin import RedisAdmin
+
+        return RedisAdmin(self)
 
 
 class _RoutedCluster(RedisCluster):
