@@ -43,7 +43,7 @@ from ..policy.limits import Concurrency, TokenBucket
 from ..policy.live import LiveOverrides, store_for
 from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
-from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule, has_leases
+from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
 from . import statistics
 from .callables import CallableErrorLog
@@ -377,7 +377,7 @@ class Limiter:
         engine = self.engine
         rule = self._rule(name)
         plan = engine.plan(rule)
-        if peek is not None and has_leases(rule):
+        if peek is not None and plan.min_lease != math.inf:  # the rule has leases
             raise ConfigError(
                 "rule",
                 "a rule without Concurrency limits for check() and peek() (a slot must be "
@@ -387,7 +387,7 @@ class Limiter:
         given = Given(
             self._texts(plan, key, leases_only=False),
             0 if peek else self._cost(plan, cost),
-            self._priority(plan, priority),
+            None if priority is None else self._priority(plan, priority),
             _timeout(timeout),
         )
         started = perf_counter()
