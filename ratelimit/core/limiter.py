@@ -39,25 +39,23 @@ from ..policy.engine import (
     Given,
     Plan,
 )
-from ..policy.limits import Concurrency, TokenBucket
+from ..policy.limits import TokenBucket
 from ..policy.live import LiveOverrides, store_for
 from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
-from . import statistics
+from . import caller, statistics
 from .callables import CallableErrorLog
+from .caller import Key
 from .observer import Observer
 from .statistics import LimitStatistics
-from .workers import other_workers
+from .workers import WORKERS_CHECK_DELAY, warn_if_workers
 
 logger = logging.getLogger("ratelimit")
 
 #: `Decision.reason` of a decision the rule's fail policy made (the backend failed).
 FAILED_OPEN, FAILED_CLOSED = "failed_open", "failed_closed"
-
-#: A caller's key: one text for every per-caller limit of the rule, or one per limit name.
-Key = str | Mapping[str, str | None] | None
 
 #: The scope of a decision with a `Given`: the engine asks it nothing.
 _NO_SCOPE: Scope = {}
@@ -223,7 +221,7 @@ class Limiter:
         if zero.__class__ is not Decision:
             return zero  # a block or a fail policy answered: nothing to compute
         plan = self.engine.plan(zero.rule)
-        units = self._cost(plan, cost)
+        units = caller.cost(plan, cost)
         results = list(zero.results)
         allowed, status, wait = True, 503, 0.0
         for i, (limit, r) in enumerate(zip(plan.limits, results, strict=True)):
@@ -250,7 +248,7 @@ class Limiter:
         From the backend: this process on `MemoryBackend`, the fleet on Redis.
         """
         plan = self.engine.plan(self._rule(rule))
-        texts = self._texts(plan, key, leases_only=True)
+        texts = caller.texts(plan, key, leases_only=True)
         return await statistics.gather(plan, texts, self.backend)
 
     # -- lifetime -------------------------------------------------------------------
@@ -266,7 +264,7 @@ class Limiter:
         self._unstarted = False
         if isinstance(self.backend, MemoryBackend):
             # Later, not now: a server may still be starting the other workers.
-            asyncio.get_running_loop().call_later(_WORKERS_CHECK_DELAY, _warn_if_workers)
+            asyncio.get_running_loop().call_later(WORKERS_CHECK_DELAY, warn_if_workers)
         try:
             await self.overrides.start()
         except Exception:
@@ -385,10 +383,10 @@ class Limiter:
                 name,
             )
         given = Given(
-            self._texts(plan, key, leases_only=False),
-            0 if peek else self._cost(plan, cost),
-            None if priority is None else self._priority(plan, priority),
-            _timeout(timeout),
+            caller.texts(plan, key, leases_only=False),
+            0 if peek else caller.cost(plan, cost),
+            None if priority is None else caller.priority(plan, priority),
+            caller.timeout(timeout),
         )
         started = perf_counter()
         try:
@@ -406,67 +404,6 @@ class Limiter:
         if metrics is not None and not peek:
             metrics.on_decision(decision, perf_counter() - started)
         return engine, decision
-
-    def _texts(self, plan: Plan, key: Key, *, leases_only: bool) -> tuple[str | None, ...]:
-        """The caller's text per limit of `plan` from `key`; ConfigError naming a per-caller
-        limit left without one (no silent exemption)."""
-        names = plan.names
-        if isinstance(key, str):
-            return (key,) * plan.size
-        if key is None:
-            texts: tuple[str | None, ...] = (None,) * plan.size
-            given: Mapping[str, Any] = {}
-        elif isinstance(key, Mapping):
-            for name, text in key.items():
-                if name not in names:
-                    raise ConfigError(
-                        f"key[{name!r}]", f"a limit of rule {plan.rule.name!r}: {list(names)}"
-                    )
-                if text is not None and not isinstance(text, str):
-                    raise ConfigError(f"key[{name!r}]", "the caller's text, or None", text)
-            texts = tuple(key.get(name) for name in names)
-            given = key
-        else:
-            raise ConfigError("key", "the caller's text, or a mapping of limit name -> text", key)
-        missing = [
-            name
-            for name, lim, fixed in zip(names, plan.limits, plan.fixed, strict=True)
-            if fixed is None
-            and name not in given
-            and (not leases_only or isinstance(lim, Concurrency))
-        ]
-        if missing:
-            raise ConfigError(
-                "key",
-                f"a key for the per-caller limits {missing} of rule {plan.rule.name!r} "
-                "(key='caller', or key={limit name: 'caller'}; None there exempts)",
-                key,
-            )
-        return texts
-
-    def _cost(self, plan: Plan, cost: int | None) -> int:
-        if cost is None:
-            if isinstance(plan.rule.cost, int):
-                return plan.rule.cost
-            raise ConfigError(
-                "cost",
-                f"an integer: rule {plan.rule.name!r} takes its cost from a request (a function)",
-            )
-        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
-            raise ConfigError("cost", "an integer >= 1 (peek() takes nothing)", cost)
-        return cost
-
-    @staticmethod
-    def _priority(plan: Plan, priority: object) -> object:
-        for lim, name in zip(plan.limits, plan.names, strict=True):
-            if isinstance(lim, Concurrency) and lim.queued:
-                try:
-                    lim.rank(priority)
-                except ValueError as exc:
-                    raise ConfigError(
-                        "priority", f"a class of limit {name!r}: {exc}", priority
-                    ) from None
-        return priority
 
     def _apply_overrides(self, resolution: Resolution) -> None:
         """Enforce the effective rules of `resolution`: swap plans, the fallback's, gauges.
@@ -544,38 +481,6 @@ class Acquisition:
             await asyncio.shield(engine.release(grant))
         else:
             engine.release_soon(grant)  # no await: the block failed or was cancelled
-
-
-def _timeout(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if (
-        not isinstance(timeout, (int, float))
-        or isinstance(timeout, bool)
-        or not 0 <= timeout < math.inf
-    ):
-        raise ConfigError("timeout", "seconds >= 0 to wait in line at most, or None", timeout)
-    return float(timeout)
-
-
-#: Seconds after start-up to look for sibling workers (see `_warn_if_workers`).
-_WORKERS_CHECK_DELAY = 1.0
-
-
-def _warn_if_workers() -> None:
-    """Warn once if this process is one of several workers on a MemoryBackend."""
-    try:
-        others = other_workers()
-    except Exception:  # a look at /proc must never stop the app
-        return
-    if others:
-        logger.warning(
-            "ratelimit: MemoryBackend in one of %d worker processes: each worker keeps its "
-            "own limits, so each limit is allowed %d times over. Use RedisBackend(url) to "
-            "share them across workers (or divide every limit by the number of workers)",
-            others + 1,
-            others + 1,
-        )
 
 
 def _describe(rule: Rule) -> str:
