@@ -35,8 +35,8 @@ from ratelimit import (
     keys,
 )
 from ratelimit._types import Scope
-from ratelimit.core.callables import CallableErrorLog
 from ratelimit.backends.base import QueueBackend, StoreKey
+from ratelimit.core.callables import CallableErrorLog
 from ratelimit.policy.engine import Engine
 
 BAD = b"x-bad"

@@ -34,6 +34,7 @@ from ratelimit import (
     RedisBackend,
     Rule,
     TokenBucket,
+    Window,
     keys,
 )
 from ratelimit.backends.base import Backend
@@ -129,6 +130,21 @@ async def test_peek_consumes_nothing_and_answers_as_check_would(limiter: Limiter
     refused = await limiter.check("chat", key="alice")
     assert (peeked.allowed, peeked.status) == (False, 429)
     assert peeked.retry_after == pytest.approx(refused.retry_after, abs=0.5)
+
+
+@pytest.mark.parametrize("backend_kind", ["memory", "redis"], indirect=True)
+@pytest.mark.parametrize("strategy", ["fixed", "moving", "sliding"])
+async def test_peek_at_a_window_consumes_nothing(
+    backend_kind: str, strategy: str, request: pytest.FixtureRequest
+) -> None:
+    """A window peeked at stays whole; once spent, peek says refused with the wait."""
+    rule = Rule("/w", name="w", limits=[Window("3/minute", strategy=strategy, key=keys.GLOBAL)])
+    async with Limiter(rules=[rule], backend=make_backend(backend_kind, request)) as limiter:
+        assert [(await limiter.peek("w")).states[0].remaining for _ in range(3)] == [3, 3, 3]
+        assert [(await limiter.check("w")).allowed for _ in range(4)] == [True] * 3 + [False]
+        peeked = await limiter.peek("w")
+        assert not peeked.allowed
+        assert 0 < peeked.retry_after <= 60
 
 
 async def test_check_and_peek_refuse_rules_with_slots(limiter: Limiter) -> None:
@@ -240,6 +256,32 @@ async def test_acquire_cancelled_while_waiting_leaves_the_line(limiter: Limiter)
         assert await _eventually_async(lambda: waiting(limiter), 0)
         assert await in_flight(limiter, "line") == 1
     assert await _eventually_async(lambda: in_flight(limiter, "line"), 0)
+
+
+async def test_acquire_priority_orders_the_line() -> None:
+    """A "paid" waiter that came later gets the freed slot before a "free" one."""
+    gpu = Concurrency(
+        1, queue=4, timeout=10.0, priority=lambda scope: None, classes=["paid", "free"]
+    )
+    async with Limiter(rules=[Rule("/g", name="g", limits=[gpu])]) as limiter:
+        order: list[str] = []
+
+        async def wait(cls: str) -> None:
+            async with limiter.acquire("g", priority=cls):
+                order.append(cls)
+
+        async with limiter.acquire("g", priority="free"):
+            free = asyncio.ensure_future(wait("free"))
+            assert await _eventually_async(lambda: waiting(limiter, "g"), 1)
+            paid = asyncio.ensure_future(wait("paid"))
+            assert await _eventually_async(lambda: waiting(limiter, "g"), 2)
+        await asyncio.gather(free, paid)
+        assert order == ["paid", "free"]
+        with pytest.raises(
+            ConfigError, match=r"^priority: expected a class of limit 'concurrency'"
+        ):
+            async with limiter.acquire("g", priority="gold"):
+                pass
 
 
 async def test_acquire_timeout_refuses_after_waiting_that_long(limiter: Limiter) -> None:
