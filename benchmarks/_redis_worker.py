@@ -282,6 +282,46 @@ def _engine_builder(*, concurrency: bool) -> Builder:
     return build
 
 
+def _limiter_builder(*, concurrency: bool) -> Builder:
+    """The public core: `Limiter.check` (a bucket), or `Limiter.acquire` (bucket + slot)."""
+
+    async def build(ctx: Ctx) -> Adapter:
+        from ratelimit import (
+            Concurrency,
+            Limiter,
+            RateLimited,
+            RedisBackend,
+            Rule,
+            TokenBucket,
+            keys,
+        )
+
+        rate = ctx.limit.text()
+        limits: list[Any] = [TokenBucket(rate, burst=ctx.limit.count, key=keys.header("x-api-key"))]
+        if concurrency:
+            limits.append(Concurrency(PROBE_LIMIT if ctx.probe else 1_000_000, key=keys.GLOBAL))
+        limiter = Limiter(
+            rules=[Rule("/bench", name="bench", limits=limits)],
+            backend=RedisBackend(ctx.url, prefix=ctx.prefix),
+        )
+        await limiter.start()
+        callers = [f"caller-{i}" for i in range(256)]
+
+        async def acall(i: int) -> bool:
+            return (await limiter.check("bench", key=callers[i])).allowed
+
+        async def acall_acquire(i: int) -> bool:
+            try:
+                async with limiter.acquire("bench", key=callers[i]):
+                    return True
+            except RateLimited:
+                return False
+
+        return Adapter(limiter.aclose, acall_acquire if concurrency else acall)
+
+    return build
+
+
 # -- peers ------------------------------------------------------------------------------
 
 
@@ -446,6 +486,8 @@ BUILDERS: dict[str, tuple[Builder, bool]] = {
     ),
     "Engine.decide bucket": (_engine_builder(concurrency=False), False),
     "Engine.decide+release bucket+concurrency": (_engine_builder(concurrency=True), False),
+    "Limiter.check bucket": (_limiter_builder(concurrency=False), False),
+    "Limiter.acquire bucket+concurrency": (_limiter_builder(concurrency=True), False),
     "limits fixed window": (_limits_builder("fixed"), False),
     "limits moving window": (_limits_builder("moving"), False),
     "limits sliding window": (_limits_builder("sliding"), False),

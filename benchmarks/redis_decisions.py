@@ -6,7 +6,8 @@ and measures against it, in one worker process on one event loop:
 - the floor: a bare redis-py `PING`, a trivial `EVALSHA` (`return 1`), and
   the same `EVALSHA` pipelined per loop turn on one raw socket;
 - this library's `RedisBackend.decide` (a token bucket; a bucket plus a
-  global lease; the same split by hash slot as on a cluster) and `Engine.decide`;
+  global lease; the same split by hash slot as on a cluster), `Engine.decide`
+  and the public `Limiter.check` / `Limiter.acquire`;
 - the peers' Redis implementations, each set up as its documentation says:
   limits (fixed, moving, sliding window), slowapi, fastapi-limiter,
   throttled-py (token bucket, GCRA), pyrate-limiter (its Redis bucket, GCRA);
@@ -100,6 +101,18 @@ SUBJECTS: tuple[Subject, ...] = (
         "ours",
         "`Engine.decide` then `Engine.release` of TokenBucket + global Concurrency: "
         "a request's whole life (two calls)",
+    ),
+    Subject(
+        "Limiter.check bucket",
+        "ours",
+        '`await limiter.check("bench", key=caller)`: the public core without a request, '
+        "the fair peer of `hit()`/`try_acquire`",
+    ),
+    Subject(
+        "Limiter.acquire bucket+concurrency",
+        "ours",
+        '`async with limiter.acquire("bench", key=caller)`: bucket + global slot, '
+        "taken and released (two calls)",
     ),
     Subject(
         "limits fixed window",

@@ -1,4 +1,4 @@
-"""ratelimit: rate limiting and admission control for ASGI applications.
+"""ratelimit: rate limiting and admission control for ASGI applications and plain code.
 
 Per-caller quotas (token buckets, windows), fleet-wide concurrency caps with
 leases that cannot leak, honest 429/503 refusals with `Retry-After` and the
@@ -10,6 +10,7 @@ from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import CallableError as CallableError
 from ._errors import ConfigError as ConfigError
 from ._errors import LeaseError as LeaseError
+from ._errors import RateLimited as RateLimited
 from ._errors import RateLimitError as RateLimitError
 from .asgi.metrics import Metrics as Metrics
 from .asgi.metrics import metrics_app as metrics_app
@@ -18,6 +19,9 @@ from .asgi.top import top_app as top_app
 from .backends.base import Backend as Backend
 from .backends.memory import MemoryBackend as MemoryBackend
 from .backends.redis import RedisBackend as RedisBackend
+from .core.limiter import Limiter as Limiter
+from .core.observer import Observer as Observer
+from .core.statistics import LimitStatistics as LimitStatistics
 from .policy import keys as keys
 from .policy.engine import Decision as Decision
 from .policy.engine import LimitState as LimitState
@@ -40,11 +44,15 @@ __all__ = [
     "Decision",
     "LeaseError",
     "LimitState",
+    "LimitStatistics",
+    "Limiter",
     "MemoryBackend",
     "Metrics",
+    "Observer",
     "Override",
     "RateLimitError",
     "RateLimitMiddleware",
+    "RateLimited",
     "RedisBackend",
     "Rule",
     "TokenBucket",

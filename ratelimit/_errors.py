@@ -6,12 +6,20 @@
     │   └── BackendUnavailable     the circuit breaker is open, no call was made
     ├── CallableError              a key, cost, priority or fair_key function failed
     │                              for one request (it cannot be rated); its error is __cause__
-    └── LeaseError                 misuse of a lease (released twice, unknown)
+    ├── LeaseError                 misuse of a lease (released twice, unknown)
+    └── RateLimited                `Limiter.acquire` was refused; carries the decision
 
-A refused request is not an exception: it is a `Decision` value.
+A refused request is not an exception: it is a `Decision` value (the middleware
+answers it; `Limiter.check` returns it). Only `Limiter.acquire`, whose block
+must not run, raises `RateLimited`.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .policy.engine import Decision
 
 
 class RateLimitError(Exception):
@@ -83,3 +91,23 @@ def callable_name(func: object) -> str:
 
 class LeaseError(RateLimitError):
     """A lease was misused: released twice, or never granted."""
+
+
+class RateLimited(RateLimitError):
+    """`Limiter.acquire` was refused: its block did not run and holds nothing.
+
+    `retry_after` is the seconds to wait before trying again; `decision` says
+    which limits refused (`decision.violated`, `decision.states`) and, for a
+    request that waited in line, why it left it (`decision.reason`). A refusal
+    because the backend failed and the rule fails "closed" has status 503 and
+    reason "failed_closed", with the backend's error as `__cause__`.
+    """
+
+    def __init__(self, decision: Decision) -> None:
+        self.decision = decision
+        self.retry_after = decision.retry_after
+        why = decision.reason or ", ".join(decision.violated) or "refused"
+        super().__init__(
+            f"rule {decision.rule.name!r}: {why} ({decision.status}); "
+            f"retry after {decision.retry_after:.3g} s"
+        )

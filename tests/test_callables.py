@@ -35,8 +35,8 @@ from ratelimit import (
     keys,
 )
 from ratelimit._types import Scope
-from ratelimit.asgi.unrated import CallableErrorLog
 from ratelimit.backends.base import QueueBackend, StoreKey
+from ratelimit.core.callables import CallableErrorLog
 from ratelimit.policy.engine import Engine
 
 BAD = b"x-bad"
@@ -216,7 +216,7 @@ async def test_a_failing_callable_refuses_with_400_and_consumes_nothing(
         assert ("limit 'per-key'" if role == "key" else "limit 'gpu'") in message
     assert "backend" not in message.replace("not a backend failure", "")
     assert not any("backend failed" in r.getMessage() for r in caplog.records)
-    assert limiter._failing is False
+    assert limiter.limiter.failing is False
     if isinstance(backend, RedisBackend):
         assert backend.breaker.state == "closed"
 

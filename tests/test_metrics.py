@@ -351,8 +351,8 @@ def test_limit_gauges_show_every_effective_limit() -> None:
     assert value(registry, rate, rule="work", limit="gpu") is None
 
 
-def test_publish_limits_shows_a_changed_limit() -> None:
-    """After a limit changes in place, publish_limits puts the new value on the gauge."""
+def test_on_limits_shows_a_changed_limit() -> None:
+    """After a limit changes in place, on_limits puts the new value on the gauge."""
     registry = CollectorRegistry()
     gpu = Concurrency(4, key=keys.GLOBAL, name="gpu")
     app = RateLimitMiddleware(
@@ -360,7 +360,7 @@ def test_publish_limits_shows_a_changed_limit() -> None:
     )
     gpu.limit = 2
     assert app.metrics is not None
-    app.metrics.publish_limits(app.engine)
+    app.metrics.on_limits(app.engine)
     assert value(registry, "ratelimit_limit", rule="work", limit="gpu") == 2
 
 

@@ -569,7 +569,7 @@ async def test_fail_local_decides_in_process_with_the_configured_share() -> None
         other = await c.get("/v1/models", headers={"x-api-key": "other"})
     assert codes == [200, 200, 429, 429]  # 4/minute x 0.5 = 2 per process
     assert other.status_code == 200
-    refused_rate = app._local_engine().rules[0].limits[0]
+    refused_rate = app.limiter.local_engine().rules[0].limits[0]
     assert isinstance(refused_rate, TokenBucket)
     assert refused_rate.interval == pytest.approx(30.0)
 
@@ -583,13 +583,13 @@ async def test_fail_local_leases_are_released_to_the_local_store() -> None:
     )
     first = Exchange(mw, http_scope("/gen"))
     first.start()
-    await eventually(lambda: mw._local_engine().held() == 1)
+    await eventually(lambda: mw.limiter.local_engine().held() == 1)
     second = Exchange(mw, http_scope("/gen"))
     await second.start()
     assert second.status == 503
     gate.set()
     await first.task  # type: ignore[misc]
-    await eventually(lambda: mw._local_engine().held() == 0)
+    await eventually(lambda: mw.limiter.local_engine().held() == 0)
     third = Exchange(mw, http_scope("/gen"))
     gate.set()
     await third.start()

@@ -19,6 +19,8 @@ DESIGN_NAMES = [
     "keys",
     "metrics_app",
     "RateLimitError",
+    "Limiter",
+    "RateLimited",
 ]
 
 

@@ -66,7 +66,7 @@ async def call(app: RateLimitMiddleware) -> tuple[int, dict[bytes, bytes]]:
 async def admitted_by_redis(app: RateLimitMiddleware, backend: RedisBackend) -> bool:
     """One request: True if Redis decided it (no failure, breaker closed) and admitted it."""
     status, headers = await call(app)
-    decided = backend.breaker.state == "closed" and not app._failing
+    decided = backend.breaker.state == "closed" and not app.limiter.failing
     return decided and status == 200 and b"ratelimit" in headers
 
 

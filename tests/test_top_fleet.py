@@ -274,7 +274,7 @@ async def test_the_middleware_publishes_in_the_background_and_cleans_up(
     rules = [Rule("/x", limits=[TokenBucket("10/second", key=key)])]
     backend = RedisBackend(redis_url, prefix=PREFIX)
     app = RateLimitMiddleware(None, rules=rules, backend=backend, top=top)  # type: ignore[arg-type]
-    publisher = app.top_publisher
+    publisher = app.limiter.top_publisher
     assert publisher is not None
     assert publisher.worker == app.overrides.worker
     publisher.every = 0.05
@@ -293,7 +293,7 @@ async def test_the_middleware_publishes_in_the_background_and_cleans_up(
     await app.aclose()
 
     memory = RateLimitMiddleware(None, rules=rules, backend=MemoryBackend(), top=TopCallers())  # type: ignore[arg-type]
-    assert memory.top_publisher is None
+    assert memory.limiter.top_publisher is None
     with pytest.raises(ConfigError, match=r"^top: expected a TopCallers"):
         RateLimitMiddleware(None, rules=rules, top=object())  # type: ignore[arg-type]
 

@@ -43,7 +43,7 @@ rules x limits x outcomes however many callers there are.
         Backends whose circuit breaker is open or probing, so calls fail at
         once without reaching the store: 0 or 1 per process with one backend,
         summed over live processes. Registered only once a backend with a
-        `breaker` (RedisBackend) is attached.
+        `breaker` (RedisBackend) is observed.
 
 Multi-process mode (`PROMETHEUS_MULTIPROC_DIR` set before prometheus_client
 is imported): counters and histograms are summed over every process that ever
@@ -138,7 +138,8 @@ def sustained_rate(limit: Limit) -> float | None:
 
 
 class Metrics:
-    """The ratelimit instruments on one registry; pass it as `RateLimitMiddleware(metrics=)`.
+    """The ratelimit instruments on one registry; pass it as `Limiter(metrics=)` (an
+    `Observer`) or `RateLimitMiddleware(metrics=)`.
 
     One `Metrics` per registry and namespace: a second one on the same
     registry raises `ConfigError` (share the first between middlewares instead).
@@ -249,9 +250,9 @@ class Metrics:
             registry=None,
         )
         self._bounds = tuple(bounds)
-        #: Created when a backend that reports its calls is attached (see `attach`).
+        #: Created when a backend that reports its calls is seen (see `on_start`).
         self.backend_seconds: Histogram | None = None
-        #: Created when a backend with a circuit breaker is attached (see `attach`).
+        #: Created when a backend with a circuit breaker is seen (see `on_start`).
         self.breaker_open: Gauge | None = None
         self._collectors: tuple[Collector, ...] = (
             self.decisions,
@@ -271,7 +272,7 @@ class Metrics:
         self._seconds_children: dict[str, Histogram] = {}
         self._near_children: dict[tuple[str, str], Counter] = {}
         self._in_flight_children: dict[tuple[str, str], Gauge] = {}
-        #: Limits of attached engines: only their grants are released through our hook.
+        #: Limits of observed engines: only their grants are released through our hook.
         self._watched: set[Limit] = set()
         #: ids of the watched breakers, and of those not closed now.
         self._breakers: set[int] = set()
@@ -298,18 +299,15 @@ class Metrics:
         for collector in self._collectors:
             self.registry.unregister(collector)
 
-    # -- called by the middleware ---------------------------------------------
+    # -- the `Observer` interface: called by the Limiter and its engine ----------
 
-    def attach(self, engine: Engine) -> None:
-        """Publish `engine`'s limits, start every series at zero, and watch its releases.
+    def on_start(self, engine: Engine) -> None:
+        """Publish `engine`'s limits, start every series at zero, and time its backend's calls.
 
-        The middleware calls it once; after changing limits in place (an
-        override), call `publish_limits` so the gauges show the new values.
+        The `Limiter` calls it once; after each live override, `on_limits`.
         """
-        engine.on_release = self.observe_release
-        engine.on_queue = self.observe_queue
         self._watched.update(lim for rule in engine.rules for lim in rule.limits)
-        self.publish_limits(engine)
+        self.on_limits(engine)
         for rule in engine.rules:
             self._decision_child(rule.name, "", "allowed")
             self._seconds_child(rule.name)
@@ -347,7 +345,7 @@ class Metrics:
     def watch_breaker(self, breaker: CircuitBreaker) -> None:
         """Export `breaker`'s state in `ratelimit_breaker_open`, updated on every change.
 
-        `attach` calls it for a backend's `breaker`. The gauge is registered on
+        `on_start` calls it for a backend's `breaker`. The gauge is registered on
         first use, so apps on a backend without a breaker never show it.
         """
         gauge = self.breaker_open
@@ -387,10 +385,10 @@ class Metrics:
             opened.add(key)
         gauge.set(len(opened))
 
-    def publish_limits(self, engine: Engine) -> None:
+    def on_limits(self, engine: Engine) -> None:
         """Set the limit gauges to the limits `engine` enforces now (0 for a blocked rule).
 
-        The middleware calls it after each live override applies. The new
+        The Limiter calls it after each live override applies. The new
         limits are watched too: slots they grant count in `in_flight`.
         """
         blocked = engine.blocks()
@@ -405,7 +403,7 @@ class Metrics:
                 if rate is not None:
                     self.limit_rate.labels(rule.name, name).set(0.0 if off else rate)
 
-    def observe_decision(self, decision: Decision, seconds: float) -> None:
+    def on_decision(self, decision: Decision, seconds: float) -> None:
         """Count one decision and its latency; track near-limit callers and held slots."""
         rule = decision.rule.name
         waited = decision.waited
@@ -448,7 +446,7 @@ class Metrics:
                     gauge = self._in_flight_child(lease.key.rule, lease.key.limit)
                 gauge.inc()
 
-    def observe_release(self, grant: Grant) -> None:
+    def on_release(self, grant: Grant) -> None:
         """The engine released `grant`: its slots are no longer in flight."""
         try:
             for lease in grant.leases:
@@ -459,22 +457,22 @@ class Metrics:
         except Exception:  # a metrics bug must never keep a lease from being released
             logger.exception("ratelimit metrics: could not record a release")
 
-    def observe_queue(self, rule: str, limit: str, delta: int) -> None:
+    def on_queue(self, rule: str, limit: str, delta: int) -> None:
         """A request of this process joined (+1) or left (-1) a limit's line."""
         self.queue_depth.labels(rule, limit).inc(delta)
 
-    def observe_failure(self, rule: Rule, policy: str, exc: BaseException) -> None:
+    def on_failure(self, rule: Rule, policy: str, exc: BaseException) -> None:
         """The backend failed deciding for `rule`; `policy` ("open"/"closed"/"local") applies.
 
         "local" decides again in-process and that verdict is counted by
-        `observe_decision`, so here only the backend error is.
+        `on_decision`, so here only the backend error is.
         """
         if policy != "local":
             self._decision_child(rule.name, "", f"failed_{policy}").inc()
         if self.backend_seconds is None:  # else the backend reported the error itself
             self.observe_backend_error("decide")
 
-    def observe_invalid(self, rule: Rule, limit: str) -> None:
+    def on_invalid(self, rule: Rule, limit: str) -> None:
         """A user callable of `rule` (of its limit `limit`; "" for the cost) failed."""
         outcome = "shadow_invalid" if rule.shadow else "invalid"
         key = (rule.name, limit, outcome)

@@ -11,9 +11,8 @@ fails or the task is cancelled.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -21,20 +20,15 @@ from typing import Any
 from .._errors import CallableError, ConfigError
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
-from ..backends.memory import MemoryBackend
-from ..backends.stores import override_store, top_store
+from ..core.limiter import FailedDecision, Limiter, build_backend
+from ..core.observer import Observer
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.engine import ABANDONED, BlockedDecision, Decision, Engine, Grant
-from ..policy.live import LiveOverrides
-from ..policy.overlap import shadowed
-from ..policy.overrides import Resolution
-from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
-from ..policy.top import TopCallers, publisher_for
+from ..policy.rules import FailPolicy, Rule
+from ..policy.top import TopCallers
 from . import responses
-from .metrics import Metrics
 from .redirects import REDIRECTS, refund_if_slash_redirect
-from .unrated import UNRATABLE, CallableErrorLog
-from .workers import other_workers
+from .unrated import UNRATABLE
 
 logger = logging.getLogger("ratelimit")
 
@@ -43,111 +37,90 @@ RefuseHook = Callable[[Scope, Decision], "ASGIApp | Awaitable[ASGIApp]"]
 
 
 class RateLimitMiddleware:
-    """Apply `rules` to requests; refuse with 429/503 and honest header fields.
+    """Apply a `Limiter`'s rules to requests; refuse with 429/503 and honest header fields.
 
-    `backend` defaults to a `MemoryBackend`. `on_refuse(scope, decision)` may
-    return an ASGI app to render refusals your way; `Retry-After` and the
-    `RateLimit` fields are added to it unless it sets them. `fail` is what
-    rules without their own `fail=` do when the backend errors: `"open"`
-    (admit), `"closed"` (503) or `"local"` (decide in this process, each
-    limit multiplied by `local_share`: set it to 1 / the number of workers).
+    `RateLimitMiddleware(app, limiter=limiter)` is the ASGI face of `limiter`
+    (shared with code outside HTTP: one pool, one set of overrides). Without
+    `limiter=`, the keyword arguments build one: `rules`, `backend` (default
+    `MemoryBackend()`), `fail`, `local_share`, `shadow`, `config`, `metrics`
+    and `top` mean what they mean for `Limiter`. `on_refuse(scope, decision)`
+    may return an ASGI app to render refusals your way; `Retry-After` and the
+    `RateLimit` fields are added to it unless it sets them. `headers=False`
+    leaves admitted responses without the fields.
 
-    `shadow=True` puts every rule in shadow mode: decisions are made and
-    counted, would-be refusals reach the app (see `Rule(shadow=)`). Live
-    overrides are `overrides` (a `LiveOverrides` on the backend's store),
-    started at ASGI lifespan start-up, or on the first request without one.
-    With `top=` (a `TopCallers`) and a Redis backend, the heaviest callers
-    are published for `ratelimit top` the same way (`top_publisher`).
+    Live overrides are `overrides` (the limiter's), started at ASGI lifespan
+    start-up, or on the first request without one, and stopped at shutdown
+    when the middleware built the limiter (a limiter given is the giver's).
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
+        limiter: Limiter | None = None,
         rules: Sequence[Rule] = (),
         backend: Backend | None = None,
         on_refuse: RefuseHook | None = None,
         fail: FailPolicy | None = None,
         headers: bool | None = None,
-        metrics: Metrics | None = None,
-        local_share: float = 1.0,
+        metrics: Observer | None = None,
+        local_share: float | None = None,
         config: ConfigSource | Settings | None = None,
-        shadow: bool = False,
+        shadow: bool | None = None,
         top: TopCallers | None = None,
     ) -> None:
         self.app = app
-        if config is not None:
-            settings = config if isinstance(config, Settings) else load_config(config)
-            rules = [*settings.rules, *rules]
-            if backend is None:
-                backend = _build_backend(settings.backend)
-            fail = fail or settings.fail
-            headers = settings.headers if headers is None else headers
-        fail = fail or "open"
-        if backend is None:
-            backend = MemoryBackend()
-        elif not isinstance(backend, Backend):
-            raise ConfigError(
-                "backend", "a Backend such as MemoryBackend() or RedisBackend(url)", backend
+        if limiter is not None:
+            if not isinstance(limiter, Limiter):
+                raise ConfigError("limiter", "a ratelimit Limiter", limiter)
+            given = {
+                "rules": rules != (),
+                "backend": backend is not None,
+                "fail": fail is not None,
+                "metrics": metrics is not None,
+                "local_share": local_share is not None,
+                "config": config is not None,
+                "shadow": shadow is not None,
+                "top": top is not None,
+            }
+            for name, was_given in given.items():
+                if was_given:
+                    raise ConfigError(
+                        name, f"no {name}= beside limiter= (give it to the Limiter)", ...
+                    )
+            self._owned = False
+        else:
+            if config is not None and not isinstance(config, Settings):
+                config = load_config(config)
+            limiter = Limiter(
+                rules,
+                backend=backend,
+                fail=fail,
+                local_share=1.0 if local_share is None else local_share,
+                shadow=False if shadow is None else shadow,
+                config=config,
+                metrics=metrics,
+                top=top,
             )
-        if fail not in FAIL_POLICIES:
-            raise ConfigError("fail", '"open", "closed" or "local"', fail)
+            self._owned = True
+        if headers is None and limiter.settings is not None:
+            headers = limiter.settings.headers
         if on_refuse is not None and not callable(on_refuse):
             raise ConfigError("on_refuse", "a callable (scope, decision) -> ASGI app", on_refuse)
-        if not isinstance(shadow, bool):
-            raise ConfigError("shadow", "true or false", shadow)
-        if shadow:
-            rules = [_in_shadow(r) for r in rules]
-        self.shadow = shadow
-        self.engine = Engine(rules, backend)
-        for later, earlier in shadowed(self.engine.rules):
-            logger.warning(
-                "ratelimit: rule %r (%s) never applies: the earlier rule %r (%s) matches every "
-                "request it would (the first matching rule wins; put the narrower rule first)",
-                later.name,
-                _describe(later),
-                earlier.name,
-                _describe(earlier),
-            )
-        self.backend = backend
-        self.fail = fail
+        #: The core this middleware is the face of.
+        self.limiter = limiter
+        self.engine = limiter.engine
+        self.backend = limiter.backend
+        self.metrics = limiter.metrics
+        #: Live overrides: the limiter's own object.
+        self.overrides = limiter.overrides
         self.on_refuse = on_refuse
         self.headers = True if headers is None else bool(headers)
-        self._policy = {r.name: responses.policy_header(r) for r in self.engine.rules}
         #: Per rule name: the rule compiled for, its policy field, its compiled `RateLimit`
         #: field. Keyed by name, one entry each, so rules replaced later cannot pile up.
         self._fields: dict[str, tuple[Rule, tuple[bytes, bytes], responses.RateLimitField]] = {}
         for r in self.engine.rules:
             self._compile(r)
-        self._failing = False
-        if (
-            not isinstance(local_share, (int, float))
-            or isinstance(local_share, bool)
-            or not 0 < local_share <= 1
-        ):
-            raise ConfigError("local_share", "a fraction in (0, 1], e.g. 1 / workers", local_share)
-        self.local_share = float(local_share)
-        self._local: Engine | None = None
-        if metrics is not None and not isinstance(metrics, Metrics):
-            raise ConfigError("metrics", "a ratelimit Metrics object", metrics)
-        self.metrics = metrics
-        if metrics is not None:
-            metrics.attach(self.engine)
-        #: Live overrides of the rules, in the backend's store (Redis: the fleet's).
-        store = override_store(backend)
-        self.overrides = LiveOverrides(self.engine.rules, store, self._apply_overrides)
-        if top is not None and not isinstance(top, TopCallers):
-            raise ConfigError("top", "a TopCallers", top)
-        #: Publishes `top`'s windows to Redis for `ratelimit top` (None: nothing to publish).
-        self.top_publisher = (
-            None
-            if top is None
-            else publisher_for(top, top_store(backend), worker=self.overrides.worker)
-        )
-        #: True until the overrides are started (lifespan start-up or first request).
-        self._unstarted = True
-        #: Logs failing key/cost/priority functions, each at most once per 10 s.
-        self.callable_errors = CallableErrorLog(logger)
 
     @classmethod
     def from_config(
@@ -161,7 +134,7 @@ class RateLimitMiddleware:
         """
         settings = load_config(source)
         if kwargs.get("backend") is None:
-            kwargs["backend"] = _build_backend(settings.backend)
+            kwargs["backend"] = build_backend(settings.backend)
         return partial(cls, config=settings, **kwargs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -171,8 +144,9 @@ class RateLimitMiddleware:
                 receive = self._lifespan_receive(receive)
             await self.app(scope, receive, send)
             return
-        if self._unstarted:
-            await self.start()
+        limiter = self.limiter
+        if limiter._unstarted:
+            await limiter.start()
         engine = self.engine
         rule = engine.match(scope)
         if rule is None:
@@ -193,34 +167,25 @@ class RateLimitMiddleware:
             await self._unrated(rule, exc, scope, receive, send)
             return
         except Exception as exc:
-            fail = rule.fail or self.fail
-            self._note_failure(rule, fail, exc)
-            if fail == "open":
-                await self.app(scope, receive, send)
-                return
-            if fail == "closed":
-                await _send_plain(scope, receive, send, 503, *_FAILED_CLOSED)
-                return
-            engine = self._local_engine()
             try:
-                decision = await engine.decide(
-                    rule, scope, inbox.until_gone if inbox is not None else None
+                decision = await limiter.fall_back(
+                    rule, exc, scope, inbox.until_gone if inbox is not None else None
                 )
             except CallableError as exc:  # it failed this time only (it asked no store)
                 await self._unrated(rule, exc, scope, receive, send)
                 return
-            except Exception:
-                # Not the store then (e.g. a key function that raises): the limiter
-                # still must not turn it into a 500, so this request is admitted.
-                logger.exception("ratelimit: the in-process fallback failed too; admitting")
-                await self.app(scope, receive, send)
+            if decision.__class__ is FailedDecision:
+                if decision.allowed:
+                    await self.app(scope, receive, send)
+                else:
+                    await _send_plain(scope, receive, send, 503, *_FAILED_CLOSED)
                 return
+            engine = limiter.local_engine()  # it decided: it holds the grant, refunds
         else:
-            if self._failing:
-                self._failing = False
-                logger.warning("ratelimit backend answers again")
+            if limiter.failing:
+                limiter.answered()
         if metrics is not None:
-            metrics.observe_decision(decision, perf_counter() - started)
+            metrics.on_decision(decision, perf_counter() - started)
         if not decision.allowed and decision.reason == ABANDONED:
             return  # the client left while waiting: nobody to answer
         if not decision.allowed and (
@@ -259,68 +224,27 @@ class RateLimitMiddleware:
     def _compile(self, rule: Rule) -> tuple[Rule, tuple[bytes, bytes], responses.RateLimitField]:
         """The header fields of `rule`, compiled (also for the `local` engine's scaled copies).
 
-        The policy comes from the configured rule of that name, as the client
-        was told; the `RateLimit` field from the rule that decided.
+        The policy describes the limiter's effective rule of that name, as the
+        client was told; the `RateLimit` field comes from the rule that decided.
+        An override replaces the rule, so the next request compiles anew.
         """
         compiled = (
             rule,
-            (b"ratelimit-policy", self._policy[rule.name]),
+            (b"ratelimit-policy", responses.policy_header(self.engine.plan(rule).rule)),
             responses.RateLimitField(rule),
         )
         self._fields[rule.name] = compiled
         return compiled
 
-    # -- live overrides ---------------------------------------------------------
+    # -- lifespan ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the live overrides: read the store, then follow it (shared stores).
-
-        Called on lifespan start-up, or by the first request if the server
-        sends no lifespan events; later calls return at once. A store that
-        cannot be read does not stop the app: it serves on its configuration
-        while the watcher keeps trying.
-        """
-        if not self._unstarted:
-            return
-        self._unstarted = False
-        if isinstance(self.backend, MemoryBackend):
-            # Later, not now: a server may still be starting the other workers.
-            asyncio.get_running_loop().call_later(_WORKERS_CHECK_DELAY, _warn_if_workers)
-        try:
-            await self.overrides.start()
-        except Exception:
-            logger.exception("ratelimit: could not start live overrides; serving as configured")
-        if self.top_publisher is not None:
-            await self.top_publisher.start()
-
-    def _apply_overrides(self, resolution: Resolution) -> None:
-        """Enforce the effective rules of `resolution`: swap plans, headers, fallback, gauges.
-
-        The policy field of a changed rule describes its effective limits; the
-        `fail="local"` fallback follows the same overrides, scaled.
-        """
-        changed = set(self.engine.apply_overrides(resolution))
-        for e in resolution.rules:
-            if e.rule.name in changed:
-                self._policy[e.rule.name] = responses.policy_header(e.rule)
-                self._compile(e.rule)
-        if self._local is not None:
-            share = self.local_share
-            local = self._local
-            blocks = self.engine.blocks()
-            current = {r.name: r for r in local.rules}
-            local.swap_rules(
-                [
-                    r.scaled(share) if r.name in changed else current[r.name]
-                    for r in self.engine.rules
-                ],
-                blocks,
-            )
-        if self.metrics is not None:
-            self.metrics.publish_limits(self.engine)
+        """Start the limiter's live overrides (see `Limiter.start`); later calls return at once."""
+        await self.limiter.start()
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
-        """Wrap a lifespan `receive`: start the overrides at start-up, stop them at shutdown.
+        """Wrap a lifespan `receive`: start the limiter at start-up; at shutdown stop the
+        overrides of a limiter this middleware built.
 
         The app's own lifespan runs as before: it receives every message.
         """
@@ -329,28 +253,12 @@ class RateLimitMiddleware:
             message = await receive()
             kind = message["type"]
             if kind == "lifespan.startup":
-                await self.start()
-            elif kind == "lifespan.shutdown":
-                await self._stop_overrides()
+                await self.limiter.start()
+            elif kind == "lifespan.shutdown" and self._owned:
+                await self.limiter.stop()
             return message
 
         return lifespan_receive
-
-    async def _stop_overrides(self) -> None:
-        try:
-            await self.overrides.aclose()
-        except Exception:
-            logger.exception("ratelimit: could not stop live overrides cleanly")
-        if self.top_publisher is not None:
-            await self.top_publisher.aclose()
-
-    def _note_failure(self, rule: Rule, policy: str, exc: Exception) -> None:
-        """Count every failure; log only the change from answering to failing."""
-        if self.metrics is not None:
-            self.metrics.observe_failure(rule, policy, exc)
-        if not self._failing:
-            self._failing = True
-            logger.error("ratelimit backend failed (%r); failing %s until it answers", exc, policy)
 
     async def _unrated(
         self, rule: Rule, exc: CallableError, scope: Scope, receive: Receive, send: Send
@@ -361,30 +269,18 @@ class RateLimitMiddleware:
         and the store is not at fault: no breaker, no fallback, no fail-open.
         A rule in shadow mode lets the request through, as its refusals.
         """
-        self.callable_errors.report(exc, shadow=rule.shadow)
-        if self.metrics is not None:
-            self.metrics.observe_invalid(rule, exc.limit)
+        self.limiter.unratable(rule, exc)
         if rule.shadow:
             await self.app(scope, receive, send)
             return
         await _send_plain(scope, receive, send, *UNRATABLE)
-
-    def _local_engine(self) -> Engine:
-        """The in-process fallback for `fail="local"`: every limit times `local_share`."""
-        if self._local is None:
-            rules = [rule.scaled(self.local_share) for rule in self.engine.rules]
-            local = Engine(rules, MemoryBackend())
-            local.swap_rules(local.rules, self.engine.blocks())
-            self._local = local
-        return self._local
 
     async def _refuse(self, decision: Decision, scope: Scope, receive: Receive, send: Send) -> None:
         rule = decision.rule
         compiled = self._fields.get(rule.name)
         if compiled is None or compiled[0] is not rule:
             compiled = self._compile(rule)
-        field = compiled[2]
-        headers = responses.refusal_headers(decision, self._policy[rule.name], field)
+        headers = responses.refusal_headers(decision, compiled[1][1], compiled[2])
         if self.on_refuse is not None:
             result = self.on_refuse(scope, decision)
             app = await result if isinstance(result, Awaitable) else result
@@ -395,44 +291,8 @@ class RateLimitMiddleware:
         await _send_plain(scope, receive, send, decision.status, headers, body)
 
     async def aclose(self) -> None:
-        """Stop background work (overrides, lease renewal) and close the backend."""
-        await self._stop_overrides()
-        await self.engine.aclose()
-        await self.backend.aclose()
-
-
-#: Seconds after start-up to look for sibling workers (see `_warn_if_workers`).
-_WORKERS_CHECK_DELAY = 1.0
-
-
-def _warn_if_workers() -> None:
-    """Warn once if this process is one of several workers on a MemoryBackend."""
-    try:
-        others = other_workers()
-    except Exception:  # a look at /proc must never stop the app
-        return
-    if others:
-        logger.warning(
-            "ratelimit: MemoryBackend in one of %d worker processes: each worker keeps its "
-            "own limits, so each limit is allowed %d times over. Use RedisBackend(url) to "
-            "share them across workers (or divide every limit by the number of workers)",
-            others + 1,
-            others + 1,
-        )
-
-
-def _describe(rule: Rule) -> str:
-    methods = "any method" if rule.methods is None else ", ".join(sorted(rule.methods))
-    return f"{rule.path}, {methods}"
-
-
-def _in_shadow(rule: Rule) -> Rule:
-    """`rule` in shadow mode: a copy, so fields added to `Rule` later carry over."""
-    if rule.shadow:
-        return rule
-    clone = copy.copy(rule)
-    clone.shadow = True
-    return clone
+        """Close the limiter: stop overrides and lease renewal, close the backend."""
+        await self.limiter.aclose()
 
 
 def _adding(
@@ -617,23 +477,3 @@ async def _send_plain(
         return
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def _build_backend(spec: Mapping[str, Any] | None) -> Backend:
-    """A backend from the `[backend]` table of a config file."""
-    if not spec:
-        return MemoryBackend()
-    kind = spec.get("type", "memory")
-    options = {k: v for k, v in spec.items() if k != "type"}
-    try:
-        if kind == "memory":
-            return MemoryBackend(**options)
-        if kind == "redis":
-            from ..backends.redis import RedisBackend
-
-            return RedisBackend(**options)
-    except ConfigError as exc:
-        raise exc.under("backend") from None
-    except TypeError as exc:
-        raise ConfigError("backend", f"options of the {kind} backend ({exc})", options) from None
-    raise ConfigError("backend.type", '"memory" or "redis"', kind)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from .._errors import CallableError, ConfigError, LeaseError
 from .._types import Scope
@@ -88,6 +88,22 @@ QUEUE_FULL, TOO_LONG, QUEUE_TIMEOUT, SHED, ABANDONED = (
 
 #: Called with nothing; completes when the client has gone away (see `Engine.decide`).
 Abandon = Callable[[], Awaitable[object]]
+
+
+class Given(NamedTuple):
+    """What a caller without a request gives `Engine.decide` instead of a scope's answers
+    (see `core.Limiter`): the key functions, cost, priority and deadline are not asked.
+    """
+
+    #: Caller text per limit of the rule (None: exempt). A `keys.GLOBAL` limit keeps
+    #: its one key; its text is the fair key of its line, if the limit has `fair_key`.
+    keys: tuple[str | None, ...]
+    #: Units taken from each token bucket and window.
+    cost: int
+    #: The class in each waiting line (see `Concurrency.rank`); None: no class.
+    priority: object = None
+    #: Seconds to wait in line at most (the limit's `timeout` if shorter); None: that.
+    timeout: float | None = None
 
 
 class Decision:
@@ -463,6 +479,18 @@ def _report_refunded(
             results[i] = r._replace(remaining=r.remaining + 1)
 
 
+class EngineObserver(Protocol):
+    """What an engine tells its observer (see `core.Observer`, which extends it)."""
+
+    def on_release(self, grant: Grant) -> None:
+        """`grant`'s slots were released (metrics count the slots in flight)."""
+        ...
+
+    def on_queue(self, rule: str, limit: str, delta: int) -> None:
+        """A request joined (+1) or left (-1) the line of `limit` of `rule`."""
+        ...
+
+
 def _matchers(
     plans: Sequence[Plan],
 ) -> tuple[tuple[Callable[[str], bool], frozenset[str] | None, Rule], ...]:
@@ -473,7 +501,9 @@ def _matchers(
 class Engine:
     """Decides requests for a list of rules against one backend."""
 
-    def __init__(self, rules: Sequence[Rule], backend: Backend) -> None:
+    def __init__(
+        self, rules: Sequence[Rule], backend: Backend, observer: EngineObserver | None = None
+    ) -> None:
         if isinstance(rules, Rule) or not isinstance(rules, Sequence):
             raise ConfigError("rules", "a list of Rule", rules)
         seen: dict[str, int] = {}
@@ -506,10 +536,8 @@ class Engine:
         self._renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
         self._renewer: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        #: Called with each grant as it is released (metrics count the slots in flight).
-        self.on_release: Callable[[Grant], None] | None = None
-        #: Called with (rule, limit name, +1 or -1) as a request joins or leaves a line.
-        self.on_queue: Callable[[str, str, int], None] | None = None
+        #: Told of each release and each join or leave of a line (metrics), or None.
+        self.observer = observer
         #: (rule, limit index) -> moving average of how long a slot is held, in seconds.
         self._service: dict[tuple[str, int], float] = {}
         if any(p.queued for p in plans) and not isinstance(backend, QueueBackend):
@@ -536,19 +564,26 @@ class Engine:
         """The compiled plan of `rule`."""
         return self._by_rule[rule.name]
 
-    async def decide(self, rule: Rule, scope: Scope, abandon: Abandon | None = None) -> Decision:
+    async def decide(
+        self,
+        rule: Rule,
+        scope: Scope,
+        abandon: Abandon | None = None,
+        given: Given | None = None,
+    ) -> Decision:
         """Decide `scope` against `rule`: all of its limits admit and consume, or none.
 
         If the rule's only refusal is a full concurrency limit with a `queue`, the
         request waits in line (its other limits consumed meanwhile, refunded if it
         is refused in the end). `abandon()`, if given, is awaited alongside: when
         it completes (the client went away) the request leaves the line at once.
+        With `given`, keys, cost, priority and deadline come from it, not `scope`.
         """
         plan = self._by_rule[rule.name]
         if plan.__class__ is BlockedPlan:
             return self._blocked(plan)
         single = plan.single
-        if single is not None:
+        if single is not None and given is None:
             # One bucket: no lists, no loop; no await either when decided in this process.
             try:
                 key = single[0](scope)
@@ -570,7 +605,12 @@ class Engine:
             status = 503 if plan.limits[0].shared else 429
             return Decision(rule, False, status, result.retry_after, plan, [result])
         cost = rule.cost
-        if cost.__class__ is not int:
+        #: A given cost other than the rule's: cached whole bucket checks do not fit.
+        recost = False
+        if given is not None:
+            recost = given.cost != cost
+            cost = given.cost
+        elif cost.__class__ is not int:
             cost = await self._cost(rule, scope)
         checks: list[Check] = []
         slots: list[int] = []  # index in the rule of each check
@@ -580,22 +620,27 @@ class Engine:
         window_key: StoreKey | None = None
         for i, step, entry, key_func, key_async, cache, p1, p2 in plan.specs:
             if entry is None:
-                try:
-                    key = key_func(scope)
+                if given is not None:
+                    key = given.keys[i]
                     if key is None:
                         continue
-                    if key.__class__ is not str:
-                        if key_async or inspect.isawaitable(key):
-                            key = await key
-                            if key is None:
-                                continue
-                        key = str(key)
-                except Exception as exc:
-                    raise _raised("key", key_func, plan, i, exc) from exc
+                else:
+                    try:
+                        key = key_func(scope)
+                        if key is None:
+                            continue
+                        if key.__class__ is not str:
+                            if key_async or inspect.isawaitable(key):
+                                key = await key
+                                if key is None:
+                                    continue
+                            key = str(key)
+                    except Exception as exc:
+                        raise _raised("key", key_func, plan, i, exc) from exc
                 # Plan.entry inlined for the hit, the common case.
                 entry = cache.get(key) or plan.entry(i, key)
             if step == _READY_BUCKET:
-                checks.append(entry)
+                checks.append(_new(BucketCheck, (entry[0], p1, p2, cost)) if recost else entry)
             elif step == _LEASE:
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
                 # Built with tuple.__new__: half the cost of calling a NamedTuple
@@ -607,7 +652,10 @@ class Engine:
                 checks.append(_new(BucketCheck, (entry, p1, p2, cost)))
             elif step == _QUEUED_LEASE:
                 limit = plan.limits[i]
-                rank = await _rank(plan, i, scope)
+                if given is None:
+                    rank = await _rank(plan, i, scope)
+                else:
+                    rank = limit.rank(given.priority)
                 serial = f"{self._lease_prefix}{next(self._lease_ids)}"
                 lease = _new(LeaseCheck, (entry, p1, p2, queue.ticket_id(rank, serial)))
                 if limit.queue:
@@ -616,7 +664,11 @@ class Engine:
                     # The fair key is asked now, though only a request that waits uses
                     # it: every callable runs before the backend is asked, so one that
                     # fails has consumed nothing, busy or not.
-                    lines[len(checks)] = (i, rank, await _fair_text(plan, i, scope))
+                    if given is None:
+                        fair = await _fair_text(plan, i, scope)
+                    else:
+                        fair = None if limit.fair_key is None else given.keys[i]
+                    lines[len(checks)] = (i, rank, fair)
                 checks.append(lease)
                 leases.append(lease)
             else:
@@ -639,7 +691,7 @@ class Engine:
                     k = refused[0]
                     line_at = lines[k][0]
                     admitted, raw, reason, waited = await self._line_up(
-                        plan, scope, checks, k, lines[k], abandon
+                        plan, scope, checks, k, lines[k], abandon, given
                     )
             if len(slots) == plan.size:
                 # Every limit made a check, in order: no exempt limit, no window.
@@ -722,6 +774,7 @@ class Engine:
         k: int,
         where: tuple[int, int, str | None],
         abandon: Abandon | None,
+        given: Given | None = None,
     ) -> tuple[bool, Sequence[CheckResult], str | None, float | None]:
         """Wait in line for check `k`'s slot: (admitted, results, reason, seconds waited).
 
@@ -735,7 +788,7 @@ class Engine:
         backend = self.backend
         assert isinstance(backend, QueueBackend)
         timeout = limit.timeout
-        asked = _client_timeout(scope, limit.deadline_header)
+        asked = _client_timeout(scope, limit.deadline_header) if given is None else given.timeout
         if asked is not None and asked < timeout:
             timeout = asked
         service = self._service.get((plan.rule.name, i), 0.0)
@@ -836,8 +889,8 @@ class Engine:
             self._spawn(backend.release(line.lease))
 
     def _queue_changed(self, plan: Plan, i: int, delta: int) -> None:
-        if self.on_queue is not None:
-            self.on_queue(plan.rule.name, plan.names[i], delta)
+        if self.observer is not None:
+            self.observer.on_queue(plan.rule.name, plan.names[i], delta)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         """Run `work` in the background (cleanup that must outlive a cancelled request)."""
@@ -1005,8 +1058,8 @@ class Engine:
             for i, kind in enumerate(plan.kinds):
                 if kind == _LEASE:
                     service[name, i] = queue.ewma(service.get((name, i), 0.0), held)
-        if self.on_release is not None:
-            self.on_release(grant)
+        if self.observer is not None:
+            self.observer.on_release(grant)
         for lease in grant.leases:
             self._held.pop(lease.lease_id, None)
 

@@ -18,11 +18,15 @@ Anything else (another process manager, no `/proc`) is not recognised.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
 
 _SPAWNED = b"from multiprocessing.spawn import spawn_main"
+
+
+logger = logging.getLogger("ratelimit")
 
 
 def _cmdline(pid: int | str) -> bytes:
@@ -61,3 +65,23 @@ def other_workers() -> int | None:
         if theirs == mine or (spawned and _SPAWNED in theirs):
             count += 1
     return count
+
+
+#: Seconds after start-up to look for sibling workers (see `warn_if_workers`).
+WORKERS_CHECK_DELAY = 1.0
+
+
+def warn_if_workers() -> None:
+    """Warn once if this process is one of several workers on a MemoryBackend."""
+    try:
+        others = other_workers()
+    except Exception:  # a look at /proc must never stop the app
+        return
+    if others:
+        logger.warning(
+            "ratelimit: MemoryBackend in one of %d worker processes: each worker keeps its "
+            "own limits, so each limit is allowed %d times over. Use RedisBackend(url) to "
+            "share them across workers (or divide every limit by the number of workers)",
+            others + 1,
+            others + 1,
+        )

@@ -1,0 +1,1 @@
+"""The core: `Limiter` (rules and a backend, decided with or without a request)."""
