@@ -44,6 +44,10 @@ class Keyspace:
         """The string holding a GCRA bucket's state."""
         return self._locate(key)[0]
 
+    def window(self, key: StoreKey) -> str:
+        """The key holding a window's state (a string; a list for a moving window)."""
+        return self._locate(key)[0][:-3] + "win"  # beside the bucket's ":tat"
+
     def leases(self, key: StoreKey) -> str:
         """The sorted set holding a concurrency key's leases."""
         return self._locate(key)[1]
