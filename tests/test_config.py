@@ -324,7 +324,7 @@ def test_a_rule_may_hold_several_windows_numbered_by_name() -> None:
     config["rules"][1]["limits"].append({"type": "window", "rate": "1/second"})
     config["rules"][1]["limits"].append({"type": "window", "rate": "50/hour"})
     rules = load_config(config).rules
-    assert rules[1].limit_names()[-2:] == ["window", "window-2"]
+    assert rules[1].limit_names()[-2:] == ["window-2", "window-3"]
 
 
 def test_config_error_is_a_value_error_with_the_field() -> None:
