@@ -243,7 +243,8 @@ async def test_override_is_checked_against_the_rules_running_workers_report(
 ) -> None:
     """Without --config, the rules the live workers report are what an override must fit."""
     from ratelimit import Concurrency, Rule
-    from ratelimit.policy.live import LiveOverrides, RedisOverrideStore
+    from ratelimit.backends.redis.overrides import RedisOverrideStore
+    from ratelimit.policy.live import LiveOverrides
 
     rule = Rule("/v1/images", limits=[Concurrency(8, name="gpu")], name="images")
     live = LiveOverrides([rule], RedisOverrideStore(redis, "ratelimit"), lambda res: None)

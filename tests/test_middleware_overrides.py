@@ -30,7 +30,8 @@ from ratelimit import (
 )
 from ratelimit._types import Message, Receive, Scope, Send
 from ratelimit.backends.base import StoreKey
-from ratelimit.policy.live import MemoryOverrideStore, RedisOverrideStore
+from ratelimit.backends.memory_stores import MemoryOverrideStore
+from ratelimit.backends.redis.overrides import RedisOverrideStore
 
 
 class CountingBackend(MemoryBackend):

@@ -30,7 +30,7 @@ from apps.overrides_app import rules
 from redis.asyncio import Redis
 
 from ratelimit import Override
-from ratelimit.policy.live import RedisOverrideStore
+from ratelimit.backends.redis.overrides import RedisOverrideStore
 from ratelimit.policy.overrides import check_override
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ class Store:
         expires = change.pop("expires_in", 60.0)
         override = Override(rule, limit, expires_at=now + expires, created_at=now, **change)
         check_override(override, rules())
-        return await self.store.put(override)
+        return await self.store.put(override.slot, override.to_json())
 
     async def clear(self, rule: str) -> str:
         _, version = await self.store.clear(rule, None)

@@ -143,3 +143,39 @@ async def test_lua_windows_equal_the_pure_algorithms_bit_for_bit(
                 taken.append(check)
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+async def test_a_waiter_that_times_out_gets_its_window_units_back(
+    redis_url: str, where: str
+) -> None:
+    """A request that waited in line and was refused gives back the window units it took."""
+    from ratelimit import MemoryBackend
+
+    rule = Rule(
+        "/q",
+        name=f"waiter-{where}",
+        limits=[
+            Window("2/minute", strategy="moving", key=keys.client_ip()),
+            Concurrency(1, queue=1, timeout=0.2, key=keys.GLOBAL),
+        ],
+    )
+    backend: Any = MemoryBackend() if where == "memory" else RedisBackend(redis_url)
+    engine = Engine([rule], backend)
+    scope = http_scope("/q")
+    try:
+        holder = await engine.decide(rule, scope)
+        assert holder.grant is not None
+        waiter = await engine.decide(rule, scope)
+        assert not waiter.allowed
+        assert waiter.reason == "queue_timeout"
+        await engine.release(holder.grant)
+        # The waiter's unit came back: one of the two is left for this request.
+        again = await engine.decide(rule, scope)
+        assert again.allowed
+        assert again.states[0].remaining == 0
+        assert again.grant is not None
+        await engine.release(again.grant)
+    finally:
+        await engine.aclose()
+        await backend.aclose()

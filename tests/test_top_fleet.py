@@ -26,6 +26,7 @@ from ratelimit import (
 )
 from ratelimit._types import KeyFunc, Message, Receive, Scope, Send
 from ratelimit.algorithms.heavy_hitters import Counted
+from ratelimit.backends.redis.top import RedisTopStore
 from ratelimit.policy.engine import _digest
 from ratelimit.policy.top import TopPublisher, read_fleet
 
@@ -78,7 +79,7 @@ def worker(
     """A simulated worker: its TopCallers, its tracked key, its publisher (not started)."""
     top = TopCallers(capacity=8, show_keys=show_keys)
     key = top.track(keys.header("x-api-key"), "api-key")
-    return top, key, TopPublisher(top, redis, PREFIX, worker=name, **options)
+    return top, key, TopPublisher(top, RedisTopStore(redis, PREFIX), worker=name, **options)
 
 
 async def test_top_merges_two_workers_with_exact_counts(redis: Redis, redis_url: str) -> None:
@@ -110,7 +111,7 @@ async def test_each_publish_is_a_new_window(redis: Redis) -> None:
     await pub.publish()
     send_as(key, {"bob": 2})
     await pub.publish()
-    fleet = await read_fleet(redis, PREFIX)
+    fleet = await read_fleet(RedisTopStore(redis, PREFIX))
     assert fleet.tables["api-key"].callers == [Counted(_digest("bob"), 2, 0)]
     assert fleet.workers[0]["start"] is not None
     assert fleet.workers[0]["start"] < fleet.workers[0]["end"]
@@ -125,7 +126,7 @@ async def test_a_worker_that_stops_publishing_vanishes(redis: Redis, redis_url: 
     send_as(key2, {"bob": 7})
     await pub1.publish()
     await pub2.publish()
-    assert (await read_fleet(redis, PREFIX)).tables["api-key"].total == 9
+    assert (await read_fleet(RedisTopStore(redis, PREFIX))).tables["api-key"].total == 9
     await asyncio.sleep(0.4)
     doc = top_json(redis_url)
     assert [w["id"] for w in doc["workers"]] == ["live"]
@@ -229,11 +230,11 @@ async def test_one_publisher_per_top_callers(redis: Redis) -> None:
     """A window is taken once: a second publisher on the same TopCallers is refused."""
     top, _, _ = worker(redis, "w1")
     with pytest.raises(ConfigError, match=r"^top: expected a TopCallers no other publisher"):
-        TopPublisher(top, redis, PREFIX)
+        TopPublisher(top, RedisTopStore(redis, PREFIX))
     with pytest.raises(ConfigError, match=r"^every: expected a number of seconds > 0"):
-        TopPublisher(TopCallers(), redis, PREFIX, every=0)
+        TopPublisher(TopCallers(), RedisTopStore(redis, PREFIX), every=0)
     with pytest.raises(ConfigError, match=r"^k: expected a positive number"):
-        TopPublisher(TopCallers(), redis, PREFIX, k=0)
+        TopPublisher(TopCallers(), RedisTopStore(redis, PREFIX), k=0)
 
 
 async def lifespan(app: RateLimitMiddleware, during: Callable[[], Any]) -> None:
@@ -281,14 +282,14 @@ async def test_the_middleware_publishes_in_the_background_and_cleans_up(
     async def traffic() -> None:
         send_as(key, {"alice": 4})
         for _ in range(100):
-            fleet = await read_fleet(redis, PREFIX)
+            fleet = await read_fleet(RedisTopStore(redis, PREFIX))
             if fleet.tables and fleet.tables["api-key"].total:
                 break
             await asyncio.sleep(0.02)
         assert fleet.tables["api-key"].callers == [Counted(_digest("alice"), 4, 0)]
 
     await lifespan(app, traffic)
-    assert (await read_fleet(redis, PREFIX)).workers == []
+    assert (await read_fleet(RedisTopStore(redis, PREFIX))).workers == []
     await app.aclose()
 
     memory = RateLimitMiddleware(None, rules=rules, backend=MemoryBackend(), top=TopCallers())  # type: ignore[arg-type]
@@ -305,17 +306,17 @@ async def test_publish_and_read_on_redis_cluster(redis_cluster_url: str) -> None
         for name, callers in (("w1", {"alice": 3}), ("w2", {"alice": 1, "bob": 2})):
             top = TopCallers(capacity=8)
             key = top.track(keys.header("x-api-key"), "api-key")
-            pubs.append(TopPublisher(top, backend.client, PREFIX, worker=name))
+            pubs.append(TopPublisher(top, backend.top_store(), worker=name))
             send_as(key, callers)  # counted in the window the publisher started
         for pub in pubs:
             await pub.publish()
-        fleet = await read_fleet(backend.client, PREFIX)
+        fleet = await read_fleet(backend.top_store())
         assert fleet.tables["api-key"].callers == [
             Counted(_digest("alice"), 4, 0),
             Counted(_digest("bob"), 2, 0),
         ]
         for pub in pubs:
             await pub.aclose()
-        assert (await read_fleet(backend.client, PREFIX)).workers == []
+        assert (await read_fleet(backend.top_store())).workers == []
     finally:
         await backend.aclose()

@@ -22,9 +22,10 @@ from .._errors import CallableError, ConfigError
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
+from ..backends.stores import override_store, top_store
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.engine import ABANDONED, BlockedDecision, Decision, Engine, Grant
-from ..policy.live import LiveOverrides, store_for
+from ..policy.live import LiveOverrides
 from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
@@ -133,12 +134,15 @@ class RateLimitMiddleware:
         if metrics is not None:
             metrics.attach(self.engine)
         #: Live overrides of the rules, in the backend's store (Redis: the fleet's).
-        self.overrides = LiveOverrides(self.engine.rules, store_for(backend), self._apply_overrides)
+        store = override_store(backend)
+        self.overrides = LiveOverrides(self.engine.rules, store, self._apply_overrides)
         if top is not None and not isinstance(top, TopCallers):
             raise ConfigError("top", "a TopCallers", top)
         #: Publishes `top`'s windows to Redis for `ratelimit top` (None: nothing to publish).
         self.top_publisher = (
-            None if top is None else publisher_for(top, backend, worker=self.overrides.worker)
+            None
+            if top is None
+            else publisher_for(top, top_store(backend), worker=self.overrides.worker)
         )
         #: True until the overrides are started (lifespan start-up or first request).
         self._unstarted = True

@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
 from .._types import Clock
@@ -34,6 +34,9 @@ from .base import (
     Verdict,
     WindowCheck,
 )
+
+if TYPE_CHECKING:
+    from .memory_stores import MemoryAdmin, MemoryOverrideStore
 
 #: Builds a NamedTuple from a tuple in C: half the cost of calling the class,
 #: whose generated `__new__` is a Python function (these run per request).
@@ -468,3 +471,21 @@ class MemoryBackend:
                 # Not full yet: rotate it so the next step looks at others. This
                 # makes the eviction order only approximately least-recently-used.
                 buckets[key] = tat
+
+    # -- the stores beside limiter state (see `backends.stores`) ------------------
+
+    def override_store(self) -> MemoryOverrideStore:
+        """Overrides of this process only (a new store each call, as each app's own)."""
+        from .memory_stores import MemoryOverrideStore
+
+        return MemoryOverrideStore()
+
+    def top_store(self) -> None:
+        """None: one process has nothing to share (`top_app` shows its tables)."""
+        return None
+
+    def admin(self) -> MemoryAdmin:
+        """Reads and resets over this process's callers."""
+        from .memory_stores import MemoryAdmin
+
+        return MemoryAdmin(self)

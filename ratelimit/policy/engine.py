@@ -442,8 +442,11 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
 
 
 def _release_failed(lease: LeaseCheck) -> None:
-    # The lease will expire by itself within its ttl; never fail the response.
-    logger.warning("could not release lease %s; it expires in %ss", lease.key, lease.ttl)
+    # Never fail the response: the backend retries a release that got no answer
+    # (Redis: once it answers again), and a lease expires by itself within its ttl.
+    logger.warning(
+        "could not release lease %s now; it is retried, or expires within %ss", lease.key, lease.ttl
+    )
 
 
 def _matchers(

@@ -18,19 +18,16 @@ several workers each shows its own share, and the answering worker's pid says
 whose. The fleet-wide view is `ratelimit top`: with a `RedisBackend`,
 `RateLimitMiddleware(..., top=top)` starts a `TopPublisher` at lifespan
 start-up (beside the live overrides, under the same worker id) that every
-`every` seconds (default 5) writes, off the request path, the callers this
-worker counted *since its previous publish* (a tumbling window, separate from
-the since-start tables), its `k` heaviest per tracked name, in Redis:
-
-    <prefix>:{top}:w:<worker>   string: the worker's last window as JSON,
-                                expiring `keep` s (default 3 x every) after it is written
-    <prefix>:{top}:seen         sorted set: worker id -> server time of its last publish
-
-A worker that dies stops refreshing its key and vanishes within `keep`
-seconds; one that shuts down cleanly deletes it. `read_fleet` (the command's
-reader) merges the live windows: "right now" is each live worker's last
-complete window, i.e. the `every` seconds ending at most `every` seconds ago.
-The memory backend has nothing to publish (one process: `top_app` suffices).
+`every` seconds (default 5) hands the backend's top store
+(`backends.stores.TopStore`), off the request path, the callers this worker
+counted *since its previous publish* (a tumbling window, separate from the
+since-start tables), its `k` heaviest per tracked name. The store keeps each
+worker's last window for `keep` s (default 3 x every): a worker that dies
+vanishes within `keep` seconds; one that shuts down cleanly withdraws it.
+`read_fleet` (the command's reader) merges the live windows: "right now" is
+each live worker's last complete window, i.e. the `every` seconds ending at
+most `every` seconds ago. The memory backend has no top store (one process:
+`top_app` suffices).
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Mapping
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._errors import ConfigError
 from .._types import KeyFunc, Scope
@@ -52,9 +49,20 @@ from .engine import _digest
 from .limits import _is_async
 from .live import _stop
 
+if TYPE_CHECKING:
+    from ..backends.stores import TopStore
+
 logger = logging.getLogger("ratelimit")
 
-__all__ = ["FleetTable", "FleetTop", "TopCallers", "TopPublisher", "publisher_for", "read_fleet"]
+__all__ = [
+    "FleetTable",
+    "FleetTop",
+    "TopCallers",
+    "TopPublisher",
+    "merge_windows",
+    "publisher_for",
+    "read_fleet",
+]
 
 #: Seconds between a worker's publishes (the length of its window).
 DEFAULT_EVERY = 5.0
@@ -175,32 +183,7 @@ class _AsyncTracked(_Tracked):
         return text
 
 
-# -- fleet-wide: publishing windows to Redis, reading them back -------------------------------
-
-
-class RedisClient(Protocol):
-    """The redis.asyncio client methods this module calls (`Redis`, or `RedisCluster`)."""
-
-    async def time(self) -> Any: ...
-    def pipeline(self, transaction: bool = True) -> Any: ...
-
-
-#: Index entries (sorted set) older than this many seconds are dropped by the next publish.
-_INDEX_KEEP = 300.0
-
-
-def _keys(prefix: str) -> tuple[str, str]:
-    """(key prefix of the workers' windows, key of the index): one hash tag, one cluster slot."""
-    return f"{prefix}:{{top}}:w:", f"{prefix}:{{top}}:seen"
-
-
-async def _server_time(client: RedisClient) -> float:
-    sec, usec = await client.time()
-    return int(sec) + int(usec) / 1e6
-
-
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+# -- fleet-wide: publishing windows to the backend's top store, reading them back -----------
 
 
 def _positive(field: str, value: object) -> float:
@@ -210,7 +193,7 @@ def _positive(field: str, value: object) -> float:
 
 
 class TopPublisher:
-    """Publishes a `TopCallers`' windows to Redis every `every` seconds (see the module).
+    """Publishes a `TopCallers`' windows to a top store every `every` seconds (see the module).
 
     `k` is how many callers per tracked name each publish keeps (default: the
     capacity, i.e. the whole table); `keep` how long a published window
@@ -222,8 +205,7 @@ class TopPublisher:
     def __init__(
         self,
         top: TopCallers,
-        client: RedisClient,
-        prefix: str,
+        store: TopStore,
         *,
         worker: str | None = None,
         every: float = DEFAULT_EVERY,
@@ -234,20 +216,15 @@ class TopPublisher:
             raise ConfigError("top", "a TopCallers", top)
         if top.publisher is not None:
             raise ConfigError("top", "a TopCallers no other publisher takes windows from", top)
-        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
-            raise ConfigError("prefix", "a key prefix without braces", prefix)
         self.every = _positive("every", every)
         self.keep = 3 * self.every if keep is None else _positive("keep", keep)
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ConfigError("k", "a positive number of callers per name", k)
         self.k = top.capacity if k is None else min(k, top.capacity)
         self.top = top
-        self.client = client
-        self.prefix = prefix
+        self.store = store
         #: This process's name: the live overrides' worker id when the middleware makes it.
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-        window_prefix, self.seen_key = _keys(prefix)
-        self.key = window_prefix + self.worker
         #: Server time of the last publish: where the current window began (None: not yet).
         self.since: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -256,7 +233,7 @@ class TopPublisher:
         top.take_window()
 
     def record(self, window: Mapping[str, SpaceSaving], start: float | None, end: float) -> Any:
-        """One window as the JSON-able record stored in Redis."""
+        """One window as the JSON-able record the store keeps."""
         tables = {}
         for name, table in window.items():
             s = table.summary(self.k)
@@ -277,20 +254,12 @@ class TopPublisher:
         }
 
     async def publish(self) -> None:
-        """End the current window now and write it (one TIME, then one pipeline)."""
-        now = await _server_time(self.client)
+        """End the current window now (on the store's clock) and hand it to the store."""
+        now = await self.store.time()
         window = self.top.take_window()
         start, self.since = self.since, now
         text = json.dumps(self.record(window, start, now), separators=(",", ":"))
-        pipe = self.client.pipeline(transaction=False)
-        try:
-            pipe.set(self.key, text, px=int(self.keep * 1000))
-            pipe.zadd(self.seen_key, {self.worker: now})
-            pipe.zremrangebyscore(self.seen_key, "-inf", now - _INDEX_KEEP)
-            pipe.pexpire(self.seen_key, int(_INDEX_KEEP * 1000))
-            await pipe.execute()
-        finally:
-            await pipe.reset()
+        await self.store.publish(self.worker, text, now, self.keep)
 
     async def start(self) -> None:
         """Publish every `every` seconds in a background task until `aclose` (once; on a loop)."""
@@ -319,24 +288,18 @@ class TopPublisher:
             await _stop(self._task)
             self._task = None
         with contextlib.suppress(Exception):
-            pipe = self.client.pipeline(transaction=False)
-            try:
-                pipe.delete(self.key)
-                pipe.zrem(self.seen_key, self.worker)
-                await asyncio.wait_for(pipe.execute(), 1.0)
-            finally:
-                await pipe.reset()
+            await asyncio.wait_for(self.store.withdraw(self.worker), 1.0)
 
 
 def publisher_for(
-    top: TopCallers, backend: object, *, worker: str | None = None, every: float = DEFAULT_EVERY
+    top: TopCallers,
+    store: TopStore | None,
+    *,
+    worker: str | None = None,
+    every: float = DEFAULT_EVERY,
 ) -> TopPublisher | None:
-    """A publisher to the backend's Redis (and prefix), or None for a backend of one process."""
-    client = getattr(backend, "client", None)
-    prefix = getattr(backend, "prefix", None)
-    if client is not None and hasattr(client, "pipeline") and isinstance(prefix, str):
-        return TopPublisher(top, client, prefix, worker=worker, every=every)
-    return None
+    """A publisher to the backend's top store, or None when it has none (one process)."""
+    return None if store is None else TopPublisher(top, store, worker=worker, every=every)
 
 
 class FleetTable(NamedTuple):
@@ -361,10 +324,16 @@ class FleetTop(NamedTuple):
     tables: dict[str, FleetTable]
 
 
-async def read_fleet(
-    client: RedisClient, prefix: str, *, name: str | None = None, n: int | None = None
+async def read_fleet(store: TopStore, *, name: str | None = None, n: int | None = None) -> FleetTop:
+    """Read the live workers' last windows from `store` and merge them (see `merge_windows`)."""
+    now, windows = await store.windows()
+    return merge_windows(now, windows, name=name, n=n)
+
+
+def merge_windows(
+    now: float, windows: Sequence[str], *, name: str | None = None, n: int | None = None
 ) -> FleetTop:
-    """Merge the live workers' last windows (every tracked name, or `name`); `n` callers each.
+    """Merge the workers' windows (JSON texts; every tracked name, or `name`); `n` callers each.
 
     Space-Saving tables merge by summing (see `heavy_hitters.merge`): a caller's
     count is the sum of its counts, its error the sum of its errors, and a
@@ -372,22 +341,8 @@ async def read_fleet(
     the workers tracking a name show key text and others digests, the text is
     digested here so the same caller merges (and its key is not shown).
     """
-    window_prefix, seen_key = _keys(prefix)
-    now = await _server_time(client)
-    pipe = client.pipeline(transaction=False)
-    try:
-        pipe.zrange(seen_key, 0, -1)
-        (listed,) = await pipe.execute()
-        workers = sorted(_text(w) for w in listed)
-        for w in workers:
-            pipe.get(window_prefix + w)
-        raws = await pipe.execute() if workers else []
-    finally:
-        await pipe.reset()
     records: list[dict[str, Any]] = []
-    for raw in raws:
-        if raw is None:
-            continue  # expired: a worker that died (the index is tidied by publishers)
+    for raw in windows:
         with contextlib.suppress(ValueError, TypeError, KeyError):
             record = json.loads(raw)
             if record.get("v") == _FORMAT and isinstance(record.get("tables"), dict):

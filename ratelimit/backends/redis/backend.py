@@ -44,7 +44,7 @@ import struct
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from time import perf_counter
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -86,6 +86,11 @@ from .transport import (
     Transport,
     pack_script_call,
 )
+
+if TYPE_CHECKING:
+    from .admin import RedisAdmin
+    from .overrides import RedisOverrideStore
+    from .top import RedisTopStore
 
 logger = logging.getLogger("ratelimit")
 
@@ -273,7 +278,7 @@ class RedisBackend:
         #: The last error counted against the breaker (a batch failing together counts once).
         self._last_failure: BaseException | None = None
         #: Where the queue scripts publish hand-offs and sheds (one channel per prefix).
-        self.channel = f"{prefix}:queue"
+        self.channel = self.keys.queue_channel
         #: This process's waiters by ticket id.
         self._tickets: dict[str, _Ticket] = {}
         self._subscriber = Subscriber(
@@ -367,7 +372,12 @@ class RedisBackend:
         try:
             reply = await self._eval(self.scripts.release, *self._release_call(lease))
         except BaseException as exc:
-            self._haunted((lease,), exc)  # not known to have run: undone until it is
+            if isinstance(exc, BackendUnavailable) and not self._closing:
+                # Not sent (the breaker is open), and the slot is held: freed once Redis
+                # answers, not when its lease expires.
+                self.ghosts.add(self._undos((lease,)))
+            else:
+                self._haunted((lease,), exc)  # not known to have run: undone until it is
             raise
         return bool(reply == 1)
 
@@ -856,8 +866,13 @@ class RedisBackend:
     async def _leave_quietly(self, lease: LeaseCheck, member: str) -> None:
         try:
             await self._leave_call(lease, member, release=True)
-        except BackendError as exc:  # the ticket expires, a granted lease too: nothing leaks
+        except BackendError as exc:
             logger.debug("ratelimit: could not leave a line (%s)", exc)
+            cause = exc.__cause__
+            if isinstance(exc, BackendUnavailable) or (cause is not None and _unreachable(cause)):
+                # Not sent, or not answered: the ticket, or the lease it was granted
+                # meanwhile, is undone once Redis answers, not held for its ttl.
+                self.ghosts.add(self._undos((lease,)))
 
     def _haunted(self, checks: Sequence[Check], exc: BaseException) -> None:
         """If the call that raised `exc` may have run unanswered (a timeout, a lost
@@ -1019,6 +1034,26 @@ class RedisBackend:
             logger.debug("ratelimit: redis at %s circuit breaker %s -> %s", self.url, old, new)
         if self._on_breaker_change is not None:
             self._on_breaker_change(old, new)
+
+    # -- the stores beside limiter state (see `backends.stores`) ------------------
+
+    def override_store(self) -> RedisOverrideStore:
+        """The fleet's live overrides under this backend's prefix (a new watcher each call)."""
+        from .overrides import RedisOverrideStore
+
+        return RedisOverrideStore(self.client, self.keys)
+
+    def top_store(self) -> RedisTopStore:
+        """The fleet's top-callers windows under this backend's prefix."""
+        from .top import RedisTopStore
+
+        return RedisTopStore(self.client, self.keys)
+
+    def admin(self) -> RedisAdmin:
+        """Reads and resets over every caller, for the `ratelimit` command."""
+        from .admin import RedisAdmin
+
+        return RedisAdmin(self)
 
 
 class _RoutedCluster(RedisCluster):
