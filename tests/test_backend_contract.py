@@ -14,10 +14,15 @@ from dataclasses import dataclass, field
 
 import pytest
 from _servers import ManualClockRedisBackend, ManualClockRedisClusterBackend
-from limits import parse
-from limits.aio.strategies import FixedWindowRateLimiter
 
-from ratelimit.backends.base import Backend, BucketCheck, Check, LeaseCheck, StoreKey
+from ratelimit.backends.base import (
+    Backend,
+    BucketCheck,
+    Check,
+    LeaseCheck,
+    StoreKey,
+    WindowCheck,
+)
 from ratelimit.backends.memory import MemoryBackend
 
 #: The backends every contract test runs on.
@@ -31,6 +36,8 @@ USER = StoreKey("api", "per-key", "0123456789abcdef0123456789abcdef")
 OTHER = StoreKey("api", "per-key", "fedcba9876543210fedcba9876543210")
 BURST = StoreKey("api", "burst", "0123456789abcdef0123456789abcdef")
 SLOTS = StoreKey("api", "inflight", "*")
+WIN = StoreKey("api", "window", "0123456789abcdef0123456789abcdef")
+WIN2 = StoreKey("api", "window", "fedcba9876543210fedcba9876543210")
 
 
 @dataclass
@@ -303,9 +310,80 @@ async def test_empty_decide_admits(env: Env) -> None:
     assert verdict.results == ()
 
 
-async def test_window_storage_runs_limits_strategies(env: Env) -> None:
-    """window_storage() is a `limits` async storage the window strategies run on."""
-    limiter = FixedWindowRateLimiter(env.backend.window_storage())
-    item = parse("2/minute")
-    hits = [await limiter.hit(item, "api", "window", USER.caller) for _ in range(3)]
-    assert hits == [True, True, False]
+def window(strategy: str, cost: int = 1, limit: int = 2, key: StoreKey = WIN) -> WindowCheck:
+    """A window check of `limit` units per minute, with a fresh receipt."""
+    return WindowCheck(key, limit, 60.0, strategy, cost, [])
+
+
+STRATEGIES = pytest.mark.parametrize("strategy", ["fixed", "sliding", "moving"])
+
+
+@STRATEGIES
+async def test_window_admits_its_limit_per_period(env: Env, strategy: str) -> None:
+    """A window admits `limit` units, refuses the next, and admits again a period later."""
+    seen = []
+    for _ in range(3):
+        verdict = await env.backend.decide([window(strategy)])
+        seen.append((verdict.admitted, verdict.results[0].remaining))
+    assert seen == [(True, 1), (True, 0), (False, 0)]
+    refused = (await env.backend.decide([window(strategy)])).results[0]
+    assert refused.retry_after > 0
+    await env.advance(120.0)
+    assert (await env.backend.decide([window(strategy)])).admitted
+
+
+@STRATEGIES
+async def test_window_and_bucket_are_all_or_nothing(env: Env, strategy: str) -> None:
+    """A window refusal takes nothing from the bucket; a bucket refusal nothing from the window."""
+    full = window(strategy, limit=1)
+    assert (await env.backend.decide([full])).admitted
+    verdict = await env.backend.decide([bucket(), window(strategy, limit=1)])
+    assert [r.admitted for r in verdict.results] == [True, False]
+    assert await remaining(env, bucket()) == 3
+    for _ in range(3):
+        await env.backend.decide([bucket(BURST)])
+    other = window(strategy, key=WIN2)
+    verdict = await env.backend.decide([other, bucket(BURST)])
+    assert not verdict.admitted
+    assert verdict.results[0].remaining == 2  # the untouched window
+    assert (await env.backend.decide([window(strategy, cost=0, key=WIN2)])).results[
+        0
+    ].remaining == 2
+
+
+@STRATEGIES
+async def test_window_refund_gives_the_units_back(env: Env, strategy: str) -> None:
+    """A refund of an admitted decide puts the window (and bucket) back as they were."""
+    checks: list[Check] = [window(strategy, cost=2), bucket()]
+    assert (await env.backend.decide(checks)).admitted
+    assert not (await env.backend.decide([window(strategy)])).admitted
+    await env.backend.refund(checks)
+    peek = (await env.backend.decide([window(strategy, cost=0)])).results[0]
+    assert (peek.remaining, peek.reset_after) == (2, 0.0)
+    assert await remaining(env, bucket()) == 3
+    await env.backend.refund([window(strategy)])  # took nothing (no receipt): nothing to undo
+
+
+async def test_fixed_window_refund_after_the_window_closed_gives_nothing(env: Env) -> None:
+    """Units go back to the window they were taken from, never to a later one."""
+    first = window("fixed", cost=2)
+    assert (await env.backend.decide([first])).admitted
+    await env.advance(61.0)
+    assert (await env.backend.decide([window("fixed", cost=2)])).admitted
+    await env.backend.refund([first])
+    assert not (await env.backend.decide([window("fixed")])).admitted
+
+
+@STRATEGIES
+async def test_concurrent_decisions_on_one_window_admit_exactly_the_limit(
+    env: Env, strategy: str
+) -> None:
+    """40 concurrent decisions on a window of 7 (with a bucket beside it) admit exactly 7."""
+    verdicts = await asyncio.gather(
+        *(
+            env.backend.decide([window(strategy, limit=7), bucket(OTHER, burst=100)])
+            for _ in range(40)
+        )
+    )
+    assert sum(v.admitted for v in verdicts) == 7
+    assert await remaining(env, bucket(OTHER, burst=100)) == 93

@@ -318,12 +318,13 @@ def test_bad_config_names_its_field(field: str, value: object, message: str) -> 
         load_config(patched(field, value))
 
 
-def test_two_windows_in_a_rule_name_the_rule() -> None:
-    """A rule may hold one Window; a second one names the rule's limits."""
+def test_a_rule_may_hold_several_windows_numbered_by_name() -> None:
+    """Windows are native checks (refundable, all or nothing): a rule may hold several."""
     config = base_config()
     config["rules"][1]["limits"].append({"type": "window", "rate": "1/second"})
-    with pytest.raises(ConfigError, match=r"^rules\[1\]\.limits: expected at most one Window"):
-        load_config(config)
+    config["rules"][1]["limits"].append({"type": "window", "rate": "50/hour"})
+    rules = load_config(config).rules
+    assert rules[1].limit_names()[-2:] == ["window-2", "window-3"]
 
 
 def test_config_error_is_a_value_error_with_the_field() -> None:

@@ -525,10 +525,6 @@ async def test_websocket_refused_with_denial_response_when_supported() -> None:
             lambda: Rule("/x", limits=[TokenBucket("5/minute", burst=2)], cost=3),
             r"^limits\[0\]\.burst",
         ),
-        (
-            lambda: Rule("/x", limits=[Window("1/second"), Window("5/minute")]),
-            r"^limits: expected at most one Window",
-        ),
         (lambda: TokenBucket("5/minute", name="has space"), r"^name: expected a name"),
     ],
 )

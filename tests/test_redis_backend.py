@@ -23,8 +23,6 @@ import redis.exceptions
 from _servers import RedisServer, free_port, start_redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from limits import parse
-from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import CollectorRegistry, generate_latest
 from redis.crc import key_slot
 
@@ -419,7 +417,7 @@ async def test_a_hung_redis_times_out_as_backend_error(private_redis: RedisServe
         await backend.aclose()
 
 
-# -- clients and window storage ---------------------------------------------------------
+# -- clients ---------------------------------------------------------------------------
 
 
 async def test_a_passed_in_client_is_used_and_left_open(
@@ -437,21 +435,6 @@ async def test_a_passed_in_client_is_used_and_left_open(
         await client.aclose()
 
 
-async def test_window_storage_shares_url_and_prefix(
-    redis_url: str, inspect: redis.asyncio.Redis
-) -> None:
-    """Window limits run on the `limits` Redis storage, on the same server under the prefix."""
-    backend = RedisBackend(redis_url, prefix="shop")
-    try:
-        storage = backend.window_storage()
-        assert backend.window_storage() is storage
-        limiter = MovingWindowRateLimiter(storage)
-        item = parse("2/minute")
-        hits = [await limiter.hit(item, "images", "window", CALLER) for _ in range(3)]
-        assert hits == [True, True, False]
-        assert all(str(key).startswith("shop:window:") for key in await inspect.keys("*"))
-    finally:
-        await backend.aclose()
 
 
 # -- the pipelined connection ---------------------------------------------------------

@@ -42,6 +42,7 @@ from ratelimit import (
     keys,
 )
 from ratelimit._types import ASGIApp, Message, Receive, Scope, Send
+from ratelimit.backends.base import StoreKey, WindowCheck
 from ratelimit.backends.breaker import BreakerState
 from ratelimit.policy.rules import FailPolicy
 
@@ -552,9 +553,13 @@ def test_real_uvicorn_answers_503_when_redis_is_killed_then_recovers(
         proc.wait(timeout=10)
 
 
+PROBE = StoreKey("w", "window", "*")
+
+
 async def test_window_limits_go_through_the_breaker(private_redis: RedisServer) -> None:
-    """A Window on Redis shares the backend's breaker: with Redis stopped, window calls open
-    it, then fail at once without a connection attempt, and a restarted Redis closes it."""
+    """A Window on Redis is a check of the backend's scripts, behind its breaker: with Redis
+    stopped, window decisions open it, then fail at once without a connection attempt,
+    and a restarted Redis closes it."""
     from ratelimit import BackendError, BackendUnavailable, Window
 
     backend = RedisBackend(private_redis.url, breaker_reset=0.3)
@@ -573,10 +578,9 @@ async def test_window_limits_go_through_the_breaker(private_redis: RedisServer) 
             codes = [(await c.get("/w")).status_code for _ in range(backend.breaker.failures)]
             assert codes == [503] * backend.breaker.failures  # failed closed, never 500
             assert state(backend) == "open"
-            storage = backend.window_storage()
             started = time.perf_counter()
             with pytest.raises(BackendUnavailable):
-                await storage.incr("probe", 60)
+                await backend.decide([WindowCheck(PROBE, 100, 60.0, "fixed", 1, [])])
             assert time.perf_counter() - started < OPEN_BOUND
             private_redis.start()
             await asyncio.sleep(0.35)

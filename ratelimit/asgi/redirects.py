@@ -4,9 +4,9 @@ Rules ignore a trailing slash (so `/v1/models/` cannot slip past a rule for
 `/v1/models`), but an app often answers the other spelling with a redirect
 and nothing else: Starlette's `redirect_slashes` sends a 307 to the path with
 the slash added or removed when no route matches as sent. Such a response
-gives the request's token-bucket units back before it goes out, so the
-client's follow-up request finds them there (a `Window` hit cannot be undone
-and stays spent; concurrency slots are released as the response ends).
+gives the request's token-bucket and window units back before it goes out, so
+the client's follow-up request finds them there (concurrency slots are released
+as the response ends).
 
 Only a redirect to the request's own path on its own host, up to trailing
 slashes, qualifies; any other redirect was the endpoint's answer and stays

@@ -1,9 +1,10 @@
 """The `Backend` protocol: the seam between policy and storage.
 
-A backend stores state for two native kinds of check, tokens (GCRA buckets)
-and leases (concurrency slots), and decides a rule's checks together: all of
-them admit and consume, or none does. Keys arrive already safe (config names
-plus a digest of the caller's text), so a backend never sees raw request data.
+A backend stores state for three native kinds of check, tokens (GCRA buckets),
+leases (concurrency slots) and windows (`algorithms.window`), and decides a
+rule's checks together: all of them admit and consume, or none does. Keys
+arrive already safe (config names plus a digest of the caller's text), so a
+backend never sees raw request data.
 A Redis implementation decides one rule in one script call per hash slot.
 
 The records are NamedTuples, not dataclasses: they are built on every request
@@ -13,10 +14,7 @@ and a tuple is several times cheaper to construct than a frozen dataclass.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
-
-if TYPE_CHECKING:
-    from limits.aio.storage import Storage
+from typing import Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 
 class StoreKey(NamedTuple):
@@ -54,7 +52,25 @@ class LeaseCheck(NamedTuple):
     lease_id: str
 
 
-Check: TypeAlias = "BucketCheck | LeaseCheck"
+class WindowCheck(NamedTuple):
+    """Count `cost` units in a window of at most `limit` units per `period` s.
+
+    `strategy` is "fixed", "sliding" or "moving" (see `algorithms.window`).
+    `receipt` is this request's own, empty when built: a backend that takes the
+    units appends the time it took them (on its own clock), which is what
+    `refund` needs to give them back to the window they went into. Built per
+    request, never cached.
+    """
+
+    key: StoreKey
+    limit: int
+    period: float
+    strategy: str
+    cost: int
+    receipt: list[float]
+
+
+Check: TypeAlias = "BucketCheck | LeaseCheck | WindowCheck"
 
 
 class QueueCheck(NamedTuple):
@@ -134,7 +150,11 @@ class Backend(Protocol):
         ...
 
     async def refund(self, checks: Sequence[Check]) -> None:
-        """Undo an admitted `decide`: give bucket units back, release leases."""
+        """Undo an admitted `decide`: give bucket and window units back, release leases.
+
+        A window's units go back to the window they were counted in (see
+        `WindowCheck.receipt`); if that window has closed, there is nothing to undo.
+        """
         ...
 
     async def renew(self, leases: Sequence[LeaseCheck]) -> list[bool]:
@@ -147,10 +167,6 @@ class Backend(Protocol):
 
     async def in_use(self, key: StoreKey) -> int:
         """Live leases under `key` (for statistics, metrics and the CLI)."""
-        ...
-
-    def window_storage(self) -> Storage:
-        """The `limits` async storage that `Window` limits run on."""
         ...
 
     async def aclose(self) -> None:

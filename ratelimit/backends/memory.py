@@ -9,7 +9,7 @@ information and is dropped by an incremental sweep; past `max_keys` the (approxi
 least recently used bucket is dropped even if not full (its caller gets a fresh
 bucket: memory stays bounded at the price of occasionally forgiving the
 oldest idle caller). Lease tables are dropped when their last lease goes.
-`Window` counters (in `memory_window`) are bounded by `max_keys` too.
+Window states are bounded by `max_keys` too (least recently used evicted).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
 from .._types import Clock
-from ..algorithms import gcra, leases, queue
+from ..algorithms import gcra, leases, queue, window
 from .base import (
     BucketCheck,
     Check,
@@ -32,13 +32,11 @@ from .base import (
     QueueCheck,
     StoreKey,
     Verdict,
+    WindowCheck,
 )
 
 if TYPE_CHECKING:
-    from limits.aio.storage import Storage
-
     from .memory_stores import MemoryAdmin, MemoryOverrideStore
-    from .memory_window import BoundedMemoryStorage
 
 #: Builds a NamedTuple from a tuple in C: half the cost of calling the class,
 #: whose generated `__new__` is a Python function (these run per request).
@@ -111,14 +109,15 @@ class MemoryBackend:
         #: Ticket id -> the future its waiter awaits: "granted" or "shed".
         self._tickets: dict[str, asyncio.Future[str]] = {}
         self._writes = 0
-        self._storage: BoundedMemoryStorage | None = None
-        #: Buckets dropped before they were full because of `max_keys`.
+        #: Window states (`algorithms.window`) and when each is empty again, least
+        #: recently used first.
+        self._windows: OrderedDict[StoreKey, tuple[Any, float]] = OrderedDict()
+        #: Buckets (and window states) dropped before they were full because of `max_keys`.
         self.evictions = 0
 
     def __len__(self) -> int:
-        """Keys held right now (buckets, lease tables and `Window` counters)."""
-        windows = len(self._storage) if self._storage is not None else 0
-        return len(self._buckets) + len(self._leases) + windows
+        """Keys held right now (buckets, lease tables and window states)."""
+        return len(self._buckets) + len(self._leases) + len(self._windows)
 
     async def decide(self, checks: Sequence[Check]) -> Verdict:
         """All-or-nothing over `checks`, atomically (no await inside)."""
@@ -148,6 +147,7 @@ class MemoryBackend:
         # What to commit if every check admits: new bucket states, leases to add.
         new_tats: list[tuple[StoreKey, float]] = []
         new_leases: list[LeaseCheck] = []
+        new_windows: list[tuple[WindowCheck, Any]] = []
         admitted = True
         for check in checks:
             if isinstance(check, BucketCheck):
@@ -157,6 +157,16 @@ class MemoryBackend:
                 )
                 results.append(_new(CheckResult, (ok, remaining, retry, reset)))
                 new_tats.append((key, tat))
+            elif isinstance(check, WindowCheck):
+                key, limit, period, strategy, cost, _ = check
+                step = window.STRATEGIES[strategy][0](
+                    self._window_state(key), now, cost, limit, period
+                )
+                ok = step.admitted
+                results.append(
+                    _new(CheckResult, (ok, step.remaining, step.retry_after, step.reset_after))
+                )
+                new_windows.append((check, step.state))
             else:
                 table = self._leases.get(check.key)
                 # `prune` inlined up to its cheap test: most decisions need no pruning.
@@ -179,12 +189,22 @@ class MemoryBackend:
                 if isinstance(check, BucketCheck):
                     r = gcra.gcra(self._buckets.get(check.key), now, 0, check.interval, check.burst)
                     results[i] = CheckResult(True, r.remaining, 0.0, r.reset_after)
+                elif isinstance(check, WindowCheck):
+                    w = window.STRATEGIES[check.strategy][0](
+                        self._window_state(check.key), now, 0, check.limit, check.period
+                    )
+                    results[i] = CheckResult(True, w.remaining, 0.0, w.reset_after)
                 else:
                     results[i] = CheckResult(True, results[i].remaining + 1, 0.0, 0.0)
         else:
             # Commit what the first pass computed: nothing awaited in between.
             for key, tat in new_tats:
                 self._store_bucket(key, tat, now)
+            for wcheck, state in new_windows:
+                if wcheck.cost > 0:
+                    idle_at = window.STRATEGIES[wcheck.strategy][2](state, wcheck.period)
+                    self._store_window(wcheck.key, state, idle_at, now)
+                    wcheck.receipt.append(now)
             for lease in new_leases:
                 table = self._leases.get(lease.key)
                 if table is None:
@@ -208,6 +228,14 @@ class MemoryBackend:
                     del self._buckets[check.key]
                 else:
                     self._buckets[check.key] = new_tat
+            elif isinstance(check, WindowCheck):
+                state = self._window_state(check.key)
+                if state is None or not check.receipt:
+                    continue
+                _, undo, idle = window.STRATEGIES[check.strategy]
+                state = undo(state, now, check.cost, check.period, check.receipt[-1])
+                idle_at = 0.0 if state is None else idle(state, check.period)
+                self._store_window(check.key, state, idle_at, now)
             else:
                 await self.release(check)
 
@@ -389,16 +417,6 @@ class MemoryBackend:
         line = self._lines.get(key)
         return len(line.state) if line else 0
 
-    def window_storage(self) -> Storage:
-        """The `limits` package's async memory storage, created on first use, holding
-        at most `max_keys` window keys (see `memory_window`)."""
-        if self._storage is None:
-            # Imported here: `limits`' storages load only when a Window is used.
-            from .memory_window import BoundedMemoryStorage
-
-            self._storage = BoundedMemoryStorage(self.max_keys)
-        return self._storage
-
     async def aclose(self) -> None:
         """Drop all state."""
         self._buckets.clear()
@@ -408,8 +426,7 @@ class MemoryBackend:
         for future in self._tickets.values():
             if not future.done():
                 future.set_result("shed")
-        if self._storage is not None:
-            await self._storage.reset()
+        self._windows.clear()
 
     def _store_bucket(self, key: StoreKey, tat: float, now: float) -> None:
         buckets = self._buckets
@@ -425,6 +442,25 @@ class MemoryBackend:
         self._writes += 1
         if not self._writes % _SWEEP_EVERY:
             self._sweep(now)
+
+    def _window_state(self, key: StoreKey) -> Any:
+        held = self._windows.get(key)
+        return None if held is None else held[0]
+
+    def _store_window(self, key: StoreKey, state: Any, idle_at: float, now: float) -> None:
+        """Keep a window's state until `idle_at`, most recently used last; past `max_keys`
+        the least recently used goes (an eviction if it still counted something)."""
+        windows = self._windows
+        if state is None:
+            windows.pop(key, None)
+            return
+        if (
+            windows.pop(key, None) is None
+            and len(windows) >= self.max_keys
+            and windows.popitem(last=False)[1][1] > now
+        ):
+            self.evictions += 1
+        windows[key] = (state, idle_at)
 
     def _sweep(self, now: float) -> None:
         """Drop full buckets from the least recently used end, a batch at a time."""

@@ -1,8 +1,8 @@
 """The engine: turns a matched rule and a request scope into a `Decision`.
 
-It computes keys and cost, asks the backend for the rule's native limits in
-one call (all or nothing), then the rule's Window if any (refunding the native
-limits if the window refuses), and keeps the leases of running requests alive
+It computes keys and cost, asks the backend for all of the rule's limits in
+one call (all or nothing: buckets, windows and concurrency leases alike), and
+keeps the leases of running requests alive
 with one background renewal loop. Live overrides recompile the rules they
 change (`swap_rules`), so a request never looks one up; a blocked rule is
 refused without a backend call.
@@ -36,6 +36,7 @@ from ..backends.base import (
     QueueBackend,
     QueueCheck,
     StoreKey,
+    WindowCheck,
     nowait_method,
 )
 from . import keys
@@ -226,7 +227,6 @@ class Plan:
         "size",
         "specs",
         "static_cost",
-        "window_index",
     )
 
     def __init__(self, rule: Rule) -> None:
@@ -235,8 +235,8 @@ class Plan:
         self.size = len(rule.limits)
         self.names = tuple(rule.limit_names())
         self.kinds = tuple(_kind(lim) for lim in rule.limits)
-        self.window_index = self.kinds.index(_WINDOW) if _WINDOW in self.kinds else -1
-        #: (interval, burst) of a bucket, (limit, lease ttl) of a concurrency limit.
+        #: (interval, burst) of a bucket, (limit, lease ttl) of a concurrency limit,
+        #: ((limit, period, strategy), None) of a window.
         self.params = tuple(_params(lim) for lim in rule.limits)
         #: The rule's cost when it is a constant: bucket checks are then the same for
         #: every request of one caller, and are built once and cached.
@@ -358,7 +358,8 @@ def _params(limit: Limit) -> tuple[Any, Any]:
         return (limit.interval, int(limit.burst))
     if isinstance(limit, Concurrency):
         return (int(limit.limit), limit.lease)
-    return (0.0, 0.0)
+    assert isinstance(limit, Window)
+    return ((int(limit.item.amount), float(limit.item.get_expiry()), limit.strategy), None)
 
 
 def _kind(limit: Limit) -> int:
@@ -464,21 +465,6 @@ def _release_failed(lease: LeaseCheck) -> None:
     )
 
 
-def _report_refunded(
-    results: list[CheckResult | None], slots: list[int], checks: list[Check]
-) -> None:
-    """After a refund, report the native limits as untouched (as a refused verdict does)."""
-    for i, check in zip(slots, checks, strict=True):
-        r = results[i]
-        assert r is not None
-        if isinstance(check, BucketCheck):
-            reset = max(0.0, r.reset_after - check.cost * check.interval)
-            remaining = min(check.burst, r.remaining + check.cost)
-            results[i] = r._replace(remaining=remaining, reset_after=reset)
-        else:
-            results[i] = r._replace(remaining=r.remaining + 1)
-
-
 class EngineObserver(Protocol):
     """What an engine tells its observer (see `core.Observer`, which extends it)."""
 
@@ -529,7 +515,6 @@ class Engine:
         self._release_nowait = nowait_method(backend, "release")
         #: Or its way of sending a release without awaiting the answer (PostingBackend).
         self._release_post = nowait_method(backend, "release", "post_release")
-        self._window_limiters: dict[int, tuple[Window, Any]] = {}
         self._lease_ids = itertools.count()
         self._lease_prefix = os.urandom(6).hex() + "-"
         self._held: dict[str, LeaseCheck] = {}
@@ -617,7 +602,6 @@ class Engine:
         leases: list[LeaseCheck] = []
         #: Check index -> (limit index, rank, fair key text) of leases that may wait in line.
         lines: dict[int, tuple[int, int, str | None]] | None = None
-        window_key: StoreKey | None = None
         for i, step, entry, key_func, key_async, cache, p1, p2 in plan.specs:
             if entry is None:
                 if given is not None:
@@ -672,8 +656,8 @@ class Engine:
                 checks.append(lease)
                 leases.append(lease)
             else:
-                window_key = entry
-                continue
+                # A window: built per request, its receipt is this request's own.
+                checks.append(_new(WindowCheck, (entry, *p1, cost, [])))
             slots.append(i)
         admitted = True
         if checks:
@@ -694,7 +678,7 @@ class Engine:
                         plan, scope, checks, k, lines[k], abandon, given
                     )
             if len(slots) == plan.size:
-                # Every limit made a check, in order: no exempt limit, no window.
+                # Every limit made a check, in order: no exempt limit.
                 results: list[CheckResult | None] = list(raw)
             else:
                 results = [None] * plan.size
@@ -704,18 +688,6 @@ class Engine:
             results = [None] * plan.size
             waited = reason = None
             line_at = -1
-        if window_key is not None:
-            w = plan.window_index
-            if not admitted:
-                results[w] = SKIPPED
-            else:
-                hit = await self._hit_window(plan, w, window_key, cost)
-                results[w] = hit
-                if not hit.admitted:
-                    admitted = False
-                    if checks:
-                        await self.backend.refund(checks)
-                        _report_refunded(results, slots, checks)
         if admitted:
             grant = self._hold(tuple(leases), plan) if leases else None
             decision = Decision(rule, True, 200, 0.0, plan, results, grant, checks)
@@ -743,16 +715,15 @@ class Engine:
         return decision
 
     async def refund(self, decision: Decision) -> None:
-        """Give back the token-bucket units an admitted `decision` took, once.
+        """Give back the token-bucket and window units an admitted `decision` took, once.
 
         For a request the app only redirected (see `asgi.redirects`). Its leases
-        are left to its grant, released when the response ends; a window hit
-        cannot be undone.
+        are left to its grant, released when the response ends.
         """
-        buckets = [c for c in decision.checks if c.__class__ is BucketCheck]
+        units = [c for c in decision.checks if c.__class__ is not LeaseCheck]
         decision.checks = ()
-        if buckets:
-            await self.backend.refund(buckets)
+        if units:
+            await self.backend.refund(units)
 
     # -- waiting lines ----------------------------------------------------------
 
@@ -920,24 +891,6 @@ class Engine:
             )
         return cost
 
-    async def _hit_window(self, plan: Plan, i: int, skey: StoreKey, cost: int) -> CheckResult:
-        lim = plan.limits[i]
-        assert isinstance(lim, Window)
-        held = self._window_limiters.get(id(lim))
-        if held is None or held[0] is not lim:
-            # Keyed by id, checked by identity: overrides replace Window objects.
-            held = self._window_limiters[id(lim)] = (
-                lim,
-                lim.limiter(self.backend.window_storage()),
-            )
-        limiter = held[1]
-        ids = (skey.rule, skey.limit, skey.caller)
-        ok = bool(await limiter.hit(lim.item, *ids, cost=cost))
-        stats = await limiter.get_window_stats(lim.item, *ids)
-        wait = max(0.0, stats.reset_time - time.time())
-        remaining = max(0, int(stats.remaining))
-        return CheckResult(ok, remaining, 0.0 if ok else wait, wait)
-
     # -- live overrides ---------------------------------------------------------
 
     def swap_rules(
@@ -970,16 +923,12 @@ class Engine:
             changed.append(rule.name)
         if not changed:
             return changed
-        windows = {id(lim) for p in plans for lim in p.limits if isinstance(lim, Window)}
         # Assigned together: nothing else runs on the loop until this method returns.
         self._plans = tuple(plans)
         self._by_rule = {p.rule.name: p for p in plans}
         self._matchers = _matchers(plans)
         self.rules = tuple(p.rule for p in plans)
         self._renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
-        # Limiters of windows no plan holds any more: their ids could be reused.
-        for key in [k for k in self._window_limiters if k not in windows]:
-            del self._window_limiters[key]
         return changed
 
     def apply_overrides(self, resolution: Resolution) -> list[str]:

@@ -11,7 +11,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from limits import RateLimitItem
 from limits import parse_many as parse_rates
@@ -20,9 +20,6 @@ from .._errors import ConfigError
 from .._types import KeyFunc, Scope
 from ..algorithms.queue import RANK_MAX
 from . import keys
-
-if TYPE_CHECKING:
-    from limits.aio.strategies import RateLimiter
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_EXPECTED = (
@@ -343,10 +340,14 @@ WindowStrategy = Literal["fixed", "moving", "sliding"]
 
 
 class Window(Limit):
-    """The `limits` package's window strategies: fixed, moving or sliding.
+    """At most `rate`'s amount per period, counted as the `limits` package's strategies do.
 
-    Runs on the backend's `limits` storage. A rule holds at most one Window,
-    decided after its other limits, since a window hit cannot be undone.
+    "fixed": a window that opens at the first hit and resets one period later;
+    "sliding": the sliding window counter (this window's count plus the
+    previous one's, weighted by how much of it the period still covers);
+    "moving": the exact count over the last period. A native check (see
+    `algorithms.window`): decided with the rule's other limits, all or nothing,
+    refundable. `rate` is parsed by `limits`; nothing else of it is used.
     """
 
     kind = "window"
@@ -367,16 +368,6 @@ class Window(Limit):
         if strategy not in ("fixed", "moving", "sliding"):
             raise ConfigError("strategy", '"fixed", "moving" or "sliding"', strategy)
         self.strategy: WindowStrategy = strategy
-
-    def limiter(self, storage: Any) -> RateLimiter:
-        """The `limits` strategy object for this window on `storage`."""
-        from limits.aio import strategies
-
-        if self.strategy == "fixed":
-            return strategies.FixedWindowRateLimiter(storage)
-        if self.strategy == "moving":
-            return strategies.MovingWindowRateLimiter(storage)
-        return strategies.SlidingWindowCounterRateLimiter(storage)
 
     def scaled(self, share: float) -> Window:
         clone = Window(self.rate, strategy=self.strategy, key=self.key, name=self.name)

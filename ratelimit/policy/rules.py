@@ -8,7 +8,7 @@ from typing import Literal
 
 from .._errors import ConfigError
 from .._types import CostFunc
-from .limits import Concurrency, Limit, TokenBucket, Window, check_name
+from .limits import Concurrency, Limit, TokenBucket, check_name
 from .paths import PathPattern
 
 FailPolicy = Literal["open", "closed", "local"]
@@ -71,13 +71,6 @@ class Rule:
         for i, lim in enumerate(limits):
             if not isinstance(lim, Limit):
                 raise ConfigError(f"limits[{i}]", "a TokenBucket, Concurrency or Window", lim)
-        if sum(isinstance(lim, Window) for lim in limits) > 1:
-            raise ConfigError(
-                "limits",
-                "at most one Window per rule (a window hit cannot be undone, so it is "
-                "decided last); use TokenBucket limits for several rates",
-                [repr(lim) for lim in limits],
-            )
         self.limits = tuple(limits)
         if callable(cost):
             self.cost: int | CostFunc = cost

@@ -72,6 +72,7 @@ from ..base import (
     QueueCheck,
     StoreKey,
     Verdict,
+    WindowCheck,
 )
 from ..breaker import BreakerState, CircuitBreaker
 from .ghosts import Ghosts, Undo
@@ -85,11 +86,8 @@ from .transport import (
     Transport,
     pack_script_call,
 )
-from .window import GuardedStorage
 
 if TYPE_CHECKING:
-    from limits.aio.storage import Storage
-
     from .admin import RedisAdmin
     from .overrides import RedisOverrideStore
     from .top import RedisTopStore
@@ -125,8 +123,8 @@ DEFAULT_TIMEOUT = 0.5
 #: deadline the kernel is asked whether the socket connected, so a busy loop does not
 #: fail a connection that succeeded.
 DEFAULT_CONNECT_TIMEOUT = 0.1
-#: The least connect timeout given to redis-py's own connections (Window storage,
-#: TLS, cluster discovery). redis-py waits for a connection with `asyncio.wait_for`, so
+#: The least connect timeout given to redis-py's own connections (TLS, cluster
+#: discovery). redis-py waits for a connection with `asyncio.wait_for`, so
 #: a burst of first calls on a busy loop could fail connections that succeeded at
 #: 0.1 s (seen: 20 concurrent first window hits on a cluster). Only these paths pay it,
 #: and the breaker stops a dead Redis from costing it more than a few times.
@@ -143,7 +141,7 @@ _UNREACHABLE = (
     ClusterDownError,  # the cluster cannot serve the slot (a master is down)
 )
 #: Connections per node and process of the redis-py cluster client, which carries
-#: `Window` limits and, over TLS, script calls: it fails a call (it does not wait)
+#: script calls over TLS: it fails a call (it does not wait)
 #: when every connection to the node is busy. Other script calls are pipelined.
 CLUSTER_MAX_CONNECTIONS = 1000
 
@@ -179,7 +177,7 @@ class RedisBackend:
     `cluster=True`, `redis://` or `rediss://` naming one or more nodes of a
     Redis Cluster (`redis://[user:password@]host:port[,host:port...]`,
     database 0). `prefix` starts
-    every key (and the `Window` storage's keys). `timeout` bounds the wait for a
+    every key. `timeout` bounds the wait for a
     reply once the request is written, `connect_timeout` the opening of a
     connection (with AUTH and SELECT), in seconds. Concurrent script calls share
     writes on one connection (see `transport`); TLS
@@ -243,7 +241,7 @@ class RedisBackend:
                 raise ConfigError(
                     "url", f"a redis://, rediss:// or unix:// URL ({exc})", url
                 ) from None
-        #: The redis-py client: `Window` storage, and script calls that cannot be pipelined.
+        #: The redis-py client: script calls that cannot be pipelined, admin reads.
         self.client: Redis | RedisCluster = client
         self._transport: Transport
         if self._owns_client and self.cluster and not cluster_options["ssl"]:
@@ -270,7 +268,6 @@ class RedisBackend:
         #: Other decide calls and releases, packed but for their lease ids (`_CallTemplate`).
         self._decide_templates: dict[tuple[Any, ...], _CallTemplate] = {}
         self._release_templates: dict[StoreKey, _CallTemplate] = {}
-        self._storage: Storage | None = None
         #: Gates every call: open after repeated failures to reach Redis (see the module doc).
         self.breaker = _make_breaker(breaker, breaker_failures, breaker_reset)
         #: Called after every call to Redis with (operation, seconds, error or None):
@@ -346,7 +343,7 @@ class RedisBackend:
         except BaseException as exc:
             self._haunted(checks, exc)
             raise
-        verdict, results = _parse_decide(reply)
+        verdict, results = _parse_decide(reply, checks)
         return Verdict(verdict, tuple(results))
 
     async def refund(self, checks: Sequence[Check]) -> None:
@@ -354,7 +351,8 @@ class RedisBackend:
         (a released slot goes to its line's head, if anyone waits)."""
         for group in self._groups(checks):
             keys, args = self._refund_args([checks[i] for i in group])
-            await self._eval(self.scripts.refund, keys, args)
+            if keys:
+                await self._eval(self.scripts.refund, keys, args)
 
     async def renew(self, leases: Sequence[LeaseCheck]) -> list[bool]:
         """Extend each live lease to now + its ttl, one call per slot; False for a lost lease."""
@@ -518,36 +516,6 @@ class RedisBackend:
         """Requests waiting in `key`'s line (live tickets), on the server's clock."""
         return int(await self._eval(self.scripts.queue_length, [self.keys.queue(key)[1]], []))
 
-    def window_storage(self) -> Storage:
-        """The `limits` async Redis storage on this backend's server (or cluster) and prefix.
-
-        On one server it shares this backend's connection pool; on a cluster,
-        this backend's cluster client (so its nodes, credentials and timeouts).
-        Each window key lives in one slot.
-        """
-        if self._storage is None:
-            from limits.aio.storage import RedisClusterStorage, RedisStorage
-
-            prefix = self.keys.windows
-            if isinstance(self.client, RedisCluster):
-                nodes = ",".join(f"{n.host}:{n.port}" for n in self._startup_nodes())
-                cluster_storage = RedisClusterStorage(
-                    f"async+redis+cluster://{nodes}", implementation="redispy", key_prefix=prefix
-                )
-                # limits builds a cluster client of its own (never connected) and takes
-                # none: hand it ours, with our nodes, credentials, timeouts and routing.
-                bridge = cluster_storage.bridge
-                bridge.storage = self.client  # type: ignore[attr-defined]
-                bridge.register_scripts()
-                storage: Storage = cluster_storage
-            else:
-                options: dict[str, Any] = {"connection_pool": self.client.connection_pool}
-                storage = RedisStorage(
-                    _limits_uri(self.url), implementation="redispy", key_prefix=prefix, **options
-                )
-            self._storage = GuardedStorage(storage, self._guard)
-        return self._storage
-
     async def aclose(self) -> None:
         """Close the connections this backend opened (a passed-in client stays open).
 
@@ -647,6 +615,8 @@ class RedisBackend:
             if c.__class__ is LeaseCheck:
                 shape.append(c[:3])  # key, limit, ttl
                 ids.append(c[3])
+            elif c.__class__ is WindowCheck:
+                shape.append(c[:5])  # all but the receipt, this request's own
             else:
                 shape.append(c)
         template = self._decide_templates.get(tuple(shape))
@@ -688,15 +658,17 @@ class RedisBackend:
         return keys + lines, [commit, *args]
 
     def _refund_args(self, checks: Sequence[Check]) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of refund.lua: each lease check brings its line's four keys."""
-        keys, lines, args = self._check_args(checks, 4)
+        """KEYS and ARGV of refund.lua: each lease check brings its line's four keys; a
+        window check that took nothing (no receipt) is left out. No KEYS: nothing to do."""
+        keys, lines, args = self._check_args(checks, 4, refund=True)
         return keys + lines, [self.channel, *args]
 
     def _check_args(
-        self, checks: Sequence[Check], queue_keys: int
+        self, checks: Sequence[Check], queue_keys: int, *, refund: bool = False
     ) -> tuple[list[str], list[str], list[str]]:
         """The checks' state keys, the first `queue_keys` line keys of each lease check,
-        and the checks' ARGV (checks.lua's layout)."""
+        and the checks' ARGV (checks.lua's layout; refund.lua's with `refund`: a window
+        brings the time its units were taken instead of its limit)."""
         keys: list[str] = []
         lines: list[str] = []
         args: list[str] = []
@@ -704,6 +676,12 @@ class RedisBackend:
             if isinstance(check, BucketCheck):
                 keys.append(self.keys.bucket(check.key))
                 args += ("t", repr(check.interval), str(check.burst), str(check.cost))
+            elif isinstance(check, WindowCheck):
+                if refund and not check.receipt:
+                    continue
+                keys.append(self.keys.window(check.key))
+                first = repr(check.receipt[-1]) if refund else str(check.limit)
+                args += (_WINDOW_KINDS[check.strategy], first, repr(check.period), str(check.cost))
             else:
                 keys.append(self.keys.leases(check.key))
                 lines += self.keys.queue(check.key)[:queue_keys]
@@ -726,14 +704,15 @@ class RedisBackend:
             except BackendError:
                 await self._refund_quietly(checks, groups[:g])
                 raise
-            verdict, group_results = _parse_decide(reply)
+            verdict, group_results = _parse_decide(reply, [checks[i] for i in group])
             for i, result in zip(group, group_results, strict=True):
                 results[i] = result
             if verdict:
                 continue
             for done in groups[:g]:
                 keys, args = self._refund_args([checks[i] for i in done])
-                await self._eval(self.scripts.refund, keys, args)
+                if keys:
+                    await self._eval(self.scripts.refund, keys, args)
             for other in groups[:g] + groups[g + 1 :]:
                 keys, args = self._decide_args([checks[i] for i in other], "0")
                 _, other_results = _parse_decide(await self._eval(self.scripts.decide, keys, args))
@@ -750,6 +729,8 @@ class RedisBackend:
         """
         for group in groups:
             keys, args = self._refund_args([checks[i] for i in group])
+            if not keys:
+                continue
             try:
                 await self._eval(self.scripts.refund, keys, args)
             except BackendError as exc:  # debug: an outage must not log once per request
@@ -782,7 +763,7 @@ class RedisBackend:
             args,
         )
         outcome, position, length, member, retry_in = (_text(part) for part in reply[:5])
-        verdict, results = _parse_decide(reply[5])
+        verdict, results = _parse_decide(reply[5], checks)
         entry = Entry(
             outcome,
             Verdict(verdict, tuple(results)),
@@ -807,7 +788,7 @@ class RedisBackend:
             except BackendError:
                 await self._refund_quietly(checks, done)
                 raise
-            verdict, group_results = _parse_decide(reply)
+            verdict, group_results = _parse_decide(reply, [checks[i] for i in group])
             for i, result in zip(group, group_results, strict=True):
                 results[i] = result
             if not verdict:
@@ -841,7 +822,8 @@ class RedisBackend:
         """Refund slots that consumed, then report their untouched state (a dry run)."""
         for group in groups:
             keys, args = self._refund_args([checks[i] for i in group])
-            await self._eval(self.scripts.refund, keys, args)
+            if keys:
+                await self._eval(self.scripts.refund, keys, args)
             await self._dry_run(checks, group, results)
 
     async def _dry_run(
@@ -1149,14 +1131,27 @@ _HOLE_PACKED = b"$1\r\n\x00\r\n"
 _VERDICT = struct.Struct("<d")
 _RESULT = struct.Struct("<dddd")
 _ONE_RESULT = struct.Struct("<ddddd")
+#: WindowCheck.strategy -> its kind in checks.lua's layout.
+_WINDOW_KINDS = {"fixed": "f", "sliding": "s", "moving": "m"}
 _new = tuple.__new__
 
 
-def _parse_decide(reply: bytes) -> tuple[bool, list[CheckResult]]:
-    """The verdict and per-check results of a decide.lua reply (checks.lua's results())."""
+def _parse_decide(reply: bytes, checks: Sequence[Check] = ()) -> tuple[bool, list[CheckResult]]:
+    """The verdict and per-check results of a decide.lua reply (checks.lua's results()).
+
+    A reply whose window checks took units ends with the time they were taken:
+    it goes on the receipt of each window check among `checks` that took some.
+    """
+    end = len(reply)
+    if (end - 8) % 32:
+        end -= 8
+        (stamp,) = _VERDICT.unpack_from(reply, end)
+        for check in checks:
+            if check.__class__ is WindowCheck and check.cost > 0:
+                check.receipt.append(stamp)
     return _VERDICT.unpack_from(reply)[0] == 1, [
         CheckResult(admitted == 1, int(remaining), retry_after, reset_after)
-        for admitted, remaining, retry_after, reset_after in _RESULT.iter_unpack(reply[8:])
+        for admitted, remaining, retry_after, reset_after in _RESULT.iter_unpack(reply[8:end])
     ]
 
 
@@ -1175,13 +1170,6 @@ def _text(part: Any) -> str:
 
 def _verdict(admitted: bool, results: list[CheckResult | None]) -> Verdict:
     return Verdict(admitted, tuple(r for r in results if r is not None))
-
-
-def _limits_uri(url: str) -> str:
-    """The `limits` storage URI for a redis-py URL (`redis://...` -> `async+redis://...`)."""
-    if url.startswith("unix://"):
-        return "async+redis+unix://" + url.removeprefix("unix://")
-    return f"async+{url}"
 
 
 def _unreachable(exc: BaseException) -> bool:

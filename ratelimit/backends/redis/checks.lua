@@ -3,9 +3,11 @@
 --
 -- Layout: check i (1..n) has its state in KEYS[i] and four ARGV from
 -- ARGV[base + 4i - 3]: "t", interval, burst, cost (a GCRA bucket of `burst` units
--- refilling one per `interval` seconds, a double; take `cost` units) or "l",
+-- refilling one per `interval` seconds, a double; take `cost` units), "l",
 -- limit, ttl, lease_id (at most `limit` live leases; add `lease_id` expiring `ttl`
--- seconds, a double, from now). After the n state keys come the waiting lines of
+-- seconds, a double, from now) or a window: "f" (fixed), "s" (sliding) or "m"
+-- (moving), limit, period, cost (at most `limit` units per `period` seconds, a
+-- double; see window.lua, prepended before this file). After the n state keys come the waiting lines of
 -- the lease checks, one key per lease check in check order (see queue.lua): a
 -- lease never admits while its line is non-empty, so nobody passes a line.
 --
@@ -88,11 +90,19 @@ local function evaluate(base, n)
   for i = 1, n do
     local key = KEYS[i]
     local j = base + 4 * i - 3
-    if ARGV[j] == 't' then
+    local kind = ARGV[j]
+    if kind == 't' then
       local interval, burst, cost = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
       local tat = read_tat(key)
       local ok, new_tat, remaining, retry, reset = gcra(tat, t, cost, interval, burst)
       C[i] = {ok, remaining, retry, reset, tat, new_tat, interval, burst, cost}
+      if not ok then
+        C.verdict = false
+      end
+    elseif kind ~= 'l' then
+      local limit, period, cost = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+      local ok, remaining, retry, reset, state = w_step(kind, key, limit, period, cost)
+      C[i] = {ok, remaining, retry, reset, w = {kind, limit, period, cost, state}}
       if not ok then
         C.verdict = false
       end
@@ -120,7 +130,11 @@ local function untouched(C, i)
   if not R[1] then
     return
   end
-  if R[7] then  -- a bucket: its interval
+  local W = R.w
+  if W then
+    local _
+    _, R[2], _, R[4] = w_step(W[1], KEYS[i], W[2], W[3], 0)
+  elseif R[7] then  -- a bucket: its interval
     local _
     _, _, R[2], _, R[4] = gcra(R[5], now_usec / 1000000, 0, R[7], R[8])
   else
@@ -131,7 +145,13 @@ end
 -- Consume check i as evaluated (it admitted).
 local function commit(C, i)
   local R = C[i]
-  if R[7] then
+  local W = R.w
+  if W then
+    if W[4] > 0 then
+      w_commit(W[1], KEYS[i], W[3], W[4], W[5])
+      C.stamp = true
+    end
+  elseif R[7] then
     if R[9] > 0 then
       write_tat(KEYS[i], R[6], R[4])
     end
@@ -147,6 +167,8 @@ end
 -- one string of little-endian doubles (struct '<d'): verdict and admitted 1 or 0,
 -- remaining whole units, seconds exact (a Lua number in a reply is truncated to an
 -- integer; '%.17g' text is exact too but costs several times more to make and read).
+-- If a window check was committed, one more double follows: `now`, the time its
+-- units were taken at (the backend keeps it for a refund; see WindowCheck.receipt).
 local function results(C)
   local out = {C.verdict and 1 or 0}
   local k = 1
@@ -157,6 +179,10 @@ local function results(C)
     out[k + 3] = R[3]
     out[k + 4] = R[4]
     k = k + 4
+  end
+  if C.stamp then
+    out[k + 1] = now
+    k = k + 1
   end
   return struct.pack('<' .. string.rep('d', k), unpack(out))
 end

@@ -7,13 +7,15 @@
 -- ARGV[1]  "1": consume if every check admits; "0": dry run, never consume (the
 --          backend's report of untouched state after another slot refused).
 -- ARGV[4i-2 .. 4i+1]  check i, as checks.lua describes ("t", interval, burst,
---          cost or "l", limit, ttl, lease_id; seconds as doubles).
+--          cost; "l", limit, ttl, lease_id; or "f"/"s"/"m", limit, period, cost;
+--          seconds as doubles).
 -- Returns results() of checks.lua: one string of little-endian doubles, the
 -- verdict then {admitted_i, remaining_i, retry_after_i, reset_after_i} per check:
 -- verdict and admitted_i 1 or 0, remaining_i whole units (free slots for a lease;
 -- 0 when it refuses), retry_after_i and reset_after_i seconds. When the verdict is
 -- 0 nothing is consumed and a check that would have admitted reports the untouched
--- state (no cost taken, no lease added).
+-- state (no cost taken, no lease added). When a window check took units, the
+-- reply ends with one more double: the server time they were taken at.
 
 local n = (#ARGV - 1) / 4
 

@@ -1,6 +1,7 @@
 """Every Redis key and channel name of a backend: the one module that spells them.
 
-Limiter state of a `StoreKey` is `<prefix>:{<rule>:<caller>}:<limit>:<kind>`.
+Limiter state of a `StoreKey` is `<prefix>:{<rule>:<caller>}:<limit>:<kind>`
+(kind `tat` a bucket, `leases` a lease table, `win` a window, and the line's).
 The braces are the hash tag: every key of one rule and one caller hashes to one
 Redis Cluster slot, so a rule's script for that caller touches one slot; the
 shared caller `*` gets its own slot per rule. Only safe text reaches a key:
@@ -10,7 +11,6 @@ checked here (no brace or colon can move a key to another caller or slot).
 The rest, all under the same prefix::
 
     <prefix>:queue                   channel: the queue scripts' hand-offs and sheds
-    <prefix>:window:...              the `limits` package's window counters
     <prefix>:{overrides}             hash: live overrides by slot, and "#version"
     <prefix>:overrides               channel: the overrides' new version after a change
     <prefix>:{overrides}:workers     hash: worker id -> what it applied (its report)
@@ -55,8 +55,6 @@ class Keyspace:
         self._locate = lru_cache(maxsize=_CACHE_SIZE)(self._build)
         #: Channel the queue scripts publish hand-offs and sheds on.
         self.queue_channel = f"{prefix}:queue"
-        #: Key prefix of the `limits` package's window counters.
-        self.windows = f"{prefix}:window"
         #: Hash of the live overrides (slot -> JSON, and "#version").
         self.overrides = f"{prefix}:{{overrides}}"
         #: Channel announcing the overrides' version after each change.
@@ -71,6 +69,10 @@ class Keyspace:
     def bucket(self, key: StoreKey) -> str:
         """The string holding a GCRA bucket's state."""
         return self._locate(key)[0]
+
+    def window(self, key: StoreKey) -> str:
+        """The key holding a window's state (a string; a list for a moving window)."""
+        return self._locate(key)[0][:-3] + "win"  # beside the bucket's ":tat"
 
     def leases(self, key: StoreKey) -> str:
         """The sorted set holding a concurrency key's leases."""

@@ -5,6 +5,9 @@
 --          tickets, fair, meta (queue.lua)
 -- ARGV     those of the decide.lua call, except ARGV[1]: the channel hand-offs
 --          are published on
+-- A window check's ARGV is kind, at, period, cost: `at` is the `now` of the
+-- decide that took its units (the reply's stamp); they go back to the window
+-- they went into (window.lua's w_refund).
 -- Bucket checks get `cost` units back, lease checks are released (and their
 -- freed slots handed to their line's head, if anyone waits). Buckets run
 -- refund() of ratelimit/algorithms/gcra.py in the same frame as decide.lua
@@ -36,6 +39,8 @@ for i = 1, n do
         set_expiring(key, string.format('%d %.17g', now_sec, new_tat), ms)
       end
     end
+  elseif ARGV[j] ~= 'l' then
+    w_refund(ARGV[j], key, tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3]))
   else
     released = released + redis.call('ZREM', key, ARGV[j + 3])
     local Q = {leases = key, line = KEYS[line + 1], tickets = KEYS[line + 2],

@@ -2,7 +2,8 @@
 
 Each operation is one `.lua` file whose header states KEYS, ARGV and units.
 What runs on the server is a clock prelude (`clock.lua`: the server's `TIME`),
-the libraries the operation uses (`checks.lua`: deciding checks; `queue.lua`:
+the libraries the operation uses (`window.lua`: window checks; `checks.lua`:
+deciding checks; `queue.lua`:
 waiting lines; `book.lua`: appointments), then the operation, so an operation
 never takes "now" from a client and the steps shared by several operations are
 written once.
@@ -31,10 +32,10 @@ OPERATIONS = (
 )
 #: The library files each operation runs on, in order, after the clock prelude.
 LIBRARIES: dict[str, tuple[str, ...]] = {
-    "decide": ("checks",),
-    "enqueue": ("checks", "queue", "book"),
+    "decide": ("window", "checks"),
+    "enqueue": ("window", "checks", "queue", "book"),
     "appoint": ("book",),
-    "refund": ("queue",),
+    "refund": ("window", "queue"),
     "release": ("queue",),
     "wait": ("queue",),
     "leave": ("queue",),

@@ -1,0 +1,205 @@
+-- window.lua: window checks (ratelimit/algorithms/window.py, operation for operation),
+-- for checks.lua (deciding) and refund.lua (giving back). After the clock prelude.
+--
+-- Times are absolute seconds (`now`, a double). A window's state, in its own key:
+--   fixed    a string "<start> <count>", expiring when the window ends
+--   sliding  a string "<index> <previous> <current>" (index = floor(now / period)),
+--            expiring when both counts have left the sliding period (index + 2) * period
+--   moving   a list of hit times, newest first, as '%.17g' text; entries at or
+--            before now - period are dead and dropped from the tail; the list
+--            lives one period after its newest entry
+-- w_step(kind, key, limit, period, cost) returns admitted, remaining, retry_after,
+-- reset_after and the new state (nil for a moving window: its commit pushes `now`).
+-- No `%` anywhere: Lua's differs from Python's.
+
+local function w_ms(seconds)
+  local ms = math.ceil(seconds * 1000)
+  if ms < 1 then
+    ms = 1
+  end
+  return ms
+end
+
+local function w_fixed_read(key, period)
+  local state = redis.call('GET', key)
+  if state then
+    local start, count = string.match(state, '^(%S+) (%S+)$')
+    start = tonumber(start)
+    if now < start + period then
+      return start, tonumber(count)
+    end
+  end
+  return nil, 0
+end
+
+local function w_fixed(key, limit, period, cost)
+  local start, count = w_fixed_read(key, period)
+  local open = start ~= nil
+  if not open then
+    start = now
+  end
+  if cost > 0 and count + cost > limit then
+    local left = start + period - now
+    return false, limit - count, left, open and left or 0
+  end
+  if cost > 0 then
+    count = count + cost
+    open = true
+  end
+  return true, limit - count, 0, open and (start + period - now) or 0, {start, count}
+end
+
+local function w_roll(key, index)
+  local state = redis.call('GET', key)
+  if state then
+    local at, previous, current = string.match(state, '^(%S+) (%S+) (%S+)$')
+    at, previous, current = tonumber(at), tonumber(previous), tonumber(current)
+    if at == index then
+      return previous, current
+    elseif at == index - 1 then
+      return current, 0
+    end
+  end
+  return 0, 0
+end
+
+local function w_sliding_reset(previous, current, left, period)
+  if previous == 0 and current == 0 then
+    return 0
+  end
+  local reset = math.huge
+  local in_window = left * period
+  if previous > 0 then
+    local step = period / previous
+    reset = in_window - math.floor(in_window / step) * step
+  end
+  if current > 0 and in_window < reset then
+    reset = in_window
+  end
+  return reset
+end
+
+local function w_sliding(key, limit, period, cost)
+  local index = math.floor(now / period)
+  local previous, current = w_roll(key, index)
+  local left = (index + 1) - now / period
+  local weighted = math.floor(previous * left + current)
+  if cost > 0 and weighted + cost > limit then
+    local target = limit - cost + 1
+    local retry = period
+    if target > 0 then
+      local at
+      if current < target then
+        at = (index + 1) - (target - current) / previous
+      else
+        at = (index + 2) - target / current
+      end
+      retry = at * period - now
+      if retry < 0 then
+        retry = 0
+      end
+    end
+    local remaining = limit - weighted
+    if remaining < 0 then
+      remaining = 0
+    end
+    return false, remaining, retry, w_sliding_reset(previous, current, left, period)
+  end
+  if cost > 0 then
+    current = current + cost
+    weighted = math.floor(previous * left + current)
+  end
+  local remaining = limit - weighted
+  if remaining < 0 then
+    remaining = 0
+  end
+  return true, remaining, 0, w_sliding_reset(previous, current, left, period),
+    {index, previous, current}
+end
+
+local function w_moving(key, limit, period, cost)
+  local edge = now - period
+  while true do
+    local last = redis.call('LINDEX', key, -1)
+    if not last or tonumber(last) > edge then
+      break
+    end
+    redis.call('RPOP', key)
+  end
+  local count = redis.call('LLEN', key)
+  local reset = 0
+  if cost > 0 and count + cost > limit then
+    local retry = period
+    if cost <= limit then
+      retry = tonumber(redis.call('LINDEX', key, limit - cost)) + period - now
+    end
+    if count > 0 then
+      reset = tonumber(redis.call('LINDEX', key, -1)) + period - now
+    end
+    return false, limit - count, retry, reset
+  end
+  if cost > 0 then
+    count = count + cost
+  end
+  if count > 0 then
+    local oldest = redis.call('LINDEX', key, -1)
+    reset = (oldest and tonumber(oldest) or now) + period - now
+  end
+  return true, limit - count, 0, reset, {}
+end
+
+local W_STEPS = {f = w_fixed, s = w_sliding, m = w_moving}
+
+local function w_step(kind, key, limit, period, cost)
+  return W_STEPS[kind](key, limit, period, cost)
+end
+
+-- Store the state w_step computed (it admitted, cost > 0).
+local function w_commit(kind, key, period, cost, state)
+  if kind == 'f' then
+    set_expiring(key, string.format('%.17g %d', state[1], state[2]), w_ms(state[1] + period - now))
+  elseif kind == 's' then
+    set_expiring(key, string.format('%d %d %d', state[1], state[2], state[3]),
+      w_ms((state[1] + 2) * period - now))
+  else
+    local stamp = string.format('%.17g', now)
+    for _ = 1, cost do
+      redis.call('LPUSH', key, stamp)
+    end
+    keep_alive(key, w_ms(period))
+  end
+end
+
+-- Give back `cost` units hit at `at` (a decide's `now`) to the window they went into.
+local function w_refund(kind, key, at, period, cost)
+  if kind == 'f' then
+    local start, count = w_fixed_read(key, period)
+    if start == nil then
+      redis.call('DEL', key)
+    elseif at >= start then
+      count = count - cost
+      if count > 0 then
+        set_expiring(key, string.format('%.17g %d', start, count), w_ms(start + period - now))
+      else
+        redis.call('DEL', key)
+      end
+    end
+  elseif kind == 's' then
+    local index = math.floor(now / period)
+    local previous, current = w_roll(key, index)
+    local hit = math.floor(at / period)
+    if hit == index then
+      current = math.max(0, current - cost)
+    elseif hit == index - 1 then
+      previous = math.max(0, previous - cost)
+    end
+    if previous == 0 and current == 0 then
+      redis.call('DEL', key)
+    else
+      set_expiring(key, string.format('%d %d %d', index, previous, current),
+        w_ms((index + 2) * period - now))
+    end
+  else
+    redis.call('LREM', key, cost, string.format('%.17g', at))
+  end
+end
