@@ -97,7 +97,7 @@ class Pool:
     async def admitted_by_redis(self) -> bool:
         """One request: True if Redis decided it (breaker closed, no failure) and admitted it."""
         status, headers = await self.call()
-        decided = self.backend.breaker.state == "closed" and not self.app._failing
+        decided = self.backend.breaker.state == "closed" and not self.app.limiter.failing
         return decided and status == 200 and b"ratelimit" in headers
 
     async def ready(self) -> None:
