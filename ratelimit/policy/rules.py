@@ -96,7 +96,7 @@ class Rule:
                     )
         else:
             raise ConfigError(
-                "cost", "an integer from 0 to 2**53 or a callable (scope) -> int", cost
+                "cost", "an integer >= 0 (at most 2**53) or a callable (scope) -> int", cost
             )
         self.name = derive_name(path) if name is None else check_name("name", name)
         if fail is not None and fail not in FAIL_POLICIES:
