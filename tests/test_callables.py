@@ -32,6 +32,7 @@ from ratelimit import (
     RedisBackend,
     Rule,
     TokenBucket,
+    Window,
     keys,
 )
 from ratelimit._types import Scope
@@ -78,6 +79,8 @@ CASES = [
     Case("cost-True", "cost", lambda: True),
     Case("cost-str-3", "cost", lambda: "3"),
     Case("cost-None", "cost", lambda: None),
+    Case("cost-2**53+1", "cost", lambda: 2**53 + 1),
+    Case("cost-10**400", "cost", lambda: 10**400),
     Case("priority-raises", "priority", _int_of_abc),
     Case("priority-unknown-class", "priority", lambda: "platinum"),
     Case("priority-float", "priority", lambda: 1.5),
@@ -374,3 +377,27 @@ async def test_the_problem_body_is_valid_json_without_request_data(served: Serve
     assert set(body) == {"type", "title", "status", "detail"}
     assert "rated" in body["detail"]
     assert int(r.headers["content-length"]) == len(r.content)
+
+
+@pytest.mark.parametrize("fail", ["open", "closed"])
+async def test_a_huge_cost_read_from_the_request_is_refused_not_a_backend_failure(
+    fail: str, make_backend: Callable[[], Backend], served: Served
+) -> None:
+    """A cost of 2**62 (`?n=4611686018427387904`) against a Window gets 400 and runs
+    nothing: on Redis the window's INCRBY once refused it, and fail="open" admitted it."""
+    backend = make_backend()
+    rule = Rule(
+        "/gen",
+        limits=[Window("2/minute", key=keys.header("x-api-key"), name="per-key")],
+        cost=lambda scope: int(scope["query_string"].split(b"=")[1]),
+    )
+    limiter = RateLimitMiddleware(served.app(), rules=[rule], backend=backend, fail=fail)  # type: ignore[arg-type]
+    try:
+        async with _client(limiter) as c:
+            huge = [(await c.get(f"/gen?n={2**62}", headers=GOOD)).status_code for _ in range(3)]
+            assert served.runs == 0
+            assert huge == [400, 400, 400]
+            codes = [(await c.get("/gen?n=1", headers=GOOD)).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+    finally:
+        await limiter.aclose()

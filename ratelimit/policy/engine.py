@@ -43,7 +43,7 @@ from . import keys
 from .limits import Concurrency, Limit, TokenBucket, Window
 from .overrides import Override, Resolution
 from .paths import route_path
-from .rules import Rule, routed_methods
+from .rules import MAX_COST, Rule, routed_methods
 
 logger = logging.getLogger("ratelimit")
 
@@ -871,10 +871,13 @@ class Engine:
         task.add_done_callback(_log_failure)
 
     async def _cost(self, rule: Rule, scope: Scope) -> int:
-        """The rule's cost callable asked for `scope`: an integer >= 1, else CallableError.
+        """The rule's cost callable asked for `scope`: an integer from 1 to `MAX_COST`,
+        else CallableError.
 
         Not 0: a cost of nothing would admit the request without taking from
-        any bucket (an exemption is a key function's None).
+        any bucket (an exemption is a key function's None). Not past `MAX_COST`:
+        a cost read from the request (`?n=4611686018427387904`) must not make the
+        store fail, which `fail="open"` would turn into a free admission.
         """
         func = rule.cost
         assert callable(func)
@@ -885,9 +888,13 @@ class Engine:
             raise CallableError(
                 "cost", func, rule.name, "", f"raised {type(exc).__name__}"
             ) from exc
-        if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
+        if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COST:
             raise CallableError(
-                "cost", func, rule.name, "", f"returned {reprlib.repr(cost)}, not an integer >= 1"
+                "cost",
+                func,
+                rule.name,
+                "",
+                f"returned {reprlib.repr(cost)}, not an integer from 1 to 2**53",
             )
         return cost
 

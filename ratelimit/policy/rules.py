@@ -13,6 +13,10 @@ from .paths import PathPattern
 
 FailPolicy = Literal["open", "closed", "local"]
 FAIL_POLICIES = ("open", "closed", "local")
+#: Largest cost a request may have: the largest integer a double (Lua's number, the
+#: clock's float) holds exactly. Past it a Redis window's INCRBY refuses the script's
+#: number (a backend failure: fail="open" admitted it) and a bucket's wait overflows.
+MAX_COST = 2**53
 _HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -74,7 +78,7 @@ class Rule:
         self.limits = tuple(limits)
         if callable(cost):
             self.cost: int | CostFunc = cost
-        elif isinstance(cost, int) and not isinstance(cost, bool) and cost >= 0:
+        elif isinstance(cost, int) and not isinstance(cost, bool) and 0 <= cost <= MAX_COST:
             self.cost = cost
             for i, lim in enumerate(self.limits):
                 if isinstance(lim, TokenBucket) and cost > lim.burst:
@@ -84,7 +88,9 @@ class Rule:
                         lim.burst,
                     )
         else:
-            raise ConfigError("cost", "an integer >= 0 or a callable (scope) -> int", cost)
+            raise ConfigError(
+                "cost", "an integer >= 0 (at most 2**53) or a callable (scope) -> int", cost
+            )
         self.name = derive_name(path) if name is None else check_name("name", name)
         if fail is not None and fail not in FAIL_POLICIES:
             raise ConfigError("fail", '"open", "closed" or "local"', fail)
