@@ -13,6 +13,7 @@ from typing import Any
 from .._errors import ConfigError
 from ..policy.engine import Plan
 from ..policy.limits import Concurrency
+from ..policy.rules import MAX_COST
 
 #: A caller's key: one text for every per-caller limit of the rule, or one per limit name.
 Key = str | Mapping[str, str | None] | None
@@ -63,8 +64,8 @@ def cost(plan: Plan, cost: int | None) -> int:
             "cost",
             f"an integer: rule {plan.rule.name!r} takes its cost from a request (a function)",
         )
-    if not isinstance(cost, int) or isinstance(cost, bool) or cost < 1:
-        raise ConfigError("cost", "an integer >= 1 (peek() takes nothing)", cost)
+    if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COST:
+        raise ConfigError("cost", "an integer from 1 to 2**53 (peek() takes nothing)", cost)
     return cost
 
 

@@ -41,6 +41,11 @@ _ZERO_PERIOD = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.IGNORECASE)
 #: expires, and past the store's time range (1e16 s) one is never given back.
 MAX_LEASE = 86400.0
 
+#: Longest span a rate may cover (seconds, 100 years): a rate's period, and the time a
+#: bucket takes to refill its whole burst. Past the store's time range Redis refuses the
+#: script's numbers, a backend failure that `fail="open"` would turn into free admissions.
+MAX_SPAN = 100 * 365.25 * 86400.0
+
 
 def parse_rate_string(field: str, rate: object) -> RateLimitItem:
     """Parse `"5/minute"` or `"100 per hour"` with the `limits` package.
@@ -59,6 +64,8 @@ def parse_rate_string(field: str, rate: object) -> RateLimitItem:
             if len(items) > 1:
                 raise ConfigError(field, "one rate (use one limit per rate)", rate)
             if items and items[0].amount > 0:
+                if items[0].get_expiry() > MAX_SPAN:
+                    raise ConfigError(field, "a rate over a period of at most 100 years", rate)
                 return items[0]
     raise ConfigError(field, 'a rate like "10/minute" or "100 per hour"', rate)
 
@@ -137,6 +144,10 @@ class TokenBucket(Limit):
             burst = self.item.amount
         if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
             raise ConfigError("burst", "a positive integer", burst)
+        if burst * self.interval > MAX_SPAN:
+            raise ConfigError(
+                "burst", "at most 100 years of the rate (burst x seconds per unit)", burst
+            )
         self.burst = burst
 
     def scaled(self, share: float) -> TokenBucket:
