@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from ratelimit import Concurrency, Rule, TokenBucket, Window, keys
 from ratelimit.asgi.responses import RateLimitField, ratelimit_header
 from ratelimit.backends.base import CheckResult
-from ratelimit.policy.engine import SKIPPED, Decision, Plan
+from ratelimit.core.decision import Decision
+from ratelimit.core.plan import SKIPPED, Plan
 from ratelimit.policy.limits import Limit
 
 LIMITS: list[Limit] = [

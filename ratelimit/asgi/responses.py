@@ -12,7 +12,8 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..backends.base import CheckResult
-from ..policy.engine import SKIPPED, BlockedDecision, Decision, reset_after
+from ..core.decision import BlockedDecision, Decision
+from ..core.plan import SKIPPED, reset_after
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
 

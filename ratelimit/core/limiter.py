@@ -25,23 +25,14 @@ from time import perf_counter
 from types import TracebackType
 from typing import Any
 
-from .._errors import CallableError, ConfigError, RateLimited
+from .._errors import CallableError, ConfigError
 from .._types import Scope
 from ..algorithms.gcra import gcra
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
 from ..backends.stores import override_store, top_store
 from ..policy.config import ConfigSource, Settings, load_config
-from ..policy.engine import (
-    SKIPPED,
-    Abandon,
-    Decision,
-    Engine,
-    Given,
-    Plan,
-)
 from ..policy.limits import TokenBucket
-from ..policy.live import LiveOverrides
 from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
@@ -49,7 +40,11 @@ from ..policy.top import TopCallers, publisher_for
 from . import caller, statistics
 from .callables import CallableErrorLog
 from .caller import Key
+from .decision import Abandon, Decision, Given, RateLimited
+from .engine import Engine
+from .live import LiveOverrides
 from .observer import Observer
+from .plan import SKIPPED, Plan
 from .statistics import LimitStatistics
 from .workers import WORKERS_CHECK_DELAY, warn_if_workers
 
