@@ -15,7 +15,8 @@ import inspect
 import itertools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 from .._errors import ConfigError
 from .._types import Scope
@@ -84,7 +85,8 @@ class Engine:
         self.rules = tuple(rules)
         self.backend = backend
         self._plans = tuple(plans)
-        self._by_rule = {p.rule.name: p for p in plans}
+        #: The plan in force per rule name.
+        self.by_name = {p.rule.name: p for p in plans}
         self._matchers = _matchers(plans)
         #: The backend's synchronous twin of decide, if it has one (NowaitBackend).
         self._decide_nowait = nowait_method(backend, "decide")
@@ -123,15 +125,15 @@ class Engine:
 
     def plan(self, rule: Rule) -> Plan:
         """The compiled plan of `rule`."""
-        return self._by_rule[rule.name]
+        return self.by_name[rule.name]
 
-    async def decide(
+    def decide(
         self,
         rule: Rule,
         scope: Scope,
         abandon: Abandon | None = None,
         given: Given | None = None,
-    ) -> Decision:
+    ) -> Coroutine[Any, Any, Decision]:
         """Decide `scope` against `rule`: all of its limits admit and consume, or none.
 
         If the rule's only refusal is a full concurrency limit with a `queue`, the
@@ -139,13 +141,23 @@ class Engine:
         is refused in the end). `abandon()`, if given, is awaited alongside: when
         it completes (the client went away) the request leaves the line at once.
         With `given`, keys, cost, priority and deadline come from it, not `scope`.
+
+        The rule's kind of plan picks the coroutine that decides (no other await
+        in between: one coroutine per decision, as a plain `async def`).
         """
-        plan = self._by_rule[rule.name]
-        if plan.__class__ is not Plan:
-            if isinstance(plan, OneBucketPlan):
-                return await self._decide_one(plan, scope, given)
-            assert isinstance(plan, BlockedPlan)
-            return BlockedDecision(plan)
+        plan = self.by_name[rule.name]
+        if plan.__class__ is Plan:
+            return self._decide(plan, scope, abandon, given)
+        if isinstance(plan, OneBucketPlan):
+            return self._decide_one(plan, scope, given)
+        assert isinstance(plan, BlockedPlan)
+        return _blocked(plan)
+
+    async def _decide(
+        self, plan: Plan, scope: Scope, abandon: Abandon | None, given: Given | None
+    ) -> Decision:
+        """`decide` for any rule: every limit in order, then the line if one refused."""
+        rule = plan.rule
         cost = rule.cost
         #: A given cost other than the rule's: cached whole bucket checks do not fit.
         recost = False
@@ -348,7 +360,7 @@ class Engine:
             return changed
         # Assigned together: nothing else runs on the loop until this method returns.
         self._plans = tuple(plans)
-        self._by_rule = {p.rule.name: p for p in plans}
+        self.by_name = {p.rule.name: p for p in plans}
         self._matchers = _matchers(plans)
         self.rules = tuple(p.rule for p in plans)
         self.holding.renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
@@ -362,3 +374,8 @@ class Engine:
     def blocks(self) -> dict[str, Override]:
         """The block override in force per rule name (rules not blocked are absent)."""
         return {p.rule.name: p.block for p in self._plans if isinstance(p, BlockedPlan)}
+
+
+async def _blocked(plan: BlockedPlan) -> Decision:
+    """A blocked rule's refusal (see `BlockedDecision`): no backend call."""
+    return BlockedDecision(plan)

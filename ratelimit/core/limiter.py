@@ -44,7 +44,7 @@ from .decision import Abandon, Decision, Given, RateLimited
 from .engine import Engine
 from .live import LiveOverrides
 from .observer import Observer
-from .plan import SKIPPED, Plan
+from .plan import SKIPPED, Plan, new
 from .statistics import LimitStatistics
 from .workers import WORKERS_CHECK_DELAY, warn_if_workers
 
@@ -153,8 +153,6 @@ class Limiter:
             )
         if metrics is not None:
             metrics.on_start(self.engine)
-        #: Rule name -> index in `engine.rules` (overrides keep names and order).
-        self._index = {r.name: i for i, r in enumerate(self.engine.rules)}
         #: Live overrides of the rules, in the backend's store (Redis: the fleet's).
         self.overrides = LiveOverrides(
             self.engine.rules, override_store(backend), self._apply_overrides
@@ -247,7 +245,7 @@ class Limiter:
 
         From the backend: this process on `MemoryBackend`, the fleet on Redis.
         """
-        plan = self.engine.plan(self._rule(rule))
+        plan = self._plan(rule)
         texts = caller.texts(plan, key, leases_only=True)
         return await statistics.gather(plan, texts, self.backend)
 
@@ -349,11 +347,16 @@ class Limiter:
 
     # -- inside ---------------------------------------------------------------------
 
-    def _rule(self, name: str) -> Rule:
-        index = self._index.get(name) if isinstance(name, str) else None
-        if index is None:
-            raise ConfigError("rule", f"the name of a rule: one of {list(self._index)}", name)
-        return self.engine.rules[index]
+    def _plan(self, name: str) -> Plan:
+        """The plan in force for the rule named `name`; ConfigError if there is none."""
+        try:
+            plan = self.engine.by_name.get(name)
+        except TypeError:  # unhashable: not a name
+            plan = None
+        if plan is None or not isinstance(name, str):
+            names = list(self.engine.by_name)
+            raise ConfigError("rule", f"the name of a rule: one of {names}", name)
+        return plan
 
     async def _decide(
         self,
@@ -373,8 +376,7 @@ class Limiter:
         if self._unstarted:
             await self.start()
         engine = self.engine
-        rule = self._rule(name)
-        plan = engine.plan(rule)
+        plan = self._plan(name)
         if peek is not None and plan.min_lease != math.inf:  # the rule has leases
             raise ConfigError(
                 "rule",
@@ -382,12 +384,28 @@ class Limiter:
                 f"given back): use `async with limiter.acquire({name!r}, ...)`",
                 name,
             )
-        given = Given(
-            caller.texts(plan, key, leases_only=False),
-            0 if peek else caller.cost(plan, cost),
-            None if priority is None else caller.priority(plan, priority),
-            caller.timeout(timeout),
+        # The common call (one text, the rule's own constant cost) asks no checker.
+        texts = (
+            (key,) * plan.size
+            if isinstance(key, str)
+            else caller.texts(plan, key, leases_only=False)
         )
+        if peek:
+            units = 0
+        elif cost is None and plan.static_cost is not None:
+            units = plan.static_cost
+        else:
+            units = caller.cost(plan, cost)
+        given = new(
+            Given,
+            (
+                texts,
+                units,
+                None if priority is None else caller.priority(plan, priority),
+                None if timeout is None else caller.timeout(timeout),
+            ),
+        )
+        rule = plan.rule
         started = perf_counter()
         try:
             decision = await engine.decide(rule, _NO_SCOPE, None, given)
