@@ -20,9 +20,9 @@ from typing import Any
 from .._errors import CallableError, ConfigError
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
-from ..core.decision import ABANDONED, BlockedDecision, Decision, Grant
+from ..core.decision import ABANDONED, BlockedDecision, Decision, FailedDecision, Grant
 from ..core.engine import Engine
-from ..core.limiter import FailedDecision, Limiter, build_backend
+from ..core.limiter import Limiter, build_backend
 from ..core.observer import Observer
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.rules import FailPolicy, Rule

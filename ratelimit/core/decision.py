@@ -170,6 +170,25 @@ class EngineObserver(Protocol):
         ...
 
 
+#: `Decision.reason` of a decision the rule's fail policy made (the backend failed).
+FAILED_OPEN, FAILED_CLOSED = "failed_open", "failed_closed"
+
+
+class FailedDecision(Decision):
+    """The backend failed and the rule's `fail` policy answered: "open" admits (holding
+    nothing), "closed" refuses with 503. `error` is the backend's exception."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, plan: Plan, admit: bool, error: BaseException) -> None:
+        if admit:
+            super().__init__(plan.rule, True, 200, 0.0, plan, [None] * plan.size)
+        else:
+            super().__init__(plan.rule, False, 503, 1.0, plan, [SKIPPED] * plan.size)
+        self.reason = FAILED_OPEN if admit else FAILED_CLOSED
+        self.error = error
+
+
 class RateLimited(RateLimitError):
     """`Limiter.acquire` was refused: its block did not run and holds nothing.
 

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from time import perf_counter
 from types import TracebackType
 from typing import Any
@@ -38,9 +39,10 @@ from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
 from . import caller, statistics
+from .acquisition import Acquisition
 from .callables import CallableErrorLog
 from .caller import Key
-from .decision import Abandon, Decision, Given, RateLimited
+from .decision import Abandon, Decision, FailedDecision, Given
 from .engine import Engine
 from .live import LiveOverrides
 from .observer import Observer
@@ -50,26 +52,8 @@ from .workers import WORKERS_CHECK_DELAY, warn_if_workers
 
 logger = logging.getLogger("ratelimit")
 
-#: `Decision.reason` of a decision the rule's fail policy made (the backend failed).
-FAILED_OPEN, FAILED_CLOSED = "failed_open", "failed_closed"
-
 #: The scope of a decision with a `Given`: the engine asks it nothing.
 _NO_SCOPE: Scope = {}
-
-
-class FailedDecision(Decision):
-    """The backend failed and the rule's `fail` policy answered: "open" admits (holding
-    nothing), "closed" refuses with 503. `error` is the backend's exception."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, plan: Plan, admit: bool, error: BaseException) -> None:
-        if admit:
-            super().__init__(plan.rule, True, 200, 0.0, plan, [None] * plan.size)
-        else:
-            super().__init__(plan.rule, False, 503, 1.0, plan, [SKIPPED] * plan.size)
-        self.reason = FAILED_OPEN if admit else FAILED_CLOSED
-        self.error = error
 
 
 class Limiter:
@@ -194,7 +178,7 @@ class Limiter:
         limits, or a mapping of limit name -> text (None: exempt from it);
         `keys.GLOBAL` limits stay global.
         """
-        return Acquisition(self, rule, key, cost, priority, timeout)
+        return Acquisition(partial(self._decide, rule, key, cost, priority, timeout, peek=None))
 
     async def check(self, rule: str, key: Key = None, *, cost: int | None = None) -> Decision:
         """Decide `rule` for `key` now and return the decision; it consumes when allowed.
@@ -450,55 +434,6 @@ class Limiter:
         if not self.failing:
             self.failing = True
             logger.error("ratelimit backend failed (%r); failing %s until it answers", exc, policy)
-
-
-class Acquisition:
-    """`Limiter.acquire`'s context: decides on entry, releases the grant on exit."""
-
-    __slots__ = ("_args", "_engine", "_limiter", "decision")
-
-    def __init__(
-        self,
-        limiter: Limiter,
-        rule: str,
-        key: Key,
-        cost: int | None,
-        priority: object,
-        timeout: float | None,
-    ) -> None:
-        self._limiter = limiter
-        self._args = (rule, key, cost, priority, timeout)
-        self._engine: Engine | None = None
-        #: The admitted decision, once entered.
-        self.decision: Decision | None = None
-
-    async def __aenter__(self) -> Decision:
-        if self.decision is not None:
-            raise RuntimeError("this acquire() was entered already; call acquire() again")
-        engine, decision = await self._limiter._decide(*self._args, peek=None)
-        if not decision.allowed and (
-            not decision.rule.shadow or decision.__class__ is not Decision
-        ):
-            error = decision.error if isinstance(decision, FailedDecision) else None
-            raise RateLimited(decision) from error
-        self._engine = engine
-        self.decision = decision
-        return decision
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        decision, engine = self.decision, self._engine
-        grant = None if decision is None else decision.grant
-        if grant is None or grant.released or engine is None:
-            return
-        if engine.release_nowait(grant):
-            return
-        if kind is None:
-            # Shielded: a cancellation now must not leave the slot to its lease's expiry.
-            await asyncio.shield(engine.release(grant))
-        else:
-            engine.release_soon(grant)  # no await: the block failed or was cancelled
 
 
 def _describe(rule: Rule) -> str:
