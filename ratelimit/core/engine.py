@@ -62,7 +62,12 @@ def _matchers(
 
 
 class Engine:
-    """Decides requests for a list of rules against one backend."""
+    """Decides requests for a list of rules against one backend.
+
+    `release`, `release_nowait`, `release_soon` and `aclose` are its `holding`'s
+    (the leases of admitted requests), `estimate` its `lines`' (waiting lines):
+    bound once here, so a release costs no extra call.
+    """
 
     def __init__(
         self, rules: Sequence[Rule], backend: Backend, observer: EngineObserver | None = None
