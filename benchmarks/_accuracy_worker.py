@@ -92,7 +92,7 @@ async def hammer_concurrency(ctx: Ctx, item: dict[str, Any], tasks: int) -> Tall
     from redis.asyncio import Redis
 
     from ratelimit import Concurrency, RedisBackend, Rule, keys
-    from ratelimit.policy.engine import Engine
+    from ratelimit.core.engine import Engine
 
     backend = RedisBackend(ctx.url, prefix=ctx.prefix)
     rule = Rule("/bench", limits=[Concurrency(item["limit"], key=keys.GLOBAL)])

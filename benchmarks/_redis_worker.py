@@ -247,7 +247,7 @@ def _backend_builder(*, lease: bool, split: bool = False) -> Builder:
 def _engine_builder(*, concurrency: bool) -> Builder:
     async def build(ctx: Ctx) -> Adapter:
         from ratelimit import Concurrency, RedisBackend, Rule, TokenBucket, keys
-        from ratelimit.policy.engine import Engine
+        from ratelimit.core.engine import Engine
 
         backend = RedisBackend(ctx.url, prefix=ctx.prefix)
         rate = ctx.limit.text()

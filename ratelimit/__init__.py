@@ -10,7 +10,6 @@ from ._errors import BackendUnavailable as BackendUnavailable
 from ._errors import CallableError as CallableError
 from ._errors import ConfigError as ConfigError
 from ._errors import LeaseError as LeaseError
-from ._errors import RateLimited as RateLimited
 from ._errors import RateLimitError as RateLimitError
 from .asgi.metrics import Metrics as Metrics
 from .asgi.metrics import metrics_app as metrics_app
@@ -19,12 +18,13 @@ from .asgi.top import top_app as top_app
 from .backends.base import Backend as Backend
 from .backends.memory import MemoryBackend as MemoryBackend
 from .backends.redis import RedisBackend as RedisBackend
+from .core.decision import Decision as Decision
+from .core.decision import RateLimited as RateLimited
 from .core.limiter import Limiter as Limiter
 from .core.observer import Observer as Observer
+from .core.plan import LimitState as LimitState
 from .core.statistics import LimitStatistics as LimitStatistics
 from .policy import keys as keys
-from .policy.engine import Decision as Decision
-from .policy.engine import LimitState as LimitState
 from .policy.limits import Concurrency as Concurrency
 from .policy.limits import TokenBucket as TokenBucket
 from .policy.limits import Window as Window

@@ -8,6 +8,7 @@
     │                              for one request (it cannot be rated); its error is __cause__
     ├── LeaseError                 misuse of a lease (released twice, unknown)
     └── RateLimited                `Limiter.acquire` was refused; carries the decision
+                                   (defined beside `Decision`, in core/decision.py)
 
 A refused request is not an exception: it is a `Decision` value (the middleware
 answers it; `Limiter.check` returns it). Only `Limiter.acquire`, whose block
@@ -15,11 +16,6 @@ must not run, raises `RateLimited`.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .policy.engine import Decision
 
 
 class RateLimitError(Exception):
@@ -91,23 +87,3 @@ def callable_name(func: object) -> str:
 
 class LeaseError(RateLimitError):
     """A lease was misused: released twice, or never granted."""
-
-
-class RateLimited(RateLimitError):
-    """`Limiter.acquire` was refused: its block did not run and holds nothing.
-
-    `retry_after` is the seconds to wait before trying again; `decision` says
-    which limits refused (`decision.violated`, `decision.states`) and, for a
-    request that waited in line, why it left it (`decision.reason`). A refusal
-    because the backend failed and the rule fails "closed" has status 503 and
-    reason "failed_closed", with the backend's error as `__cause__`.
-    """
-
-    def __init__(self, decision: Decision) -> None:
-        self.decision = decision
-        self.retry_after = decision.retry_after
-        why = decision.reason or ", ".join(decision.violated) or "refused"
-        super().__init__(
-            f"rule {decision.rule.name!r}: {why} ({decision.status}); "
-            f"retry after {decision.retry_after:.3g} s"
-        )

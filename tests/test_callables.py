@@ -38,7 +38,7 @@ from ratelimit import (
 from ratelimit._types import Scope
 from ratelimit.backends.base import QueueBackend, StoreKey
 from ratelimit.core.callables import CallableErrorLog
-from ratelimit.policy.engine import Engine
+from ratelimit.core.engine import Engine
 
 BAD = b"x-bad"
 

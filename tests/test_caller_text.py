@@ -18,7 +18,7 @@ from ratelimit import (
     TopCallers,
     keys,
 )
-from ratelimit.policy.engine import Engine
+from ratelimit.core.engine import Engine
 
 MiB = 1024 * 1024
 

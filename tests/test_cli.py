@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from ratelimit import RedisBackend
 from ratelimit.backends.base import BucketCheck, LeaseCheck, QueueCheck, StoreKey
 from ratelimit.cli import Out, human_seconds, parse_duration
-from ratelimit.policy.engine import _digest
+from ratelimit.policy.keys import digest as _digest
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = "ratelimit:{overrides}"
@@ -244,7 +244,7 @@ async def test_override_is_checked_against_the_rules_running_workers_report(
     """Without --config, the rules the live workers report are what an override must fit."""
     from ratelimit import Concurrency, Rule
     from ratelimit.backends.redis.overrides import RedisOverrideStore
-    from ratelimit.policy.live import LiveOverrides
+    from ratelimit.core.live import LiveOverrides
 
     rule = Rule("/v1/images", limits=[Concurrency(8, name="gpu")], name="images")
     live = LiveOverrides([rule], RedisOverrideStore(redis, "ratelimit"), lambda res: None)

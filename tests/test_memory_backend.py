@@ -23,7 +23,7 @@ from ratelimit.backends.base import (
     Verdict,
     nowait_method,
 )
-from ratelimit.policy.engine import Engine
+from ratelimit.core.engine import Engine
 
 
 class ManualClock:

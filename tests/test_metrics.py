@@ -404,7 +404,7 @@ async def test_in_flight_follows_held_slots_through_the_release_hook() -> None:
         assert ex.task is not None
         await asyncio.gather(ex.task, return_exceptions=True)
     await eventually(lambda: in_flight() == 0)
-    assert app.engine.held() == 0
+    assert len(app.engine.holding.held) == 0
     await app.aclose()
 
 

@@ -226,7 +226,7 @@ async def test_concurrency_admits_exactly_the_limit_and_refuses_the_rest_with_50
     assert refused.header(b"retry-after") == b"1"
     gate.set()
     await asyncio.gather(*(ex.task for ex in exchanges if ex.task))
-    await eventually(lambda: app.engine.held() == 0)
+    await eventually(lambda: len(app.engine.holding.held) == 0)
     assert await backend.in_use(StoreKey("gen", "gpu", "*")) == 0
 
 
@@ -284,7 +284,7 @@ async def test_streamed_response_holds_its_lease_until_the_last_chunk() -> None:
     await ex.task  # type: ignore[misc]
     assert ex.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert await backend.in_use(GPU) == 0  # released as the last chunk went out, not later
-    assert app.engine.held() == 0
+    assert len(app.engine.holding.held) == 0
 
 
 async def test_disconnect_mid_stream_frees_the_slot() -> None:
@@ -304,7 +304,7 @@ async def test_disconnect_mid_stream_frees_the_slot() -> None:
     await ex.started.wait()
     assert await backend.in_use(GPU) == 1
     ex.disconnect()
-    await eventually(lambda: mw.engine.held() == 0)
+    await eventually(lambda: len(mw.engine.holding.held) == 0)
     assert await backend.in_use(GPU) == 0
     assert ex.task is not None
     ex.task.cancel()
@@ -324,7 +324,7 @@ async def test_cancelled_task_frees_the_slot() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually(lambda: mw.engine.held() == 0)
+    await eventually(lambda: len(mw.engine.holding.held) == 0)
     assert await backend.in_use(GPU) == 0
 
 
@@ -338,7 +338,7 @@ async def test_app_exception_frees_the_slot_and_propagates() -> None:
     mw = one_slot(broken, backend)
     with pytest.raises(RuntimeError, match="app bug"):
         await mw(http_scope("/gen"), Exchange(mw, {}).receive, Exchange(mw, {}).send)
-    await eventually(lambda: mw.engine.held() == 0)
+    await eventually(lambda: len(mw.engine.holding.held) == 0)
     assert await backend.in_use(GPU) == 0
 
 
@@ -579,13 +579,13 @@ async def test_fail_local_leases_are_released_to_the_local_store() -> None:
     )
     first = Exchange(mw, http_scope("/gen"))
     first.start()
-    await eventually(lambda: mw.limiter.local_engine().held() == 1)
+    await eventually(lambda: len(mw.limiter.local_engine().holding.held) == 1)
     second = Exchange(mw, http_scope("/gen"))
     await second.start()
     assert second.status == 503
     gate.set()
     await first.task  # type: ignore[misc]
-    await eventually(lambda: mw.limiter.local_engine().held() == 0)
+    await eventually(lambda: len(mw.limiter.local_engine().holding.held) == 0)
     third = Exchange(mw, http_scope("/gen"))
     gate.set()
     await third.start()

@@ -184,7 +184,7 @@ async def test_a_lease_granted_before_an_override_is_released_after_it() -> None
     running = Exchange(app, http_scope("/images", headers=[(b"x-api-key", b"a")]))
     running.start()
     gpu = StoreKey("images", "gpu", "*")
-    await eventually(lambda: app.engine.held() == 1)
+    await eventually(lambda: len(app.engine.holding.held) == 1)
     assert await backend.in_use(gpu) == 1
     await app.overrides.set("images", "gpu", slots=1, until_cleared=True)
     second = Exchange(app, http_scope("/images", headers=[(b"x-api-key", b"b")]))
@@ -195,7 +195,7 @@ async def test_a_lease_granted_before_an_override_is_released_after_it() -> None
     await running.task
     assert running.status == 200
     assert await backend.in_use(gpu) == 0
-    assert app.engine.held() == 0
+    assert len(app.engine.holding.held) == 0
 
 
 async def test_limit_gauges_follow_overrides_and_show_a_block_as_zero() -> None:

@@ -27,7 +27,8 @@ from ratelimit import (
     keys,
 )
 from ratelimit.backends.base import StoreKey
-from ratelimit.policy.engine import Decision, Engine
+from ratelimit.core.decision import Decision
+from ratelimit.core.engine import Engine
 
 GPU = StoreKey("gen", "gpu", "*")
 
@@ -235,7 +236,7 @@ async def test_a_cancelled_waiter_leaves_the_line_and_gets_its_tokens_back() -> 
     await until(lambda: GPU in backend._lines)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await until(lambda: not eng._background)
+    await until(lambda: not eng.holding.background)
     assert GPU not in backend._lines
     # Its quota was refunded: the waiter still has both of its 2 units.
     assert first.grant is not None
@@ -256,7 +257,7 @@ async def test_a_slot_granted_as_the_waiter_is_cancelled_is_not_lost() -> None:
     await line.engine.release(first.grant)  # hands the slot to "a" at once...
     line.tasks["a"].cancel()  # ...which is cancelled before it runs again
     await asyncio.gather(line.tasks["a"], return_exceptions=True)
-    await until(lambda: not line.engine._background)
+    await until(lambda: not line.engine.holding.background)
     assert (await in_use(line.engine), line.waiting()) == (0, 0)
 
 
@@ -268,7 +269,7 @@ async def test_a_request_does_not_pass_the_line() -> None:
     eng = Engine([Rule("/gen", limits=[gpu], name="gen")], MemoryBackend(clock=clock))
     line = Line(eng)
     await line.hold()
-    eng._held.clear()  # the holder "crashed": nobody renews its lease
+    eng.holding.held.clear()  # the holder "crashed": nobody renews its lease
     await line.park("a")
     clock.now += 5.0  # its lease is dead: a slot is free, and "a" waits for it
     newcomer = asyncio.ensure_future(eng.decide(line.rule, scope()))
@@ -298,7 +299,7 @@ async def test_refusals_estimate_retry_after_from_observed_service_time() -> Non
         for d in held:
             assert d.grant is not None
             await eng.release(d.grant)
-    service = eng._service[("gen", 0)]
+    service = eng.holding.service[("gen", 0)]
     assert 0.2 <= service < 0.5
     held = [await line.hold() for _ in range(4)]
     for name in "abc":
@@ -498,7 +499,7 @@ async def test_a_refused_caller_gets_an_appointment_and_keeping_it_gets_it_in() 
     await asyncio.sleep(0.02)
     assert d.grant is not None
     await eng.release(d.grant)  # one service time observed
-    spacing = eng._service[("gen", 0)]
+    spacing = eng.holding.service[("gen", 0)]
     await line.hold(user="h")
     await line.park("a", user="a")  # the line (of one) is full
     b = await eng.decide(line.rule, scope(user="b"))
@@ -565,6 +566,6 @@ async def test_a_higher_class_is_not_booked_behind_a_lower_one() -> None:
 
 
 def _digest_of(text: str) -> str:
-    from ratelimit.policy.engine import _digest
+    from ratelimit.policy.keys import digest as _digest
 
     return _digest(text)

@@ -25,7 +25,7 @@ from asgi_helpers import http_scope
 from ratelimit import Concurrency, RateLimitMiddleware, RedisBackend, Rule, keys
 from ratelimit._types import Message, Receive, Scope, Send
 from ratelimit.backends.base import StoreKey
-from ratelimit.policy.engine import Engine
+from ratelimit.core.engine import Engine
 from ratelimit.policy.rules import FailPolicy
 
 pytestmark = pytest.mark.redis

@@ -25,7 +25,7 @@ from ratelimit import Concurrency, RateLimitMiddleware, RedisBackend, Rule, keys
 from ratelimit._errors import BackendError, LeaseError
 from ratelimit._types import Receive, Scope, Send
 from ratelimit.backends.base import LeaseCheck, StoreKey
-from ratelimit.policy.engine import Engine
+from ratelimit.core.engine import Engine
 
 pytestmark = pytest.mark.redis
 
@@ -178,7 +178,7 @@ async def test_a_finished_response_does_not_wait_for_its_slots_release(
         assert exchange.status == 200
         assert exchange.body == b"done"
         assert elapsed < 1.0
-        assert middleware.engine.held() == 0
+        assert len(middleware.engine.holding.held) == 0
         await until_free(backend)
     finally:
         await middleware.aclose()
@@ -215,7 +215,7 @@ async def test_every_slot_is_freed_when_many_requests_end_at_once(backend: Redis
     exchanges = [Exchange(middleware, http_scope("/gen")) for _ in range(50)]
     await asyncio.gather(*(e.start() for e in exchanges))
     assert [e.status for e in exchanges] == [200] * 50
-    await eventually(lambda: middleware.engine.held() == 0)
+    await eventually(lambda: len(middleware.engine.holding.held) == 0)
     await until_free(backend)
 
 

@@ -16,7 +16,7 @@ from ratelimit import Concurrency, Rule, TokenBucket, Window, keys
 from ratelimit.algorithms import window
 from ratelimit.backends.base import StoreKey, WindowCheck
 from ratelimit.backends.redis import RedisBackend
-from ratelimit.policy.engine import Engine
+from ratelimit.core.engine import Engine
 
 pytestmark = pytest.mark.redis
 

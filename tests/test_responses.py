@@ -1,4 +1,4 @@
-"""Header fields: the compiled `RateLimit` field renders exactly what the reference does."""
+"""Header fields: the compiled `RateLimit` field renders exactly what the limits' states say."""
 
 from __future__ import annotations
 
@@ -8,10 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit import Concurrency, Rule, TokenBucket, Window, keys
-from ratelimit.asgi.responses import RateLimitField, ratelimit_header
+from ratelimit.asgi.responses import RateLimitField, seconds
 from ratelimit.backends.base import CheckResult
-from ratelimit.policy.engine import SKIPPED, Decision, Plan
+from ratelimit.core.decision import Decision
+from ratelimit.core.plan import SKIPPED, Plan
 from ratelimit.policy.limits import Limit
+
+
+def ratelimit_header(decision: Decision) -> bytes:
+    """The reference `RateLimit` field value, from the decision's per-limit states
+    (whose `reset_after` is the one reset-time formula, `core.plan.reset_after`)."""
+    parts = []
+    for s in decision.states:
+        if s.exempt or s.skipped:
+            continue
+        if s.limit.__class__ is Concurrency:
+            parts.append(f'"{s.name}";r={s.remaining}')
+        else:
+            parts.append(f'"{s.name}";r={s.remaining};t={seconds(s.reset_after)}')
+    return ", ".join(parts).encode("ascii")
+
 
 LIMITS: list[Limit] = [
     TokenBucket("5/minute", burst=3, key=keys.header("x-api-key"), name="per-key"),

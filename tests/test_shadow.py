@@ -126,7 +126,7 @@ async def test_shadow_concurrency_lets_the_extra_request_run_without_a_slot() ->
     app = RateLimitMiddleware(slow, rules=[rule], backend=backend, metrics=Metrics(registry))
     first, second = (Exchange(app, http_scope("/gpu")) for _ in range(2))
     first.start()
-    await eventually(lambda: app.engine.held() == 1)
+    await eventually(lambda: len(app.engine.holding.held) == 1)
     second.start()
     await eventually(lambda: decisions(registry, "gpu", "gpu", "shadow_rejected") == 1)
     assert await backend.in_use(StoreKey("gpu", "gpu", "*")) == 1

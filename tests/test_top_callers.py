@@ -23,7 +23,7 @@ from ratelimit import (
     top_app,
 )
 from ratelimit._types import Scope
-from ratelimit.policy.engine import _digest
+from ratelimit.policy.keys import digest as _digest
 
 
 async def ok(request: object) -> Response:

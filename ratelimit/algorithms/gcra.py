@@ -42,22 +42,9 @@ def gcra(tat: float | None, now: float, cost: int, interval: float, burst: int) 
     """Decide one request of `cost` units against a bucket whose state is `tat`.
 
     `tat=None` means no state (a full bucket). `cost=0` peeks without consuming.
+    The readable form of `gcra_tuple`, which computes it.
     """
-    base = now if tat is None or tat < now else tat
-    capacity = burst * interval
-    new_tat = base + cost * interval
-    allow_at = new_tat - capacity
-    if cost > 0 and allow_at > now + EPSILON:
-        # Refused: nothing is consumed.
-        used = base - now
-        free = capacity - used
-        remaining = int(free / interval + EPSILON) if free > 0 else 0
-        return BucketResult(False, tat if tat is not None else now, remaining, allow_at - now, used)
-    used = new_tat - now
-    free = capacity - used
-    # int() is floor here (the argument is positive), and cheaper than math.floor.
-    remaining = int(free / interval + EPSILON) if free > 0 else 0
-    return BucketResult(True, new_tat, remaining, 0.0, used)
+    return BucketResult._make(gcra_tuple(tat, now, cost, interval, burst))
 
 
 def refund(tat: float, now: float, cost: int, interval: float) -> float | None:
@@ -69,22 +56,23 @@ def refund(tat: float, now: float, cost: int, interval: float) -> float | None:
 def gcra_tuple(
     tat: float | None, now: float, cost: int, interval: float, burst: int
 ) -> tuple[bool, float, int, float, float]:
-    """`gcra` as a plain tuple of the same fields: the memory backend's per-request step.
+    """`gcra`'s step as a plain tuple of `BucketResult`'s fields: the one implementation.
 
-    Calling a NamedTuple class runs its Python-level `__new__`, which costs as
-    much as the arithmetic here. These are `gcra`'s operations in the same
-    order; a test holds the two equal bit for bit.
+    The memory backend's per-request step unpacks it: building a NamedTuple
+    would cost as much again as the arithmetic here.
     """
     base = now if tat is None or tat < now else tat
     capacity = burst * interval
     new_tat = base + cost * interval
     allow_at = new_tat - capacity
     if cost > 0 and allow_at > now + EPSILON:
+        # Refused: nothing is consumed.
         used = base - now
         free = capacity - used
         remaining = int(free / interval + EPSILON) if free > 0 else 0
         return (False, tat if tat is not None else now, remaining, allow_at - now, used)
     used = new_tat - now
     free = capacity - used
+    # int() is floor here (the argument is positive), and cheaper than math.floor.
     remaining = int(free / interval + EPSILON) if free > 0 else 0
     return (True, new_tat, remaining, 0.0, used)

@@ -3,22 +3,14 @@
 A lease table is a mapping of lease id to expiry time. A lease whose expiry
 has passed is dead: its holder crashed or stopped renewing, and its slot is
 free again. Holders renew well before expiry and release exactly once.
+
+Taking a slot is not here: the backends take it inside their all-or-nothing
+pass over a rule's checks (prune, count against the limit, add on commit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
-from typing import NamedTuple
-
-
-class LeaseResult(NamedTuple):
-    """The outcome of one acquire."""
-
-    admitted: bool
-    #: Live leases after this step (including the new one when admitted).
-    in_use: int
-    #: Slots still free after this step.
-    remaining: int
 
 
 def live(table: Mapping[str, float], now: float) -> int:
@@ -32,27 +24,6 @@ def prune(table: MutableMapping[str, float], now: float) -> int:
     for lease in dead:
         del table[lease]
     return len(dead)
-
-
-def acquire(
-    table: MutableMapping[str, float], lease_id: str, now: float, limit: int, ttl: float
-) -> LeaseResult:
-    """Grant `lease_id` a slot until `now + ttl` if fewer than `limit` are live.
-
-    Dead leases are pruned first, so a crashed holder never blocks a slot
-    longer than its ttl. Refusal changes nothing but that pruning.
-    """
-    prune(table, now)
-    in_use = len(table)
-    if in_use >= limit:
-        return LeaseResult(admitted=False, in_use=in_use, remaining=0)
-    table[lease_id] = now + ttl
-    return LeaseResult(admitted=True, in_use=in_use + 1, remaining=limit - in_use - 1)
-
-
-def can_acquire(table: Mapping[str, float], now: float, limit: int) -> bool:
-    """Whether `acquire` would admit right now (a peek for all-or-nothing checks)."""
-    return live(table, now) < limit
 
 
 def renew(table: MutableMapping[str, float], lease_id: str, now: float, ttl: float) -> bool:

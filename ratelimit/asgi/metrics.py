@@ -72,7 +72,8 @@ from prometheus_client.registry import Collector
 from .._errors import ConfigError
 from .._types import ASGIApp, Receive, Scope, Send
 from ..backends.breaker import BreakerState, CircuitBreaker
-from ..policy.engine import BlockedDecision, Decision, Engine, Grant
+from ..core.decision import BlockedDecision, Decision, Grant
+from ..core.engine import Engine
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
 from .admin import BadRequest, query_params, send_bad_request

@@ -20,10 +20,11 @@ from typing import Any
 from .._errors import CallableError, ConfigError
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..backends.base import Backend
-from ..core.limiter import FailedDecision, Limiter, build_backend
+from ..core.decision import ABANDONED, BlockedDecision, Decision, FailedDecision, Grant
+from ..core.engine import Engine
+from ..core.limiter import Limiter, build_backend
 from ..core.observer import Observer
 from ..policy.config import ConfigSource, Settings, load_config
-from ..policy.engine import ABANDONED, BlockedDecision, Decision, Engine, Grant
 from ..policy.rules import FailPolicy, Rule
 from ..policy.top import TopCallers
 from . import responses
@@ -221,18 +222,27 @@ class RateLimitMiddleware:
             if not grant.released:
                 engine.release_soon(grant)
 
+    #: The key of the header fields in a plan's `derived` (see `_compile`).
+    _DERIVED = "asgi.fields"
+
     def _compile(self, rule: Rule) -> tuple[Rule, tuple[bytes, bytes], responses.RateLimitField]:
-        """The header fields of `rule`, compiled (also for the `local` engine's scaled copies).
+        """The header fields of `rule`, compiled once per plan (in the plan's `derived`).
 
         The policy describes the limiter's effective rule of that name, as the
-        client was told; the `RateLimit` field comes from the rule that decided.
-        An override replaces the rule, so the next request compiles anew.
+        client was told; the `RateLimit` field comes from the rule that decided
+        (the `local` engine's scaled copies are compiled here, not kept). An
+        override swaps the plan, and what was compiled from it goes with it.
         """
-        compiled = (
-            rule,
-            (b"ratelimit-policy", responses.policy_header(self.engine.plan(rule).rule)),
-            responses.RateLimitField(rule),
-        )
+        plan = self.engine.plan(rule)
+        compiled = plan.derived.get(self._DERIVED) if plan.rule is rule else None
+        if compiled is None:
+            compiled = (
+                rule,
+                (b"ratelimit-policy", responses.policy_header(plan.rule)),
+                responses.RateLimitField(rule),
+            )
+            if plan.rule is rule:
+                plan.derived[self._DERIVED] = compiled
         self._fields[rule.name] = compiled
         return compiled
 

@@ -20,7 +20,8 @@ import logging
 from urllib.parse import unquote, urlsplit
 
 from .._types import Message, Scope
-from ..policy.engine import Decision, Engine
+from ..core.decision import Decision
+from ..core.engine import Engine
 
 logger = logging.getLogger("ratelimit")
 

@@ -12,7 +12,8 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..backends.base import CheckResult
-from ..policy.engine import SKIPPED, BlockedDecision, Decision, reset_after
+from ..core.decision import BlockedDecision, Decision
+from ..core.plan import SKIPPED
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
 
@@ -60,7 +61,8 @@ class RateLimitField:
             if lim.__class__ is Concurrency:
                 parts.append((_SLOTS, f'"{name}";r=%d'.encode("ascii"), 0.0))
             elif isinstance(lim, TokenBucket):
-                # `reset_after`'s time until the next unit, precomputed (the same operation).
+                # `core.plan.reset_after`'s time until the next unit, precomputed (the same
+                # operation).
                 parts.append(
                     (_BUCKET, f'"{name}";r=%d;t=%d'.encode("ascii"), (lim.burst - 1) * lim.interval)
                 )
@@ -74,7 +76,8 @@ class RateLimitField:
 
     # The two renderers repeat one small computation instead of sharing a helper:
     # a Python call costs as much as the rest of a part here. Both are held byte
-    # for byte to `ratelimit_header` by tests/test_responses.py.
+    # for byte to the limits' states (`Decision.states`, whose `t` is the one formula,
+    # `core.plan.reset_after`) by tests/test_responses.py.
 
     def _render_all(self, results: Sequence[CheckResult | None]) -> bytes:
         out = []
@@ -87,7 +90,7 @@ class RateLimitField:
             if kind == _SLOTS:
                 out.append(template % remaining)
                 continue
-            # The engine's `reset_after` and `seconds`, inlined (conditionals, not max():
+            # `core.plan.reset_after` and `seconds`, inlined (conditionals, not max():
             # the same values, at a fraction of a builtin call's cost).
             if remaining or kind == _RATE:
                 t = reset
@@ -120,24 +123,6 @@ class RateLimitField:
         return template % (remaining, whole if whole > 0 else 0)
 
 
-def ratelimit_header(decision: Decision) -> bytes:
-    """The `RateLimit` field value: remaining quota and reset time per limit.
-
-    The reference form, kept readable; the middleware renders the same bytes
-    with a `RateLimitField` compiled per rule (a test holds them equal).
-    """
-    parts = []
-    for lim, name, r in zip(decision.rule.limits, decision.names, decision.results, strict=True):
-        if r is None or r is SKIPPED:
-            continue
-        if lim.__class__ is Concurrency:
-            parts.append(f'"{name}";r={r.remaining}')
-        else:
-            t = reset_after(lim, r)
-            parts.append(f'"{name}";r={r.remaining};t={max(0, math.ceil(t - 1e-9))}')
-    return ", ".join(parts).encode("ascii")
-
-
 def retry_after(decision: Decision) -> int:
     """`Retry-After` in whole seconds, at least 1, never earlier than the true time."""
     return max(1, seconds(decision.retry_after))
@@ -150,7 +135,8 @@ def refusal_headers(
     headers: Headers = [(b"retry-after", str(retry_after(decision)).encode())]
     if policy:
         headers.append((b"ratelimit-policy", policy))
-    value = ratelimit_header(decision) if field is None else field.render(decision.results)
+    field = RateLimitField(decision.rule) if field is None else field
+    value = field.render(decision.results)
     if value:
         headers.append((b"ratelimit", value))
     return headers

@@ -6,7 +6,7 @@ import getpass
 import socket
 
 from .._errors import ConfigError
-from ..policy.live import removed, snapshot
+from ..core.live import removed, snapshot
 from ..policy.overrides import Override, check_override
 from .context import Context, Refused, known_rules
 from .output import clean, human_seconds, iso, override_data

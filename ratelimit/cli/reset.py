@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .._errors import ConfigError
-from ..policy.engine import _digest
+from ..policy.keys import digest as _digest
 from ..policy.limits import check_name
 from .context import Context, Refused
 from .parser import OK, usage

@@ -7,8 +7,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ..core.live import snapshot
 from ..policy.limits import Concurrency
-from ..policy.live import snapshot
 from ..policy.overrides import describe_limit, resolve
 from .context import Context, rules_from_reports
 from .output import Cell, Out, clean, human_seconds, iso, limit_numbers, override_data, redact

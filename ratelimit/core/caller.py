@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import ConfigError
-from ..policy.engine import Plan
 from ..policy.limits import Concurrency
 from ..policy.rules import MAX_COST
+from .plan import Plan
 
 #: A caller's key: one text for every per-caller limit of the rule, or one per limit name.
 Key = str | Mapping[str, str | None] | None

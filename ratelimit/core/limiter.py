@@ -21,60 +21,39 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from time import perf_counter
 from types import TracebackType
 from typing import Any
 
-from .._errors import CallableError, ConfigError, RateLimited
+from .._errors import CallableError, ConfigError
 from .._types import Scope
 from ..algorithms.gcra import gcra
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
 from ..backends.stores import override_store, top_store
 from ..policy.config import ConfigSource, Settings, load_config
-from ..policy.engine import (
-    SKIPPED,
-    Abandon,
-    Decision,
-    Engine,
-    Given,
-    Plan,
-)
 from ..policy.limits import TokenBucket
-from ..policy.live import LiveOverrides
 from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers, publisher_for
 from . import caller, statistics
+from .acquisition import Acquisition
 from .callables import CallableErrorLog
 from .caller import Key
+from .decision import Abandon, Decision, FailedDecision, Given
+from .engine import Engine
+from .live import LiveOverrides
 from .observer import Observer
+from .plan import SKIPPED, Plan, new
 from .statistics import LimitStatistics
 from .workers import WORKERS_CHECK_DELAY, warn_if_workers
 
 logger = logging.getLogger("ratelimit")
 
-#: `Decision.reason` of a decision the rule's fail policy made (the backend failed).
-FAILED_OPEN, FAILED_CLOSED = "failed_open", "failed_closed"
-
 #: The scope of a decision with a `Given`: the engine asks it nothing.
 _NO_SCOPE: Scope = {}
-
-
-class FailedDecision(Decision):
-    """The backend failed and the rule's `fail` policy answered: "open" admits (holding
-    nothing), "closed" refuses with 503. `error` is the backend's exception."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, plan: Plan, admit: bool, error: BaseException) -> None:
-        if admit:
-            super().__init__(plan.rule, True, 200, 0.0, plan, [None] * plan.size)
-        else:
-            super().__init__(plan.rule, False, 503, 1.0, plan, [SKIPPED] * plan.size)
-        self.reason = FAILED_OPEN if admit else FAILED_CLOSED
-        self.error = error
 
 
 class Limiter:
@@ -158,8 +137,6 @@ class Limiter:
             )
         if metrics is not None:
             metrics.on_start(self.engine)
-        #: Rule name -> index in `engine.rules` (overrides keep names and order).
-        self._index = {r.name: i for i, r in enumerate(self.engine.rules)}
         #: Live overrides of the rules, in the backend's store (Redis: the fleet's).
         self.overrides = LiveOverrides(
             self.engine.rules, override_store(backend), self._apply_overrides
@@ -201,7 +178,7 @@ class Limiter:
         limits, or a mapping of limit name -> text (None: exempt from it);
         `keys.GLOBAL` limits stay global.
         """
-        return Acquisition(self, rule, key, cost, priority, timeout)
+        return Acquisition(partial(self._decide, rule, key, cost, priority, timeout, peek=None))
 
     async def check(self, rule: str, key: Key = None, *, cost: int | None = None) -> Decision:
         """Decide `rule` for `key` now and return the decision; it consumes when allowed.
@@ -252,7 +229,7 @@ class Limiter:
 
         From the backend: this process on `MemoryBackend`, the fleet on Redis.
         """
-        plan = self.engine.plan(self._rule(rule))
+        plan = self._plan(rule)
         texts = caller.texts(plan, key, leases_only=True)
         return await statistics.gather(plan, texts, self.backend)
 
@@ -354,11 +331,16 @@ class Limiter:
 
     # -- inside ---------------------------------------------------------------------
 
-    def _rule(self, name: str) -> Rule:
-        index = self._index.get(name) if isinstance(name, str) else None
-        if index is None:
-            raise ConfigError("rule", f"the name of a rule: one of {list(self._index)}", name)
-        return self.engine.rules[index]
+    def _plan(self, name: str) -> Plan:
+        """The plan in force for the rule named `name`; ConfigError if there is none."""
+        try:
+            plan = self.engine.by_name.get(name)
+        except TypeError:  # unhashable: not a name
+            plan = None
+        if plan is None or not isinstance(name, str):
+            names = list(self.engine.by_name)
+            raise ConfigError("rule", f"the name of a rule: one of {names}", name)
+        return plan
 
     async def _decide(
         self,
@@ -378,8 +360,7 @@ class Limiter:
         if self._unstarted:
             await self.start()
         engine = self.engine
-        rule = self._rule(name)
-        plan = engine.plan(rule)
+        plan = self._plan(name)
         if peek is not None and plan.min_lease != math.inf:  # the rule has leases
             raise ConfigError(
                 "rule",
@@ -387,12 +368,28 @@ class Limiter:
                 f"given back): use `async with limiter.acquire({name!r}, ...)`",
                 name,
             )
-        given = Given(
-            caller.texts(plan, key, leases_only=False),
-            0 if peek else caller.cost(plan, cost),
-            None if priority is None else caller.priority(plan, priority),
-            caller.timeout(timeout),
+        # The common call (one text, the rule's own constant cost) asks no checker.
+        texts = (
+            (key,) * plan.size
+            if isinstance(key, str)
+            else caller.texts(plan, key, leases_only=False)
         )
+        if peek:
+            units = 0
+        elif cost is None and plan.static_cost is not None:
+            units = plan.static_cost
+        else:
+            units = caller.cost(plan, cost)
+        given = new(
+            Given,
+            (
+                texts,
+                units,
+                None if priority is None else caller.priority(plan, priority),
+                None if timeout is None else caller.timeout(timeout),
+            ),
+        )
+        rule = plan.rule
         started = perf_counter()
         try:
             decision = await engine.decide(rule, _NO_SCOPE, None, given)
@@ -437,55 +434,6 @@ class Limiter:
         if not self.failing:
             self.failing = True
             logger.error("ratelimit backend failed (%r); failing %s until it answers", exc, policy)
-
-
-class Acquisition:
-    """`Limiter.acquire`'s context: decides on entry, releases the grant on exit."""
-
-    __slots__ = ("_args", "_engine", "_limiter", "decision")
-
-    def __init__(
-        self,
-        limiter: Limiter,
-        rule: str,
-        key: Key,
-        cost: int | None,
-        priority: object,
-        timeout: float | None,
-    ) -> None:
-        self._limiter = limiter
-        self._args = (rule, key, cost, priority, timeout)
-        self._engine: Engine | None = None
-        #: The admitted decision, once entered.
-        self.decision: Decision | None = None
-
-    async def __aenter__(self) -> Decision:
-        if self.decision is not None:
-            raise RuntimeError("this acquire() was entered already; call acquire() again")
-        engine, decision = await self._limiter._decide(*self._args, peek=None)
-        if not decision.allowed and (
-            not decision.rule.shadow or decision.__class__ is not Decision
-        ):
-            error = decision.error if isinstance(decision, FailedDecision) else None
-            raise RateLimited(decision) from error
-        self._engine = engine
-        self.decision = decision
-        return decision
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        decision, engine = self.decision, self._engine
-        grant = None if decision is None else decision.grant
-        if grant is None or grant.released or engine is None:
-            return
-        if engine.release_nowait(grant):
-            return
-        if kind is None:
-            # Shielded: a cancellation now must not leave the slot to its lease's expiry.
-            await asyncio.shield(engine.release(grant))
-        else:
-            engine.release_soon(grant)  # no await: the block failed or was cancelled
 
 
 def _describe(rule: Rule) -> str:

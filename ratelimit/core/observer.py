@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from ..policy.engine import Decision, Engine, EngineObserver, Grant
 from ..policy.rules import Rule
+from .decision import Decision, EngineObserver, Grant
+from .engine import Engine
 
 
 @runtime_checkable

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..backends.base import Backend, QueueBackend, StoreKey
-from ..policy.engine import Plan
 from ..policy.limits import Concurrency
+from .plan import Plan
 
 
 @dataclass(frozen=True, slots=True)

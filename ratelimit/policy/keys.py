@@ -7,6 +7,7 @@ the engine hashes it, so hostile values cannot reach another caller's state.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Iterable
 
@@ -14,6 +15,11 @@ from .._errors import ConfigError
 from .._types import Scope
 
 __all__ = ["GLOBAL", "client_ip", "header"]
+
+
+def digest(text: str) -> str:
+    """The stored form of a caller key: fixed size, no raw request bytes."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 class _Global:

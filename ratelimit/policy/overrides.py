@@ -4,7 +4,7 @@ An `Override` is a value: the rule (and limit) it targets, one kind of change,
 when it lapses, and why. The functions here are pure: they validate an
 override, serialise it for a store, and apply a set of overrides to the
 configured `Rule` to give the effective one. Stores and the background work
-that keeps every worker current live in `policy.live`.
+that keeps every worker current live in `core.live`.
 
 Kinds of change (exactly one per override):
 

@@ -43,11 +43,11 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._errors import ConfigError
+from .._tasks import stop
 from .._types import KeyFunc, Scope
 from ..algorithms.heavy_hitters import Counted, SpaceSaving, Summary, merge
-from .engine import _digest
+from .keys import digest as _digest
 from .limits import _is_async
-from .live import _stop
 
 if TYPE_CHECKING:
     from ..backends.stores import TopStore
@@ -285,7 +285,7 @@ class TopPublisher:
     async def aclose(self) -> None:
         """Stop publishing and remove this worker's window (it no longer serves)."""
         if self._task is not None:
-            await _stop(self._task)
+            await stop(self._task)
             self._task = None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.store.withdraw(self.worker), 1.0)

@@ -27,9 +27,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from .._errors import ConfigError
-from .overrides import Effective, Override, Resolution, check_override, describe_limit, resolve
-from .overrides import next_expiry as _next_expiry
-from .rules import Rule
+from .._tasks import stop
+from ..policy.overrides import (
+    Effective,
+    Override,
+    Resolution,
+    check_override,
+    describe_limit,
+    resolve,
+)
+from ..policy.overrides import next_expiry as _next_expiry
+from ..policy.rules import Rule
 
 if TYPE_CHECKING:
     from ..backends.stores import OverrideStore, Stored
@@ -83,18 +91,6 @@ def removed(entries: Mapping[str, str]) -> Overrides:
         with contextlib.suppress(ConfigError):
             out.append(Override.from_json(text))
     return out
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    """Cancel `task` and wait for it to end, cancelling again if a cancellation was absorbed."""
-    for _ in range(20):
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                task.result()
-            return
-    logger.warning("ratelimit overrides: a background task did not stop: %r", task)
 
 
 #: Receives the effective rules each time they change (the middleware swaps its plans).
@@ -393,8 +389,8 @@ class LiveOverrides:
             self._timer = None
         for task in (self._task, self._reporter):
             if task is not None and not task.done():
-                await _stop(task)
+                await stop(task)
         self._task = self._reporter = None
         for pending in list(self._pending):
-            await _stop(pending)
+            await stop(pending)
         await self.store.aclose()
