@@ -43,10 +43,8 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
         registry = CollectorRegistry()
         # prometheus_client leaves this constructor unannotated.
         MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-    elif registry is None:
-        registry = REGISTRY
-    elif not isinstance(registry, CollectorRegistry):
-        raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
+    else:
+        registry = given_registry(registry)
     exposition: ASGIApp = make_asgi_app(registry)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,6 +58,15 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
         await exposition(scope, receive, send)
 
     return app
+
+
+def given_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
+    """`registry`, checked; prometheus_client's global `REGISTRY` for None."""
+    if registry is None:
+        return REGISTRY
+    if not isinstance(registry, CollectorRegistry):
+        raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
+    return registry
 
 
 #: Nothing to expose: for trying an `Accept` header's format and version on.

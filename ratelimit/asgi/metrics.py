@@ -55,7 +55,7 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
 from .._errors import ConfigError
@@ -63,7 +63,7 @@ from ..backends.breaker import BreakerState, CircuitBreaker
 from ..policy.engine import Decision, Engine, Grant
 from ..policy.limits import Concurrency, Limit
 from ..policy.rules import Rule
-from .exposition import metrics_app
+from .exposition import given_registry, metrics_app
 from .outcomes import (
     OUTCOMES,
     REASON_OUTCOME,
@@ -108,10 +108,7 @@ class Metrics:
         near_limit: float = 0.2,
         buckets: Sequence[float] = DECISION_BUCKETS,
     ) -> None:
-        if registry is None:
-            registry = REGISTRY
-        elif not isinstance(registry, CollectorRegistry):
-            raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
+        registry = given_registry(registry)
         if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
             raise ConfigError("namespace", "a metric name prefix like ratelimit", namespace)
         if (

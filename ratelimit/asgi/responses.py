@@ -150,33 +150,29 @@ def refusal_headers(
     return headers
 
 
+#: The draft's problem types and their titles.
+_TITLES = {
+    QUOTA_EXCEEDED: "Request cannot be satisfied as assigned quota has been exceeded",
+    REDUCED_CAPACITY: "Request cannot be satisfied due to temporary reduced capacity",
+}
+
+
 def problem_body(decision: Decision) -> bytes:
     """The problem+json body of a refusal."""
-    violated = decision.violated
     if isinstance(decision, BlockedDecision):
         # An operator's block: their words, or a plain statement of it.
+        kind = REDUCED_CAPACITY
         detail = decision.message or "This endpoint is closed by its operator for now."
-        problem = {
-            "type": REDUCED_CAPACITY,
-            "title": "Request cannot be satisfied due to temporary reduced capacity",
-            "status": decision.status,
-            "detail": detail,
-            "violated-policies": violated,
-        }
     elif decision.status == 429:
-        problem = {
-            "type": QUOTA_EXCEEDED,
-            "title": "Request cannot be satisfied as assigned quota has been exceeded",
-            "status": 429,
-            "detail": f"Retry in {retry_after(decision)} seconds.",
-            "violated-policies": violated,
-        }
+        kind, detail = QUOTA_EXCEEDED, f"Retry in {retry_after(decision)} seconds."
     else:
-        problem = {
-            "type": REDUCED_CAPACITY,
-            "title": "Request cannot be satisfied due to temporary reduced capacity",
-            "status": decision.status,
-            "detail": f"The service is at capacity. Retry in {retry_after(decision)} seconds.",
-            "violated-policies": violated,
-        }
+        kind = REDUCED_CAPACITY
+        detail = f"The service is at capacity. Retry in {retry_after(decision)} seconds."
+    problem = {
+        "type": kind,
+        "title": _TITLES[kind],
+        "status": decision.status,
+        "detail": detail,
+        "violated-policies": decision.violated,
+    }
     return json.dumps(problem, separators=(",", ":")).encode()
