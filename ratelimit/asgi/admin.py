@@ -1,4 +1,4 @@
-"""Reading the input of the admin endpoints (`top_app`, `metrics_app`) strictly.
+"""The admin endpoints (`top_app`, `metrics_app`): reading their input strictly, answering.
 
 Bad input (a malformed or repeated parameter, an unreadable header) is the
 client's mistake: it gets a 400 with a short plain-text message saying what
@@ -56,13 +56,17 @@ def count_param(name: str, value: str, most: int) -> int:
 
 async def send_bad_request(send: Send, message: str) -> None:
     """Answer 400 with `message` as plain text."""
-    body = f"{message}\n".encode()
+    await send_answer(send, 400, b"text/plain; charset=utf-8", f"{message}\n".encode())
+
+
+async def send_answer(send: Send, status: int, content_type: bytes, body: bytes) -> None:
+    """Answer `status` with `body`, never to be cached (an admin answer is of the moment)."""
     await send(
         {
             "type": "http.response.start",
-            "status": 400,
+            "status": status,
             "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-type", content_type),
                 (b"content-length", str(len(body)).encode()),
                 (b"cache-control", b"no-store"),
             ],

@@ -1,4 +1,4 @@
-"""Prometheus metrics for the middleware, and `metrics_app` to expose them.
+"""Prometheus metrics of a `Limiter` and its middleware (`exposition.metrics_app` serves them).
 
 Nothing is registered at import time: a `Metrics` object creates its
 instruments on one registry (the global one unless told otherwise), so two
@@ -45,67 +45,38 @@ rules x limits x outcomes however many callers there are.
         summed over live processes. Registered only once a backend with a
         `breaker` (RedisBackend) is observed.
 
-Multi-process mode (`PROMETHEUS_MULTIPROC_DIR` set before prometheus_client
-is imported): counters and histograms are summed over every process that ever
-wrote them; `in_flight` sums live processes only (a dead worker's slots come
-back when its leases expire, and gunicorn's `child_exit` should call
-`prometheus_client.multiprocess.mark_process_dead`); the limit gauges take the
-value set most recently by a live process, so a limit changed by one worker
-shows at once, where `max` would keep showing the old value after a lowering
-and `all` would give one series per pid.
+Multi-process mode: see `exposition`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Sequence
 from typing import Final
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.asgi import make_asgi_app
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
 from .._errors import ConfigError
-from .._types import ASGIApp, Receive, Scope, Send
 from ..backends.breaker import BreakerState, CircuitBreaker
-from ..core.decision import BlockedDecision, Decision, Grant
+from ..core.decision import Decision, Grant
 from ..core.engine import Engine
-from ..policy.limits import Concurrency, Limit, TokenBucket, Window
+from ..policy.limits import Concurrency, Limit
 from ..policy.rules import Rule
-from .admin import BadRequest, query_params, send_bad_request
-
-logger = logging.getLogger("ratelimit")
-
-#: Every value of the `outcome` label: exactly one per decided request.
-OUTCOMES: Final = (
-    "allowed",  # admitted without waiting
-    "limited",  # 429: the caller's own quota is spent
-    "rejected",  # 503: a shared limit (the service) is full, its line too (or too long)
-    "failed_open",  # backend failed, request admitted
-    "failed_closed",  # backend failed, request refused with 503
-    "shadow_limited",  # shadow mode: would have been a 429; the request went on
-    "shadow_rejected",  # shadow mode: would have been a 503; the request went on
-    "blocked",  # 503 from an operator's block override
-    "queued",  # admitted after waiting in line
-    "queue_timeout",  # 503 after waiting its whole timeout
-    "shed",  # 503: pushed out of a full line by a higher class
-    "abandoned",  # the client left while waiting (no response sent)
-    "invalid",  # 400: a key, cost or priority function failed; nothing consumed
-    "shadow_invalid",  # shadow mode: the same, the request went on
+from .exposition import given_registry, metrics_app
+from .outcomes import (
+    OUTCOMES,
+    REASON_OUTCOME,
+    capacity,
+    deciding_limit,
+    refusal_outcome,
+    sustained_rate,
 )
 
-#: `outcome` of a refused decision by its `Decision.reason`.
-_REASON_OUTCOME: Final = {
-    "queue_full": "rejected",
-    "too_long": "rejected",
-    "queue_timeout": "queue_timeout",
-    "shed": "shed",
-    "abandoned": "abandoned",
-}
+__all__ = ["DECISION_BUCKETS", "OUTCOMES", "Metrics", "metrics_app"]
+
+logger = logging.getLogger("ratelimit")
 
 #: Decision latency buckets (seconds): sub-millisecond decisions of the memory
 #: backend, Redis round trips, and multi-second waits of queued requests.
@@ -116,26 +87,6 @@ DECISION_BUCKETS: Final = (
 )  # fmt: skip
 
 _NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-
-
-def capacity(limit: Limit) -> int:
-    """Units a limit admits at once: its slots, its burst or its window's amount."""
-    if isinstance(limit, Concurrency):
-        return limit.limit
-    if isinstance(limit, TokenBucket):
-        return limit.burst
-    if isinstance(limit, Window):
-        return int(limit.item.amount)
-    return 0
-
-
-def sustained_rate(limit: Limit) -> float | None:
-    """Units per second a rate limit admits in the long run; None for Concurrency."""
-    if isinstance(limit, TokenBucket):
-        return 1.0 / limit.interval
-    if isinstance(limit, Window):
-        return limit.item.amount / float(limit.item.get_expiry())
-    return None
 
 
 class Metrics:
@@ -158,10 +109,7 @@ class Metrics:
         near_limit: float = 0.2,
         buckets: Sequence[float] = DECISION_BUCKETS,
     ) -> None:
-        if registry is None:
-            registry = REGISTRY
-        elif not isinstance(registry, CollectorRegistry):
-            raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
+        registry = given_registry(registry)
         if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
             raise ConfigError("namespace", "a metric name prefix like ratelimit", namespace)
         if (
@@ -409,16 +357,16 @@ class Metrics:
         rule = decision.rule.name
         waited = decision.waited
         if waited is not None:
-            outcome = "queued" if decision.allowed else _REASON_OUTCOME[decision.reason or ""]
+            outcome = "queued" if decision.allowed else REASON_OUTCOME[decision.reason or ""]
             line = decision.line or ""
             key = (rule, line, outcome)
             self.queue_wait.labels(rule, line, outcome).observe(waited)
         elif decision.allowed:
             key = (rule, "", "allowed")
         elif decision.reason is not None:
-            key = (rule, decision.line or "", _REASON_OUTCOME[decision.reason])
+            key = (rule, decision.line or "", REASON_OUTCOME[decision.reason])
         else:
-            key = (rule, _deciding_limit(decision), _refusal_outcome(decision))
+            key = (rule, deciding_limit(decision), refusal_outcome(decision))
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_child(*key)
@@ -514,84 +462,3 @@ class Metrics:
     def _in_flight_child(self, rule: str, limit: str) -> Gauge:
         child = self._in_flight_children[(rule, limit)] = self.in_flight.labels(rule, limit)
         return child
-
-
-def _refusal_outcome(decision: Decision) -> str:
-    if decision.__class__ is BlockedDecision:
-        return "blocked"
-    outcome = "limited" if decision.status == 429 else "rejected"
-    return f"shadow_{outcome}" if decision.rule.shadow else outcome
-
-
-def _deciding_limit(decision: Decision) -> str:
-    """The limit that set a refusal's status: a per-caller one for 429, a shared one for 503."""
-    shared = decision.status != 429
-    first = ""
-    for s in decision.states:
-        if not s.admitted and not s.exempt and not s.skipped:
-            if s.limit.shared == shared:
-                return s.name
-            first = first or s.name
-    return first
-
-
-def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
-    """An ASGI app serving the metrics in Prometheus text format; mount it at `/metrics`.
-
-    With `PROMETHEUS_MULTIPROC_DIR` set it serves the merge of every process's
-    files in that directory (whichever worker answers the scrape), and
-    `registry` is not read: its metrics live in those files.
-    """
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
-        if not os.path.isdir(path):
-            raise ConfigError("PROMETHEUS_MULTIPROC_DIR", "an existing directory", path)
-        registry = CollectorRegistry()
-        # prometheus_client leaves this constructor unannotated.
-        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-    elif registry is None:
-        registry = REGISTRY
-    elif not isinstance(registry, CollectorRegistry):
-        raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
-    exposition: ASGIApp = make_asgi_app(registry)
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return  # prometheus_client's app asserts on anything else
-        try:
-            _check_scrape(scope)
-        except BadRequest as exc:
-            await send_bad_request(send, str(exc))
-            return
-        await exposition(scope, receive, send)
-
-    return app
-
-
-#: Nothing to expose: for trying an `Accept` header's format and version on.
-_EMPTY = CollectorRegistry()
-
-
-def _check_scrape(scope: Scope) -> None:
-    """Raise `BadRequest` for input prometheus_client's app would answer with a 500.
-
-    It decodes the query and headers as UTF-8 and compares the `version` of
-    an `Accept` header as numbers; here they are read the same way first, and
-    the chosen format is tried on an empty registry.
-    """
-    query_params(scope, ())
-    accept = []
-    for name, value in scope.get("headers", ()):
-        lowered = bytes(name).lower()
-        if lowered in (b"accept", b"accept-encoding"):
-            try:
-                text = bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest(f"{lowered.decode()}: not valid UTF-8") from None
-            if lowered == b"accept":
-                accept.append(text)
-    try:
-        encoder, _ = choose_encoder(",".join(accept))
-        encoder(_EMPTY)
-    except Exception:
-        raise BadRequest("accept: a format or version the exposition cannot write") from None

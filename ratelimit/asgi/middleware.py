@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from time import perf_counter
 from typing import Any
@@ -209,12 +209,12 @@ class RateLimitMiddleware:
             # Taken units come back if the app only redirects to the path with its
             # trailing slash added or removed (see `redirects`): watch for it.
             if fields or decision.checks:
-                send = _adding(send, fields, engine, decision, scope)
+                send = _Reply(receive, send, fields, engine, scope, decision, None).send
             await self.app(scope, receive, send)
             return
-        holder = _Holder(engine, grant, receive, send, fields, decision, scope)
+        reply = _Reply(receive, send, fields, engine, scope, decision, grant)
         try:
-            await self.app(scope, holder.receive, holder.send)
+            await self.app(scope, reply.receive, reply.send)
         finally:
             # Error, cancellation or an app that never finished its body: don't
             # await here (a cancelled scope would cancel the await too). The test
@@ -294,7 +294,8 @@ class RateLimitMiddleware:
         if self.on_refuse is not None:
             result = self.on_refuse(scope, decision)
             app = await result if isinstance(result, Awaitable) else result
-            await app(scope, receive, _with_headers(send, headers, only_missing=True))
+            send = _Reply(receive, send, headers, self.engine, scope, None, None, True).send
+            await app(scope, receive, send)
             return
         body = responses.problem_body(decision)
         headers.append((b"content-type", b"application/problem+json"))
@@ -305,33 +306,91 @@ class RateLimitMiddleware:
         await self.limiter.aclose()
 
 
-def _adding(
-    send: Send,
-    fields: tuple[tuple[bytes, bytes], ...],
-    engine: Engine,
-    decision: Decision,
-    scope: Scope,
-) -> Send:
-    """Wrap `send` for an admitted request without leases: add `fields` to the response
-    start, and refund `decision` if that start is a trailing-slash redirect.
+class _Reply:
+    """The one wrapper of what an app sends through the middleware: its bound
+    `send` (and, for a request holding leases, `receive`) wrap the server's.
 
-    A closure rather than a method of a per-request object: calling it is
-    cheaper than a bound method, and this runs for every message.
+    `send` adds `fields` to the response start (`only_missing`: those the app
+    did not set) and refunds an admitted `decision` if that start is a
+    trailing-slash redirect (see `redirects`). With a `grant`, it is released
+    when the last body message (or the websocket's close) goes out, or when
+    `receive` reads the client's disconnect. A small object rather than
+    closures: with this many fields it is cheaper to build per request.
     """
 
-    async def send_with_fields(message: Message) -> None:
+    __slots__ = ("_receive", "_send", "decision", "engine", "fields", "grant", "only", "scope")
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        fields: Sequence[tuple[bytes, bytes]],
+        engine: Engine,
+        scope: Scope,
+        decision: Decision | None,
+        grant: Grant | None,
+        only_missing: bool = False,
+    ) -> None:
+        self._receive = receive
+        self._send = send
+        self.fields = fields
+        self.engine = engine
+        self.scope = scope
+        self.decision = decision
+        self.grant = grant
+        self.only = only_missing
+
+    async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            if message.get("status") in REDIRECTS and decision.checks:
-                await refund_if_slash_redirect(engine, decision, scope, message)
+            decision = self.decision
+            if message.get("status") in REDIRECTS and decision is not None and decision.checks:
+                await refund_if_slash_redirect(self.engine, decision, self.scope, message)
+            fields = self.fields
             if fields:
                 # A new dict and list: the app's message is not ours to change (an app may
                 # send the same dict twice). Copy, then set: cheaper than {**m, key: v}.
                 start = {**message}
-                start["headers"] = [*message.get("headers", ()), *fields]
+                if self.only:
+                    start["headers"] = _missing_added(message.get("headers", ()), fields)
+                else:
+                    start["headers"] = [*message.get("headers", ()), *fields]
                 message = start
-        await send(message)
+            await self._send(message)
+            return
+        await self._send(message)
+        grant = self.grant
+        # The response is over: release, at once where the backend answers without waiting.
+        if (
+            grant is not None
+            and (
+                (message["type"] == "http.response.body" and not message.get("more_body", False))
+                or message["type"] == "websocket.close"
+            )
+            and not grant.released
+            and not self.engine.release_nowait(grant)
+        ):
+            await self.engine.release(grant)
 
-    return send_with_fields
+    async def receive(self) -> Message:
+        message = await self._receive()
+        grant = self.grant
+        if (
+            grant is not None
+            and message["type"] in ("http.disconnect", "websocket.disconnect")
+            and not grant.released
+            and not self.engine.release_nowait(grant)
+        ):
+            await self.engine.release(grant)
+        return message
+
+
+def _missing_added(
+    headers: Iterable[tuple[bytes, bytes]], fields: Sequence[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """`headers` and those of `fields` whose names they lack (names compared in lower case)."""
+    listed = list(headers)
+    present = {k.lower() for k, _ in listed}
+    return [*listed, *(h for h in fields if h[0] not in present)]
 
 
 #: Body bytes a waiting request's inbox reads ahead at most (plus the message that
@@ -379,88 +438,12 @@ class _Inbox:
         return await self._receive()
 
 
-class _Holder:
-    """Per-request state of an admitted request holding concurrency leases.
-
-    Its bound `receive` and `send` wrap the server's: the grant is released
-    when the last body message goes out or the client disconnects. A
-    trailing-slash redirect gets `decision` refunded first (see `_adding`).
-    """
-
-    __slots__ = ("_receive", "_send", "decision", "engine", "fields", "grant", "scope")
-
-    def __init__(
-        self,
-        engine: Engine,
-        grant: Grant,
-        receive: Receive,
-        send: Send,
-        fields: tuple[tuple[bytes, bytes], ...],
-        decision: Decision,
-        scope: Scope,
-    ) -> None:
-        self.engine = engine
-        self.grant = grant
-        self._receive = receive
-        self._send = send
-        self.fields = fields
-        self.decision = decision
-        self.scope = scope
-
-    async def receive(self) -> Message:
-        message = await self._receive()
-        if message["type"] in ("http.disconnect", "websocket.disconnect"):
-            await self._release()
-        return message
-
-    async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            if message.get("status") in REDIRECTS and self.decision.checks:
-                await refund_if_slash_redirect(self.engine, self.decision, self.scope, message)
-            if self.fields:
-                start = {**message}  # a copy: see _adding
-                start["headers"] = [*message.get("headers", ()), *self.fields]
-                message = start
-        await self._send(message)
-        if (kind == "http.response.body" and not message.get("more_body", False)) or (
-            kind == "websocket.close"
-        ):
-            # `_release`, inlined: this runs once per request.
-            grant = self.grant
-            if not grant.released and not self.engine.release_nowait(grant):
-                await self.engine.release(grant)
-
-    async def _release(self) -> None:
-        grant = self.grant
-        # At once where the backend answers without waiting: no coroutine to await.
-        if not grant.released and not self.engine.release_nowait(grant):
-            await self.engine.release(grant)
-
-
 _FAILED_CLOSED: tuple[responses.Headers, bytes] = (
     [(b"retry-after", b"1"), (b"content-type", b"application/problem+json")],
     b'{"type":"https://iana.org/assignments/http-problem-types#temporary-reduced-capacity",'
     b'"title":"Request cannot be satisfied due to temporary reduced capacity","status":503,'
     b'"detail":"The rate limiter cannot reach its store; failing closed."}',
 )
-
-
-def _with_headers(send: Send, extra: responses.Headers, *, only_missing: bool = False) -> Send:
-    """Wrap `send` to add `extra` to the response start message."""
-
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = list(message.get("headers", ()))
-            if only_missing:
-                present = {k.lower() for k, _ in headers}
-                headers.extend(h for h in extra if h[0] not in present)
-            else:
-                headers.extend(extra)
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return wrapped
 
 
 async def _send_plain(

@@ -42,77 +42,67 @@ def seconds(value: float) -> int:
     return max(0, math.ceil(value - 1e-9))
 
 
-_RATE, _BUCKET, _SLOTS = 0, 1, 2
+#: Renders one limit's part of the `RateLimit` field from a decision's results (b"" if
+#: the limit was skipped).
+_Part = Callable[[Sequence[CheckResult | None]], bytes]
 
 
 class RateLimitField:
-    """The `RateLimit` field of one rule, compiled: a byte template per limit.
+    """The `RateLimit` field of one rule, compiled: a renderer per limit.
 
-    Built once per rule; `render` runs on every admitted request, so it fills
-    `%d` templates instead of formatting strings and reads the backend's raw
-    results positionally, without per-limit state objects.
+    Built once per rule; `render` runs on every admitted request, so each
+    limit's part fills a `%d` byte template instead of formatting strings and
+    reads the backend's raw result positionally, without per-limit state
+    objects. A rule of one limit renders with that limit's part alone: the
+    commonest case pays no loop, list or join. Tests hold the bytes equal to
+    `ratelimit_header`'s.
     """
 
     __slots__ = ("_parts", "render")
 
     def __init__(self, rule: Rule) -> None:
-        parts = []
-        for name, lim in zip(rule.limit_names(), rule.limits, strict=True):
-            if lim.__class__ is Concurrency:
-                parts.append((_SLOTS, f'"{name}";r=%d'.encode("ascii"), 0.0))
-            elif isinstance(lim, TokenBucket):
-                # `core.plan.reset_after`'s time until the next unit, precomputed (the same
-                # operation).
-                parts.append(
-                    (_BUCKET, f'"{name}";r=%d;t=%d'.encode("ascii"), (lim.burst - 1) * lim.interval)
-                )
-            else:
-                parts.append((_RATE, f'"{name}";r=%d;t=%d'.encode("ascii"), 0.0))
-        self._parts = tuple(parts)
-        #: The field value for one decision's results (`Decision.results`).
-        self.render: Callable[[Sequence[CheckResult | None]], bytes] = (
-            self._render_one if len(parts) == 1 else self._render_all
+        self._parts = tuple(
+            _part(i, name, lim)
+            for i, (name, lim) in enumerate(zip(rule.limit_names(), rule.limits, strict=True))
         )
-
-    # The two renderers repeat one small computation instead of sharing a helper:
-    # a Python call costs as much as the rest of a part here. Both are held byte
-    # for byte to the limits' states (`Decision.states`, whose `t` is the one formula,
-    # `core.plan.reset_after`) by tests/test_responses.py.
+        #: The field value for one decision's results (`Decision.results`).
+        self.render: _Part = self._parts[0] if len(self._parts) == 1 else self._render_all
 
     def _render_all(self, results: Sequence[CheckResult | None]) -> bytes:
         out = []
-        # Not zip(strict=True): its keyword costs more than the loop. A decision has
-        # one result per limit of its rule, which these parts were compiled from.
-        for (kind, template, next_unit), r in zip(self._parts, results):  # noqa: B905
-            if r is None or r is SKIPPED:
-                continue
-            admitted, remaining, retry, reset = r
-            if kind == _SLOTS:
-                out.append(template % remaining)
-                continue
-            # `core.plan.reset_after` and `seconds`, inlined (conditionals, not max():
-            # the same values, at a fraction of a builtin call's cost).
-            if remaining or kind == _RATE:
-                t = reset
-            elif not admitted:
-                t = retry
-            else:
-                t = reset - next_unit
-                t = t if t > 0.0 else 0.0
-            whole = math.ceil(t - 1e-9)
-            out.append(template % (remaining, whole if whole > 0 else 0))
+        for part in self._parts:  # a loop, not a comprehension: cheaper on Python 3.11
+            text = part(results)
+            if text:
+                out.append(text)
         return b", ".join(out)
 
-    def _render_one(self, results: Sequence[CheckResult | None]) -> bytes:
-        # The commonest rule, one limit: no loop, no list, no join.
-        r = results[0]
+
+def _part(i: int, name: str, limit: Limit) -> _Part:
+    """The renderer of `limit`'s part, the `i`-th result of a decision."""
+    if limit.__class__ is Concurrency:
+        slots = f'"{name}";r=%d'.encode("ascii")
+
+        def render_slots(results: Sequence[CheckResult | None]) -> bytes:
+            r = results[i]
+            return b"" if r is None or r is SKIPPED else slots % r[1]
+
+        return render_slots
+    timed = f'"{name}";r=%d;t=%d'.encode("ascii")
+    # `reset_after`'s time until a bucket's next unit, precomputed (the same operation);
+    # a window's reset is its time to reset whatever is left.
+    if isinstance(limit, TokenBucket):
+        bucket, next_unit = True, (limit.burst - 1) * limit.interval
+    else:
+        bucket, next_unit = False, 0.0
+
+    def render_timed(results: Sequence[CheckResult | None]) -> bytes:
+        r = results[i]
         if r is None or r is SKIPPED:
             return b""
-        kind, template, next_unit = self._parts[0]
         admitted, remaining, retry, reset = r
-        if kind == _SLOTS:
-            return template % remaining
-        if remaining or kind == _RATE:
+        # The engine's `reset_after` and `seconds`, inlined (conditionals, not max():
+        # the same values, at a fraction of a builtin call's cost).
+        if remaining or not bucket:
             t = reset
         elif not admitted:
             t = retry
@@ -120,7 +110,9 @@ class RateLimitField:
             t = reset - next_unit
             t = t if t > 0.0 else 0.0
         whole = math.ceil(t - 1e-9)
-        return template % (remaining, whole if whole > 0 else 0)
+        return timed % (remaining, whole if whole > 0 else 0)
+
+    return render_timed
 
 
 def retry_after(decision: Decision) -> int:
@@ -142,33 +134,29 @@ def refusal_headers(
     return headers
 
 
+#: The draft's problem types and their titles.
+_TITLES = {
+    QUOTA_EXCEEDED: "Request cannot be satisfied as assigned quota has been exceeded",
+    REDUCED_CAPACITY: "Request cannot be satisfied due to temporary reduced capacity",
+}
+
+
 def problem_body(decision: Decision) -> bytes:
     """The problem+json body of a refusal."""
-    violated = decision.violated
     if isinstance(decision, BlockedDecision):
         # An operator's block: their words, or a plain statement of it.
+        kind = REDUCED_CAPACITY
         detail = decision.message or "This endpoint is closed by its operator for now."
-        problem = {
-            "type": REDUCED_CAPACITY,
-            "title": "Request cannot be satisfied due to temporary reduced capacity",
-            "status": decision.status,
-            "detail": detail,
-            "violated-policies": violated,
-        }
     elif decision.status == 429:
-        problem = {
-            "type": QUOTA_EXCEEDED,
-            "title": "Request cannot be satisfied as assigned quota has been exceeded",
-            "status": 429,
-            "detail": f"Retry in {retry_after(decision)} seconds.",
-            "violated-policies": violated,
-        }
+        kind, detail = QUOTA_EXCEEDED, f"Retry in {retry_after(decision)} seconds."
     else:
-        problem = {
-            "type": REDUCED_CAPACITY,
-            "title": "Request cannot be satisfied due to temporary reduced capacity",
-            "status": decision.status,
-            "detail": f"The service is at capacity. Retry in {retry_after(decision)} seconds.",
-            "violated-policies": violated,
-        }
+        kind = REDUCED_CAPACITY
+        detail = f"The service is at capacity. Retry in {retry_after(decision)} seconds."
+    problem = {
+        "type": kind,
+        "title": _TITLES[kind],
+        "status": decision.status,
+        "detail": detail,
+        "violated-policies": decision.violated,
+    }
     return json.dumps(problem, separators=(",", ":")).encode()

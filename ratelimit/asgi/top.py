@@ -21,7 +21,7 @@ import os
 from .._errors import ConfigError
 from .._types import ASGIApp, Receive, Scope, Send
 from ..policy.top import TopCallers
-from .admin import BadRequest, count_param, query_params, send_bad_request
+from .admin import BadRequest, count_param, query_params, send_answer, send_bad_request
 
 __all__ = ["top_app"]
 
@@ -59,17 +59,6 @@ def top_app(top: TopCallers, n: int = 10) -> ASGIApp:
                 },
             }
         ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"cache-control", b"no-store"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_answer(send, 200, b"application/json", body)
 
     return app

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -57,6 +58,29 @@ class Out:
                 padded = text.ljust(w)
                 cells.append(self.paint(padded, style) if style else padded)
             self.line("  ".join(cells).rstrip())
+
+
+async def show(
+    out: Out,
+    every: float | None,
+    read: Callable[[], Awaitable[Mapping[str, Any]]],
+    draw: Callable[[Out, Mapping[str, Any]], None],
+) -> None:
+    """Write what `read` returns (one JSON line, or drawn by `draw`), once or, given
+    `every`, every that many seconds until interrupted (a terminal cleared between)."""
+    while True:
+        data = await read()
+        if out.json:
+            json.dump(data, out.stream, sort_keys=True, ensure_ascii=False)
+            out.line()
+        else:
+            if every is not None and out.stream.isatty():
+                out.stream.write("\x1b[H\x1b[2J")
+            draw(out, data)
+        out.stream.flush()
+        if every is None:
+            return
+        await asyncio.sleep(every)
 
 
 #: A table cell: text, or (text, style).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +9,17 @@ from ..core.live import snapshot
 from ..policy.limits import Concurrency
 from ..policy.overrides import describe_limit, resolve
 from .context import Context, rules_from_reports
-from .output import Cell, Out, clean, human_seconds, iso, limit_numbers, override_data, redact
+from .output import (
+    Cell,
+    Out,
+    clean,
+    human_seconds,
+    iso,
+    limit_numbers,
+    override_data,
+    redact,
+    show,
+)
 from .parser import OK, usage
 
 
@@ -126,16 +134,5 @@ async def cmd_status(ctx: Context) -> int:
     every = ctx.args.watch
     if every is not None and not every > 0:
         usage("status: --watch takes a number of seconds > 0")
-    while True:
-        data = await status_data(ctx)
-        if out.json:
-            json.dump(data, out.stream, sort_keys=True, ensure_ascii=False)
-            out.line()
-        else:
-            if every is not None and out.stream.isatty():
-                out.stream.write("\x1b[H\x1b[2J")
-            print_status(out, data)
-        out.stream.flush()
-        if every is None:
-            return OK
-        await asyncio.sleep(every)
+    await show(out, every, lambda: status_data(ctx), print_status)
+    return OK

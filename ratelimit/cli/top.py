@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ..policy.top import read_fleet
 from .context import Context, Refused
-from .output import Out, clean, iso, redact
+from .output import Out, clean, iso, redact, show
 from .parser import OK, usage
 
 
@@ -99,18 +97,12 @@ async def cmd_top(ctx: Context) -> int:
         usage("top: -n takes a number of callers >= 1")
     if a.watch is not None and not a.watch > 0:
         usage("top: --watch takes a number of seconds > 0")
-    while True:
+
+    async def read() -> dict[str, Any]:
         data = await top_data(ctx)
         if a.watch is None and a.name is not None and data["workers"] and not data["tables"]:
             raise Refused(f"no live worker tracks {a.name!r}")
-        if out.json:
-            json.dump(data, out.stream, sort_keys=True, ensure_ascii=False)
-            out.line()
-        else:
-            if a.watch is not None and out.stream.isatty():
-                out.stream.write("\x1b[H\x1b[2J")
-            print_top(out, data)
-        out.stream.flush()
-        if a.watch is None:
-            return OK
-        await asyncio.sleep(a.watch)
+        return data
+
+    await show(out, a.watch, read, print_top)
+    return OK
