@@ -324,7 +324,8 @@ class Metrics:
                         for outcome in ("queued", "queue_timeout", "shed"):
                             self._decision_child(rule.name, name, outcome)
         self.backend_errors.labels("decide")
-        if hasattr(engine.backend, "observer"):
+        add_observer = getattr(engine.backend, "add_observer", None)
+        if add_observer is not None:
             # The backend times each call and reports errors per operation itself.
             if self.backend_seconds is None:
                 self.backend_seconds = Histogram(
@@ -337,7 +338,7 @@ class Metrics:
                 )
                 self.registry.register(self.backend_seconds)
                 self._collectors = (*self._collectors, self.backend_seconds)
-            engine.backend.observer = self.observe_backend_call
+            add_observer(self)
         breaker = getattr(engine.backend, "breaker", None)
         if isinstance(breaker, CircuitBreaker):
             self.watch_breaker(breaker)
