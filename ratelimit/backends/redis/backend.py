@@ -54,7 +54,7 @@ from .calls import Calls, parse_decide, parse_one
 from .cluster import ClusterTransport
 from .connect import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, connect, seconds
 from .ghosts import Ghosts
-from .guard import BackendObserver, Guard, make_breaker, unreachable
+from .guard import CALL_ERRORS, BackendObserver, Guard, make_breaker, unreachable
 from .keyspace import Keyspace
 from .sagas import Slots
 from .scripts import SCRIPTS, ScriptSet
@@ -182,8 +182,21 @@ class RedisBackend:
             return Verdict(True, ())
         if len(checks) == 1 and checks[0].__class__ is BucketCheck:
             # The commonest rule: the same call for a caller every time, packed once.
-            call = self.calls.buckets.get(checks[0]) or self.calls.bucket(checks[0])
-            return parse_one(await self.guard.call(self.scripts.decide, *call))
+            keys, args, packed = self.calls.buckets.get(checks[0]) or self.calls.bucket(checks[0])
+            # `guard.call` in pieces, awaited here: a coroutine less on every decision.
+            guard = self.guard
+            script = self.scripts.decide
+            future = guard.send(packed)
+            if future is None:
+                return parse_one(await guard.call(script, keys, args, packed))
+            started = perf_counter() if guard.observe is not None else 0.0
+            try:
+                reply = await future
+            except CALL_ERRORS as exc:
+                reply = await guard.recover(script, keys, args, exc, started)
+            else:
+                guard.succeeded(script.name, started)
+            return parse_one(reply)
         try:
             if self.split_by_slot and len(checks) > 1:
                 groups = self.slots.groups(checks)
@@ -248,9 +261,10 @@ class RedisBackend:
             # The server lost its scripts, or the slot moved: the awaited call recovers.
             self.tickets.in_background(self._release_quietly(lease))
             return
-        self.guard.answered(self.scripts.release.name, started, error)
         if error is None:
+            self.guard.succeeded(self.scripts.release.name, started)
             return
+        self.guard.failed(self.scripts.release.name, error, started)
         if not self._closing and unreachable(error):
             self.ghosts.add(self.calls.undos((lease,)))  # retried until Redis answers
             return
