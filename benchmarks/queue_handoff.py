@@ -83,7 +83,7 @@ async def _ping_pong(
                 current = await hand_over()
             entry = await backend.enqueue([current.lease], current)
             assert entry.outcome == "queued", entry
-            await backend._subscriber.ready()
+            await backend.tickets.subscriber.ready()
             conn.send("queued")
             outcome = await backend.wait(current, 10.0)
             t1 = time.monotonic()

@@ -365,22 +365,25 @@ class ManualClockRedisClusterBackend(RedisBackend):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, cluster=True, **options)
         self.micros = 0
+        call = self.guard.call
+
+        async def clocked(
+            script: Script, keys: list[str], args: list[str], packed: bytes | None = None
+        ) -> Any:
+            match = _TAG.search(keys[0])
+            assert match is not None
+            sec, usec = divmod(self.micros, 1_000_000)
+            await self.client.set(f"{CLOCK_KEY}:{match.group()}", f"{sec} {usec}")
+            return await call(script, keys, args, packed)
+
+        self.guard.call = clocked  # type: ignore[method-assign]
 
     async def set_time(self, micros: int) -> None:
         """Set the scripts' clock to `micros` microseconds since the epoch."""
         self.micros = micros
 
-    async def _eval(
-        self, script: Script, keys: list[str], args: list[str], packed: bytes | None = None
-    ) -> Any:
-        match = _TAG.search(keys[0])
-        assert match is not None
-        sec, usec = divmod(self.micros, 1_000_000)
-        await self.client.set(f"{CLOCK_KEY}:{match.group()}", f"{sec} {usec}")
-        return await super()._eval(script, keys, args, packed)
-
     def post_release(self, lease: LeaseCheck) -> bool:
-        """Never posted: the clock of a release's slot is set in `_eval`, so it is awaited."""
+        """Never posted: the clock of a release's slot is set before each awaited call."""
         return False
 
     async def asked_ttl_ms(self, key: str) -> int | None:

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from ratelimit.algorithms import gcra, leases
 from ratelimit.backends.base import BucketCheck, Check, CheckResult, LeaseCheck, StoreKey
-from ratelimit.backends.redis.backend import _parse_decide
+from ratelimit.backends.redis.calls import parse_decide
 
 pytestmark = pytest.mark.redis
 
@@ -313,8 +313,8 @@ async def _dry_run(
     backend: ManualClockRedisBackend, checks: list[Check]
 ) -> tuple[bool, list[CheckResult]]:
     """decide.lua with ARGV[1] = "0", as the backend runs it for slots it must not touch."""
-    keys, args = backend._decide_args(checks, "0")
-    return _parse_decide(await backend._eval(backend.scripts.decide, keys, args))
+    keys, args = backend.calls.decide_args(checks, "0")
+    return parse_decide(await backend.guard.call(backend.scripts.decide, keys, args))
 
 
 async def _assert_same_state(

@@ -30,8 +30,8 @@ from ratelimit import (
 )
 from ratelimit._types import Message, Receive, Scope, Send
 from ratelimit.backends.base import StoreKey
-from ratelimit.backends.memory_stores import MemoryOverrideStore
 from ratelimit.backends.redis.overrides import RedisOverrideStore
+from ratelimit.backends.stores import MemoryOverrideStore
 
 
 class CountingBackend(MemoryBackend):

@@ -13,9 +13,8 @@ import pytest
 from redis.asyncio import Redis
 
 from ratelimit import Concurrency, ConfigError, Rule, TokenBucket, keys
-from ratelimit.backends.memory_stores import MemoryOverrideStore
 from ratelimit.backends.redis.overrides import RedisOverrideStore
-from ratelimit.backends.stores import override_store
+from ratelimit.backends.stores import MemoryOverrideStore, override_store
 from ratelimit.core.live import LiveOverrides
 from ratelimit.policy.overrides import Override, Resolution
 

@@ -31,7 +31,8 @@ from ratelimit._errors import BackendError, BackendUnavailable, ConfigError
 from ratelimit._types import Receive, Scope, Send
 from ratelimit.backends.base import Backend, BucketCheck, Check, LeaseCheck, StoreKey
 from ratelimit.backends.breaker import CircuitBreaker
-from ratelimit.backends.redis import RedisBackend, transport
+from ratelimit.backends.redis import RedisBackend, resp
+from ratelimit.backends.redis import lane as lane_module
 from ratelimit.backends.redis.scripts import OPERATIONS, SCRIPTS, read_lua
 
 pytestmark = pytest.mark.redis
@@ -206,20 +207,20 @@ async def test_a_one_bucket_call_is_packed_once_per_caller_and_kept_bounded(
 ) -> None:
     """A one-bucket decision reuses its packed EVALSHA: the bytes the general packer
     makes, one EVALSHA each time, the right answers, and a cache cleared when full."""
-    from ratelimit.backends.redis import backend as backend_module
+    from ratelimit.backends.redis import calls
 
-    monkeypatch.setattr(backend_module, "_BUCKET_CALLS", 3)
+    monkeypatch.setattr(calls, "_KEPT", 3)
     check = BucketCheck(USER, 1.0, 2, 1)
     before = await evalsha_calls(inspect)
     answers = [(await backend.decide([check])).admitted for _ in range(3)]
     assert answers == [True, True, False]  # burst 2, then refused: the bucket is real
     assert await evalsha_calls(inspect) - before == 3
-    keys_, args, packed = backend._bucket_calls[check]
-    assert packed == transport.pack("EVALSHA", SCRIPTS.decide.sha, "1", *keys_, *args)
+    keys_, args, packed = backend.calls.buckets[check]
+    assert packed == resp.pack("EVALSHA", SCRIPTS.decide.sha, "1", *keys_, *args)
     for i in range(5):  # more callers than the cache holds: it never grows past its size
         caller = StoreKey("r", "l", f"c{i}")
         assert (await backend.decide([BucketCheck(caller, 1.0, 2, 1)])).admitted
-        assert len(backend._bucket_calls) <= 3
+        assert len(backend.calls.buckets) <= 3
     await inspect.script_flush()  # NOSCRIPT: a packed call falls back to EVAL as well
     assert not (await backend.decide([check])).admitted
 
@@ -244,16 +245,14 @@ def test_templated_calls_pack_the_bytes_the_general_packer_makes(checks: list[Ch
             c._replace(lease_id=c.lease_id + serial) if isinstance(c, LeaseCheck) else c
             for c in checks
         ]
-        keys_, args, packed = backend._decide_call(now)
-        assert (keys_, args) == backend._decide_args(now, "1")
-        assert packed == transport.pack(
-            "EVALSHA", SCRIPTS.decide.sha, str(len(keys_)), *keys_, *args
-        )
+        keys_, args, packed = backend.calls.decide(now)
+        assert (keys_, args) == backend.calls.decide_args(now, "1")
+        assert packed == resp.pack("EVALSHA", SCRIPTS.decide.sha, str(len(keys_)), *keys_, *args)
         for lease in (c for c in now if isinstance(c, LeaseCheck)):
-            keys_, args, packed = backend._release_call(lease)
+            keys_, args, packed = backend.calls.release(lease)
             assert keys_ == [backend.keys.leases(lease.key), *backend.keys.queue(lease.key)]
             assert args == [lease.lease_id, backend.channel]
-            assert packed == transport.pack(
+            assert packed == resp.pack(
                 "EVALSHA", SCRIPTS.release.sha, str(len(keys_)), *keys_, *args
             )
 
@@ -435,15 +434,13 @@ async def test_a_passed_in_client_is_used_and_left_open(
         await client.aclose()
 
 
-
-
 # -- the pipelined connection ---------------------------------------------------------
 
 
 async def recorded_writes(backend: RedisBackend) -> tuple[Any, list[bytes]]:
     """The backend's connected lane, and a list that records every write it makes from now."""
     await backend.decide([BucketCheck(USER, 1.0, 5, 0)])  # connected, scripts loaded
-    lane = backend._transport._lane  # type: ignore[attr-defined]
+    lane = backend.guard.transport._lane  # type: ignore[attr-defined]
     writes: list[bytes] = []
     write = lane._transport.write
 
@@ -459,9 +456,9 @@ async def test_a_call_to_an_idle_redis_is_written_at_once(backend: RedisBackend)
     """With nothing of ours in flight, a call is written as it is made (no loop turn waited)."""
     lane, writes = await recorded_writes(backend)
     assert lane.pending == 0
-    first = lane.call(transport.pack("PING"))
+    first = lane.call(resp.pack("PING"))
     assert len(writes) == 1  # already on its way
-    second = lane.call(transport.pack("PING"))
+    second = lane.call(resp.pack("PING"))
     assert len(writes) == 1  # Redis has ours to work on: this one waits for company
     assert await first == b"PONG"
     assert await second == b"PONG"
@@ -531,7 +528,7 @@ async def test_cancelled_callers_leave_replies_in_step(backend: RedisBackend) ->
 
 async def test_works_without_hiredis(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without hiredis the pure-Python reply parser serves the same answers."""
-    monkeypatch.setattr(transport, "_HiredisReader", None)
+    monkeypatch.setattr(lane_module, "_HiredisReader", None)
     backend = RedisBackend(redis_url)
     try:
         results = [
@@ -539,7 +536,7 @@ async def test_works_without_hiredis(redis_url: str, monkeypatch: pytest.MonkeyP
         ]
         assert [(r.admitted, r.remaining) for r in results] == [(True, 1), (True, 0), (False, 0)]
         assert results[2].retry_after == pytest.approx(0.5, abs=0.05)
-        assert isinstance(backend._transport._lane._reader, transport.RespReader)  # type: ignore[attr-defined]
+        assert isinstance(backend.guard.transport._lane._reader, resp.RespReader)  # type: ignore[attr-defined]
     finally:
         await backend.aclose()
 
@@ -583,7 +580,7 @@ def _comparable(value: object) -> object:
 def test_resp_reader_parses_like_hiredis(values: list[object], cuts: list[int]) -> None:
     """The fallback parser gives hiredis's replies for any stream, split anywhere."""
     stream = b"".join(_resp(v) for v in values)
-    ours = transport.RespReader()
+    ours = resp.RespReader()
     theirs = hiredis.Reader(replyError=redis.exceptions.ResponseError)
     got: tuple[list[object], list[object]] = ([], [])
     bounds = [0, *sorted(c % (len(stream) + 1) for c in cuts), len(stream)]

@@ -98,7 +98,9 @@ def test_cluster_urls_name_seed_nodes_and_credentials() -> None:
     backend = RedisBackend("redis://app:s%40cret@10.0.0.1:7000,10.0.0.2:7001/0", cluster=True)
     assert backend.cluster
     assert backend.split_by_slot
-    assert [(n.host, n.port) for n in backend._startup_nodes()] == [
+    assert [
+        (n.host, n.port) for n in (backend.client.get_nodes() or backend.client.startup_nodes)
+    ] == [
         ("10.0.0.1", 7000),
         ("10.0.0.2", 7001),
     ]

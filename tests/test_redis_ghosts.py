@@ -125,7 +125,7 @@ async def debug_sleep(server: RedisServer, seconds: float) -> asyncio.Future[byt
 
 def lane_written(backend: RedisBackend) -> bool:
     """Whether the backend's connection has a call written and not answered yet."""
-    lane = backend._transport._lane  # type: ignore[attr-defined]
+    lane = backend.guard.transport._lane  # type: ignore[attr-defined]
     return lane is not None and lane._written > lane._answered
 
 

@@ -232,7 +232,7 @@ async def test_a_call_made_while_closing_fails_and_opens_no_connection(redis_url
     with pytest.raises(BackendError):
         await backend.decide([LeaseCheck(SLOTS, 2, 10.0, "b")])
     await closing
-    assert backend._transport._lane is None  # type: ignore[attr-defined]
+    assert backend.guard.transport._lane is None  # type: ignore[attr-defined]
     try:
         assert await held(backend) == 0  # a later call connects again
     finally:
@@ -245,14 +245,14 @@ async def test_a_cancelled_close_still_closes_the_connection(private_redis: Redi
     lease = LeaseCheck(SLOTS, 2, 10.0, "a")
     assert private_redis.pid is not None
     assert (await backend.decide([lease])).admitted
-    lane = backend._transport._lane  # type: ignore[attr-defined]
+    lane = backend.guard.transport._lane  # type: ignore[attr-defined]
     os.kill(private_redis.pid, signal.SIGSTOP)
     try:
         assert backend.post_release(lease) is True
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(backend.aclose(), 0.2)
         assert lane.broken
-        assert backend._transport._lane is None  # type: ignore[attr-defined]
+        assert backend.guard.transport._lane is None  # type: ignore[attr-defined]
     finally:
         os.kill(private_redis.pid, signal.SIGCONT)
 
@@ -265,7 +265,7 @@ async def test_a_write_that_raises_fails_the_calls_not_the_request(
     BackendError; no exception reaches the code that made the call."""
     lease = LeaseCheck(SLOTS, 2, 10.0, "a")
     assert (await backend.decide([lease])).admitted
-    lane = backend._transport._lane  # type: ignore[attr-defined]
+    lane = backend.guard.transport._lane  # type: ignore[attr-defined]
 
     def closed(data: bytes) -> None:
         raise RuntimeError("the handler is closed")

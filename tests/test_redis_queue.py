@@ -16,7 +16,8 @@ import pytest
 from ratelimit.algorithms.queue import ticket_id
 from ratelimit.backends.base import BucketCheck, LeaseCheck, QueueBackend, QueueCheck, StoreKey
 from ratelimit.backends.redis import RedisBackend
-from ratelimit.backends.redis import backend as backend_module
+from ratelimit.backends.redis import calls as calls_module
+from ratelimit.backends.redis import tickets as tickets_module
 
 pytestmark = pytest.mark.redis
 
@@ -225,14 +226,14 @@ async def test_a_cancelled_waiter_leaves_and_gives_back_a_granted_slot(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.gather(*backend._background)
+    await asyncio.gather(*backend.tickets.background)
     assert (await backend.queue_length(SLOTS), await backend.in_use(SLOTS)) == (0, 1)
     # Granted in Redis, then cancelled before it returned: the leave releases the slot.
     q2 = queued("w2")
     await backend.enqueue([q2.lease], q2)
     await other.release(held)
-    backend._leave_later(q2.lease, backend._tickets[q2.lease.lease_id].member)
-    await asyncio.gather(*backend._background)
+    backend.tickets.leave_later(q2.lease, backend.tickets.waiting[q2.lease.lease_id].member)
+    await asyncio.gather(*backend.tickets.background)
     assert (await backend.queue_length(SLOTS), await backend.in_use(SLOTS)) == (0, 0)
 
 
@@ -241,8 +242,8 @@ async def test_a_dead_workers_tickets_expire(
 ) -> None:
     """A worker that stops polling loses its place within the ticket ttl; the next waiter
     (in another worker) gets the slot instead."""
-    monkeypatch.setattr(backend_module, "TICKET_TTL", 0.3)
-    monkeypatch.setattr(backend_module, "WAIT_POLL", 0.1)  # heartbeats well within the ttl
+    monkeypatch.setattr(calls_module, "TICKET_TTL", 0.3)
+    monkeypatch.setattr(tickets_module, "WAIT_POLL", 0.1)  # heartbeats well within the ttl
     (held,) = await fill(backend, 1)
     dead = queued("dead")
     await backend.enqueue([dead.lease], dead)  # nobody waits on it: its worker "died"
@@ -291,14 +292,14 @@ async def test_a_release_on_the_cluster_wakes_a_waiter(redis_cluster_url: str) -
         q = queued("w")
         bucket = BucketCheck(StoreKey("api", "tb", CALLER), 60.0, 5, 1)
         assert (await a.enqueue([bucket, q.lease], q)).outcome == "queued"
-        await a._subscriber.ready()
+        await a.tickets.subscriber.ready()
         task = asyncio.create_task(a.wait(q, 5.0))
         await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         started = loop.time()
         await b.release(held)
         assert await task == "granted"
-        assert loop.time() - started < backend_module.WAIT_POLL  # pushed, not polled
+        assert loop.time() - started < tickets_module.WAIT_POLL  # pushed, not polled
         assert await a.in_use(SLOTS) == 1
     finally:
         await a.aclose()
@@ -315,13 +316,13 @@ def test_a_waiter_is_woken_on_uvloop(redis_url: str) -> None:
             (held,) = await fill(a, 1)
             q = queued("w")
             await a.enqueue([q.lease], q)
-            await a._subscriber.ready()
+            await a.tickets.subscriber.ready()
             task = asyncio.create_task(a.wait(q, 5.0))
             await asyncio.sleep(0.05)
             started = asyncio.get_running_loop().time()
             await b.release(held)
             outcome = await task
-            assert asyncio.get_running_loop().time() - started < backend_module.WAIT_POLL
+            assert asyncio.get_running_loop().time() - started < tickets_module.WAIT_POLL
             return outcome
         finally:
             await a.aclose()

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from ratelimit.algorithms import leases, queue
 from ratelimit.backends.base import LeaseCheck, QueueCheck, StoreKey
-from ratelimit.backends.redis.backend import TICKET_MARGIN, TICKET_TTL
+from ratelimit.backends.redis.calls import TICKET_MARGIN, TICKET_TTL
 
 pytestmark = pytest.mark.redis
 
@@ -341,7 +341,7 @@ async def _scenario(
             lease = LeaseCheck(key, limit, ttl, queue.ticket_id(rank, f"t{next(ids)}"))
             check = QueueCheck(lease, capacity, rank, fair, guaranteed, max_position, spacing)
             entry = await backend.enqueue([lease], check)
-            waiter = backend._tickets.pop(lease.lease_id, None)
+            waiter = backend.tickets.waiting.pop(lease.lease_id, None)
             member = waiter.member if waiter is not None else ""
             held = model.book.due.get(fair)
             expected = model.enqueue(lease.lease_id, rank, fair, max_position, spacing, now)
@@ -363,12 +363,12 @@ async def _scenario(
             assert await backend.release(lease) == model.release(lease.lease_id, now), op
         elif kind == "leave" and queued:
             check, member = list(queued.values())[op[1] % len(queued)]
-            got = await backend._leave_call(check.lease, member, release=True)
+            got = await backend.tickets.leave_call(check.lease, member, release=True)
             assert got == model.leave(check.lease.lease_id, now), op
         elif kind == "poll" and queued:
             check, member = list(queued.values())[op[1] % len(queued)]
             left = op[2]
-            got = await backend._wait_call(check.lease, member, left)
+            got = await backend.tickets.wait_call(check.lease, member, left)
             expected_poll = model.poll(
                 check.lease.lease_id, min(TICKET_TTL, left + TICKET_MARGIN), now
             )

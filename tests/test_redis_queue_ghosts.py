@@ -30,7 +30,7 @@ from asgi_helpers import http_scope
 from ratelimit import BackendError, Concurrency, RateLimitMiddleware, RedisBackend, Rule, keys
 from ratelimit._types import Message, Receive, Scope, Send
 from ratelimit.backends.base import Check, Entry, QueueCheck, StoreKey
-from ratelimit.backends.redis.backend import TICKET_TTL
+from ratelimit.backends.redis.calls import TICKET_TTL
 from ratelimit.policy.rules import FailPolicy
 
 pytestmark = pytest.mark.redis

@@ -62,7 +62,7 @@ async def _park_and_serve(url: str, index: int, orders: Connection, results: Any
             assert entry.outcome == "queued", entry
             parked.append(q)
             orders.send(entry.position)
-        await backend._subscriber.ready()
+        await backend.tickets.subscriber.ready()
         orders.send("ready")
 
         async def serve(q: QueueCheck) -> None:

@@ -98,7 +98,7 @@ async def test_back_to_back_requests_after_a_restart_are_all_admitted(
         assert await call(app) == 200
         for _ in range(3):
             private_redis.restart()
-            lane = backend._transport._lane  # type: ignore[attr-defined]
+            lane = backend.guard.transport._lane  # type: ignore[attr-defined]
             await eventually(partial(gone, lane))  # the close is seen at once
             assert [await call(app) for _ in range(REQUESTS)] == [200] * REQUESTS
     finally:

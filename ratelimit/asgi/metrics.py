@@ -273,7 +273,8 @@ class Metrics:
                         for outcome in ("queued", "queue_timeout", "shed"):
                             self._decision_child(rule.name, name, outcome)
         self.backend_errors.labels("decide")
-        if hasattr(engine.backend, "observer"):
+        add_observer = getattr(engine.backend, "add_observer", None)
+        if add_observer is not None:
             # The backend times each call and reports errors per operation itself.
             if self.backend_seconds is None:
                 self.backend_seconds = Histogram(
@@ -286,7 +287,7 @@ class Metrics:
                 )
                 self.registry.register(self.backend_seconds)
                 self._collectors = (*self._collectors, self.backend_seconds)
-            engine.backend.observer = self.observe_backend_call
+            add_observer(self)
         breaker = getattr(engine.backend, "breaker", None)
         if isinstance(breaker, CircuitBreaker):
             self.watch_breaker(breaker)
@@ -315,7 +316,6 @@ class Metrics:
             return
         self._breakers.add(key)
         opened = self._open_breakers
-        previous = breaker.on_change
 
         def changed(old: BreakerState, new: BreakerState) -> None:
             try:
@@ -326,10 +326,8 @@ class Metrics:
                 gauge.set(len(opened))
             except Exception:  # a metrics bug must never break the backend's calls
                 logger.exception("ratelimit metrics: could not record a breaker change")
-            if previous is not None:
-                previous(old, new)
 
-        breaker.on_change = changed
+        breaker.add_listener(changed)
         if breaker.state != "closed":
             opened.add(key)
         gauge.set(len(opened))

@@ -24,6 +24,7 @@ class CircuitBreaker:
     __slots__ = (
         "_clock",
         "_failures",
+        "_listeners",
         "_opened_at",
         "_probing",
         "failures",
@@ -51,11 +52,17 @@ class CircuitBreaker:
         self.failures = failures
         self.reset_after = float(reset_after)
         self._clock = clock
+        #: Called on every state change with (old, new), then each listener.
         self.on_change = on_change
+        self._listeners: list[Callable[[BreakerState, BreakerState], None]] = []
         self.state: BreakerState = "closed"
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
+
+    def add_listener(self, listener: Callable[[BreakerState, BreakerState], None]) -> None:
+        """Have `listener(old, new)` called on every state change (before `on_change`)."""
+        self._listeners.append(listener)
 
     def allow(self) -> bool:
         """Whether a call may go to the store now (claims the probe when half-open)."""
@@ -90,5 +97,9 @@ class CircuitBreaker:
 
     def _set(self, state: BreakerState) -> None:
         old, self.state = self.state, state
-        if self.on_change is not None and old != state:
+        if old == state:
+            return
+        for listener in self._listeners:
+            listener(old, state)
+        if self.on_change is not None:
             self.on_change(old, state)

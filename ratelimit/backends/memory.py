@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._errors import ConfigError
 from .._types import Clock
@@ -34,9 +34,8 @@ from .base import (
     Verdict,
     WindowCheck,
 )
-
-if TYPE_CHECKING:
-    from .memory_stores import MemoryAdmin, MemoryOverrideStore
+from .memory_stores import MemoryAdmin
+from .stores import MemoryOverrideStore
 
 #: Builds a NamedTuple from a tuple in C: half the cost of calling the class,
 #: whose generated `__new__` is a Python function (these run per request).
@@ -476,8 +475,6 @@ class MemoryBackend:
 
     def override_store(self) -> MemoryOverrideStore:
         """Overrides of this process only (a new store each call, as each app's own)."""
-        from .memory_stores import MemoryOverrideStore
-
         return MemoryOverrideStore()
 
     def top_store(self) -> None:
@@ -486,6 +483,4 @@ class MemoryBackend:
 
     def admin(self) -> MemoryAdmin:
         """Reads and resets over this process's callers."""
-        from .memory_stores import MemoryAdmin
-
-        return MemoryAdmin(self)
+        return MemoryAdmin(self._buckets, self._leases, self._lines, self.in_use, self.queue_length)

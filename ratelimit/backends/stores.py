@@ -20,12 +20,16 @@ override store and no top store.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from .._types import Clock
 
 __all__ = [
     "REPORTS_LIVE",
     "Admin",
+    "MemoryOverrideStore",
     "OverrideStore",
     "Refresh",
     "StoreBackend",
@@ -140,12 +144,59 @@ class StoreBackend(Protocol):
     def admin(self) -> Admin: ...
 
 
+class MemoryOverrideStore:
+    """Overrides of this process only: the `MemoryBackend`'s store, and the fallback of any
+    backend that gives none. Nothing is shared: a change applies before `put` returns."""
+
+    shared = False
+
+    def __init__(self, *, clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._slots: dict[str, str] = {}
+        self._version = 0
+
+    def now(self) -> float:
+        return self._clock()
+
+    async def sync_clock(self) -> float:
+        return self._clock()
+
+    async def load(self) -> Stored:
+        return Stored(str(self._version), dict(self._slots))
+
+    async def put(self, slot: str, text: str) -> str:
+        now = self.now()
+        self._slots = {s: t for s, t in self._slots.items() if not lapsed(t, now)}
+        self._slots[slot] = text
+        self._version += 1
+        return str(self._version)
+
+    async def clear(self, rule: str, limit: str | None) -> tuple[dict[str, str], str | None]:
+        gone = {s: t for s, t in self._slots.items() if clears(s, rule, limit)}
+        if not gone:
+            return {}, str(self._version)
+        for slot in gone:
+            del self._slots[slot]
+        self._version += 1
+        return gone, str(self._version)
+
+    async def watch(self, refresh: Refresh) -> None:
+        return None  # nobody else writes this store
+
+    async def report(self, worker: str, data: Mapping[str, Any]) -> None:
+        return None
+
+    async def reports(self, within: float = REPORTS_LIVE) -> dict[str, dict[str, Any]]:
+        return {}
+
+    async def aclose(self) -> None:
+        return None
+
+
 def override_store(backend: object) -> OverrideStore:
     """The backend's override store; this process's for a backend that gives none."""
     if isinstance(backend, StoreBackend):
         return backend.override_store()
-    from .memory_stores import MemoryOverrideStore
-
     return MemoryOverrideStore()
 
 

@@ -8,12 +8,12 @@ cluster, redis-py scans every primary.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+from redis.asyncio import Redis, RedisCluster
 
 from ..base import StoreKey
-
-if TYPE_CHECKING:
-    from .backend import RedisBackend
+from .keyspace import Keyspace
 
 __all__ = ["RedisAdmin"]
 
@@ -21,10 +21,21 @@ __all__ = ["RedisAdmin"]
 _SCAN_COUNT = 1000
 
 
+class Counted(Protocol):
+    """What the admin reads go through: a `RedisBackend`'s keys, client and counts."""
+
+    @property
+    def keys(self) -> Keyspace: ...
+    @property
+    def client(self) -> Redis | RedisCluster: ...
+    async def in_use(self, key: StoreKey) -> int: ...
+    async def queue_length(self, key: StoreKey) -> int: ...
+
+
 class RedisAdmin:
     """Admin reads over a `RedisBackend`'s keys (every caller, every worker)."""
 
-    def __init__(self, backend: RedisBackend) -> None:
+    def __init__(self, backend: Counted) -> None:
         self.backend = backend
         self.keys = backend.keys
 

@@ -29,8 +29,8 @@ from functools import partial
 from typing import Any
 
 from ..._errors import BackendError
+from .lane import Done
 from .scripts import Script
-from .transport import Done
 
 logger = logging.getLogger("ratelimit")
 

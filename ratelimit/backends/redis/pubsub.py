@@ -21,12 +21,14 @@ from typing import Any
 
 from redis import exceptions as rx
 
-from .transport import PipelinedTransport, _Lane, _retrieve, pack
+from .lane import Lane, retrieve
+from .resp import pack
+from .transport import PipelinedTransport
 
 logger = logging.getLogger("ratelimit")
 
 
-class _SubscriberLane(_Lane):
+class _SubscriberLane(Lane):
     """A lane in subscribe mode: pushed messages go to `on_message`, replies to callers."""
 
     def __init__(
@@ -91,7 +93,7 @@ class Subscriber:
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
         self._transport: PipelinedTransport | None = None
-        self._lane: _Lane | None = None
+        self._lane: Lane | None = None
         self._task: asyncio.Task[None] | None = None
         self._next_try = 0.0
 
@@ -114,7 +116,7 @@ class Subscriber:
             return
         self._next_try = loop.time() + self.retry_after
         self._task = loop.create_task(self._subscribe())
-        self._task.add_done_callback(_retrieve)
+        self._task.add_done_callback(retrieve)
 
     async def ready(self) -> None:
         """Wait for a subscription attempt under way (tests, benchmarks): no message
