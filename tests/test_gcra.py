@@ -229,3 +229,16 @@ def test_gcra_tuple_follows_gcra_through_a_sequence() -> None:
         a, b = gcra(tat_a, now, cost, 0.5, 5), gcra_tuple(tat_b, now, cost, 0.5, 5)
         assert _bits(b) == _bits(tuple(a))
         tat_a, tat_b = a.tat, b[1]
+
+
+@pytest.mark.parametrize("now", [0.0, 3.3, 12345.678, 98765.4321, 777777.7, 1.76e9 + 0.123457])
+@pytest.mark.parametrize("interval", [0.001, 0.2, 12.0, 3.1e7, 3.1e9])
+def test_a_burst_sized_request_from_idle_is_admitted_whatever_the_clock_reads(
+    now: float, interval: float
+) -> None:
+    """A full bucket admits `burst` units at once, however large the clock and interval."""
+    for burst in (1, 3, 7, 100):
+        if burst * interval > 3.2e9:
+            continue
+        assert gcra(None, now, burst, interval, burst).admitted
+        assert gcra(now - 1.0, now, burst, interval, burst).admitted

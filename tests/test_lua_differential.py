@@ -341,10 +341,10 @@ async def _assert_same_state(
 
 
 @pytest.mark.parametrize("interval", [0.2, 0.7])
-def test_frame_keeps_remaining_exact_at_epoch_scale(interval: float) -> None:
-    """Why decide.lua uses a frame: with epoch-scale times, one take from a full
-    bucket of 5 reports 3 left (one ulp of 2.4e-7 s outweighs EPSILON); in the frame, 4."""
+def test_remaining_is_exact_at_epoch_scale(interval: float) -> None:
+    """gcra measures from `now`: with epoch-scale times (one ulp is 2.4e-7 s, above
+    EPSILON), one take from a full bucket of 5 still reports 4 left, as in decide.lua's frame."""
     usec = 123_457
     absolute = gcra.gcra(None, 1_760_000_000 + usec / 1e6, 1, interval, 5)
     framed = gcra.gcra(None, usec / 1e6, 1, interval, 5)
-    assert (absolute.remaining, framed.remaining) == (3, 4)
+    assert (absolute.remaining, framed.remaining) == (4, 4)

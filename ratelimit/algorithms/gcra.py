@@ -61,18 +61,18 @@ def gcra_tuple(
     The memory backend's per-request step unpacks it: building a NamedTuple
     would cost as much again as the arithmetic here.
     """
-    base = now if tat is None or tat < now else tat
+    # Seconds of capacity in use, measured from `now`: every comparison is then between
+    # numbers of the bucket's own size, so a burst-sized request from idle compares
+    # burst * interval with itself (exactly), whatever the clock reads.
+    used = tat - now if tat is not None and tat > now else 0.0
     capacity = burst * interval
-    new_tat = base + cost * interval
-    allow_at = new_tat - capacity
-    if cost > 0 and allow_at > now + EPSILON:
+    after = used + cost * interval
+    if cost > 0 and after - capacity > EPSILON:
         # Refused: nothing is consumed.
-        used = base - now
         free = capacity - used
         remaining = int(free / interval + EPSILON) if free > 0 else 0
-        return (False, tat if tat is not None else now, remaining, allow_at - now, used)
-    used = new_tat - now
-    free = capacity - used
+        return (False, tat if tat is not None else now, remaining, after - capacity, used)
+    free = capacity - after
     # int() is floor here (the argument is positive), and cheaper than math.floor.
     remaining = int(free / interval + EPSILON) if free > 0 else 0
-    return (True, new_tat, remaining, 0.0, used)
+    return (True, now + after, remaining, 0.0, after)

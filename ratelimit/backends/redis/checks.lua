@@ -43,19 +43,20 @@ end
 
 -- gcra(tat, t, cost, interval, burst) -> admitted, new_tat, remaining, retry_after, reset_after
 local function gcra(tat, t, cost, interval, burst)
-  local base = tat
-  if tat == nil or tat < t then
-    base = t
+  local used = 0.0
+  if tat ~= nil and tat > t then
+    used = tat - t
   end
   local capacity = burst * interval
-  local new_tat = base + cost * interval
-  local allow_at = new_tat - capacity
-  if cost > 0 and allow_at > t + EPSILON then
-    local used = base - t
-    return false, base, units(capacity - used, interval), allow_at - t, used
+  local after = used + cost * interval
+  if cost > 0 and after - capacity > EPSILON then
+    local base = t
+    if tat ~= nil and tat >= t then
+      base = tat
+    end
+    return false, base, units(capacity - used, interval), after - capacity, used
   end
-  local used = new_tat - t
-  return true, new_tat, units(capacity - used, interval), 0, used
+  return true, t + after, units(capacity - after, interval), 0, after
 end
 
 -- The tat stored in bucket `key`, in the frame of now_sec (nil: no state, a full bucket).
