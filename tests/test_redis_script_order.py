@@ -103,3 +103,19 @@ async def test_back_to_back_requests_after_a_restart_are_all_admitted(
             assert [await call(app) for _ in range(REQUESTS)] == [200] * REQUESTS
     finally:
         await app.aclose()
+
+
+def test_a_resent_call_goes_as_eval_of_its_script_source() -> None:
+    """A call re-sent after NOSCRIPT cannot meet NOSCRIPT again: it carries the source."""
+    from ratelimit.backends.redis.lane import _as_eval, _script_source
+    from ratelimit.backends.redis.resp import pack, pack_script_call
+    from ratelimit.backends.redis.scripts import SCRIPTS
+
+    script = SCRIPTS.release
+    sources = dict([_script_source(pack("SCRIPT", "LOAD", script.source))])
+    call = pack_script_call("EVALSHA", script.sha, ["k1", "k{2}"], ["lease-1", "ch"])
+    assert _as_eval(call, sources) == pack_script_call(
+        "EVAL", script.source, ["k1", "k{2}"], ["lease-1", "ch"]
+    )
+    assert _as_eval(call, {}) == call  # an unknown script goes as it was
+    assert _as_eval(pack("PING"), sources) == pack("PING")

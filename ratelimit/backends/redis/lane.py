@@ -15,6 +15,7 @@ stalled event loop never times out a call that Redis answered in time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +66,8 @@ class Lane(asyncio.Protocol):
         #: SCRIPT LOAD commands (`load_scripts`), and the position in the stream of the
         #: last one written: a NOSCRIPT to a call written before it needs no new load.
         self._loads: tuple[bytes, ...] = ()
+        #: Each loaded script's source by its SHA1: a re-sent call goes as EVAL (see `_resend`).
+        self._sources: dict[bytes, bytes] = {}
         self._loaded_at = 0
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -135,6 +138,7 @@ class Lane(asyncio.Protocol):
         """Queue `loads` (SCRIPT LOAD commands, kept for reloads); the future is answered
         once they are. A load's error reply is ignored: the EVALSHA fallback remains."""
         self._loads = loads
+        self._sources = dict(_script_source(command) for command in loads)
         for command in loads:
             self._queue(command, _Posted(_ignore))
         self._loaded_at = self._written + len(self._out)
@@ -157,7 +161,7 @@ class Lane(asyncio.Protocol):
         if self._answered > self._loaded_at:  # written after the last load: flushed since
             commands += self._loads
             waiters += [_Posted(_ignore) for _ in self._loads]
-        commands.append(_Again(command))
+        commands.append(_Again(_as_eval(command, self._sources)))
         waiters.append(waiter)
         try:
             self._transport.write(b"".join(commands))
@@ -258,6 +262,32 @@ class _Again(bytes):
     """A command re-sent after a NOSCRIPT reply (see `Lane._resend`): never re-sent twice."""
 
     __slots__ = ()
+
+
+_EVALSHA = b"$7\r\nEVALSHA\r\n$40\r\n"
+
+
+def _script_source(load: bytes) -> tuple[bytes, bytes]:
+    """(SHA1, source) of a packed `SCRIPT LOAD <source>` command."""
+    _, _, rest = load.partition(b"LOAD\r\n$")
+    size, _, body = rest.partition(b"\r\n")
+    source = body[: int(size)]
+    return hashlib.sha1(source).hexdigest().encode(), source
+
+
+def _as_eval(command: bytes, sources: dict[bytes, bytes]) -> bytes:
+    """`command` as EVAL of the script's source if it is an EVALSHA of a known script:
+    EVAL cannot be answered NOSCRIPT, so a re-sent call runs whatever flush came between."""
+    start = command.find(b"\r\n") + 2
+    if not command.startswith(_EVALSHA, start):
+        return command
+    at = start + len(_EVALSHA)
+    source = sources.get(command[at : at + 40])
+    if source is None:
+        return command
+    return b"".join(
+        (command[:start], b"$4\r\nEVAL\r\n$%d\r\n" % len(source), source, command[at + 40 :])
+    )
 
 
 def _ignore(reply: Any, error: BaseException | None) -> None:

@@ -199,7 +199,11 @@ class PipelinedTransport:
         except rx.ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        # The server lost its scripts (restart, SCRIPT FLUSH): EVAL loads and runs it.
+        # The server lost its scripts again (a SCRIPT FLUSH after the lane's reload): load
+        # them all, not only this one, so a release posted next meets no NOSCRIPT and is
+        # not re-sent behind a later decision; EVAL runs this call whatever comes between.
+        if self._loads and not asking:
+            lane.load_scripts(self._loads).add_done_callback(retrieve)
         if asking:
             lane.call(ASKING).add_done_callback(retrieve)
         return await lane.call(pack_script_call("EVAL", script.source, keys, args))
