@@ -22,10 +22,11 @@ import pytest
 from _servers import RedisClusterServers, RedisServer, command, start_redis
 from asgi_helpers import http_scope
 
-from ratelimit import Concurrency, RateLimitMiddleware, RedisBackend, Rule, keys
+from ratelimit import Concurrency, RateLimitMiddleware, RedisBackend, Rule, TokenBucket, keys
 from ratelimit._types import Message, Receive, Scope, Send
 from ratelimit.backends.base import StoreKey
 from ratelimit.core.engine import Engine
+from ratelimit.policy.keys import digest
 from ratelimit.policy.rules import FailPolicy
 
 pytestmark = pytest.mark.redis
@@ -244,6 +245,57 @@ async def test_a_cancelled_decision_on_a_cluster_leaves_no_slot_taken(
             if decision.allowed:
                 break
             assert time.monotonic() - started < BOUND, "the ghost's slot was still taken"
+            await asyncio.sleep(0.02)
+        assert decision.grant is not None
+        await engine.release(decision.grant)
+    finally:
+        await engine.aclose()
+        await backend.aclose()
+
+
+async def test_a_cancelled_decision_across_slots_gives_back_the_slots_it_took(
+    redis_cluster: RedisClusterServers, redis_cluster_url: str
+) -> None:
+    """A caller cancelled while a later slot is pending keeps no units of the slots before."""
+    backend = RedisBackend(redis_cluster_url, cluster=True, timeout=3.0)
+    rule = Rule(
+        "/gen",
+        name="gen",
+        limits=[
+            TokenBucket("1/hour", burst=1, key=keys.header("x-key"), name="per-key"),
+            Concurrency(1, key=keys.GLOBAL, name="gpu"),
+        ],
+    )
+    engine = Engine([rule], backend)
+    pool = redis_cluster.node_of(backend.keys.leases(SLOTS))
+    assert pool.pid is not None
+    # A caller whose bucket lives on another node than the pool: its slot is decided first.
+    caller = next(
+        text
+        for text in (f"caller-{n}" for n in range(100))
+        if redis_cluster.node_of(backend.keys.bucket(StoreKey("gen", "per-key", digest(text))))
+        is not pool
+    )
+    scope = http_scope("/gen", headers=[(b"x-key", caller.encode())])
+    try:
+        # Connected to every node before the pool's stops: another caller takes and gives back.
+        warm = await engine.decide(engine.rules[0], http_scope("/gen", headers=[(b"x-key", b"w")]))
+        assert warm.grant is not None
+        await engine.release(warm.grant)
+        await until_free(backend)
+        os.kill(pool.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(engine.decide(engine.rules[0], scope), 0.3)
+        finally:
+            os.kill(pool.pid, signal.SIGCONT)
+        started = time.monotonic()
+        while True:
+            decision = await engine.decide(engine.rules[0], scope)
+            if decision.allowed:
+                break
+            assert "per-key" not in decision.violated, "the cancelled caller's unit stayed taken"
+            assert time.monotonic() - started < BOUND, "the pool's ghost slot was still taken"
             await asyncio.sleep(0.02)
         assert decision.grant is not None
         await engine.release(decision.grant)

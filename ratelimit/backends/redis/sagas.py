@@ -11,8 +11,10 @@ one are re-read in a dry run.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from ..._errors import BackendError
 from ..base import Check, CheckResult, Entry, QueueCheck, Verdict
@@ -32,6 +34,8 @@ class Slots:
         self.guard = guard
         self.calls = calls
         self.split = split
+        #: Refunds of cancelled callers, running on (referenced until done).
+        self._refunds: set[asyncio.Task[Any]] = set()
 
     def groups(self, checks: Sequence[Check]) -> Groups:
         """Indices of `checks` per script call: per hash slot when split, else all in one."""
@@ -51,6 +55,9 @@ class Slots:
                 verdict = await self._decide(checks, group, results)
             except BackendError:
                 await self.refund_quietly(checks, groups[:g])
+                raise
+            except asyncio.CancelledError:
+                self._refund_later(checks, groups[:g])
                 raise
             if verdict:
                 continue
@@ -79,6 +86,14 @@ class Slots:
             except BackendError as exc:  # debug: an outage must not log once per request
                 logger.debug("ratelimit: could not refund a slot after a failure (%s)", exc)
 
+    def _refund_later(self, checks: Sequence[Check], groups: Groups) -> None:
+        """A cancelled caller keeps nothing it took: its admitted slots are refunded in
+        the background (the cancellation does not wait for Redis)."""
+        if groups:
+            task = asyncio.ensure_future(self.refund_quietly(list(checks), list(groups)))
+            self._refunds.add(task)
+            task.add_done_callback(self._refunds.discard)
+
     async def enqueue(
         self, checks: Sequence[Check], groups: Groups, index: int, queue: QueueCheck
     ) -> tuple[Entry, str]:
@@ -99,6 +114,9 @@ class Slots:
             except BackendError:
                 await self.refund_quietly(checks, done)
                 raise
+            except asyncio.CancelledError:
+                self._refund_later(checks, done)
+                raise
             if not verdict:
                 await self._undo(checks, done, results)
                 await self._decide(checks, home, results, commit="0")
@@ -113,6 +131,9 @@ class Slots:
             )
         except BackendError:
             await self.refund_quietly(checks, done)
+            raise
+        except asyncio.CancelledError:
+            self._refund_later(checks, done)
             raise
         for i, result in zip(home, entry.verdict.results, strict=True):
             results[i] = result
