@@ -146,7 +146,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        if limiter._unstarted:
+        if not limiter.started:
             await limiter.start()
         engine = self.engine
         rule = engine.match(scope)

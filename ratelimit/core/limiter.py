@@ -153,7 +153,8 @@ class Limiter:
         self.failing = False
         #: Logs failing key/cost/priority functions, each at most once per 10 s.
         self.callable_errors = CallableErrorLog(logger)
-        self._unstarted = True
+        #: False until `start` ran (explicitly, or on first use): read per request.
+        self.started = False
 
     # -- the caller's API -----------------------------------------------------------
 
@@ -194,10 +195,12 @@ class Limiter:
     async def peek(self, rule: str, key: Key = None, *, cost: int | None = None) -> Decision:
         """Whether `check` would admit now, consuming nothing (like `limits`' `test()`).
 
-        Exact: the backend decides with cost 0, which takes nothing and writes
-        nothing (GCRA's peek), and each bucket's answer for `cost` is computed
-        from its state. `remaining` is what is left now; `retry_after` when
-        `cost` units would be admitted. Not counted in metrics.
+        The backend decides with cost 0, which takes nothing and writes nothing,
+        and each limit's answer for `cost` is computed from its state: `allowed`
+        and `remaining` are exact. `retry_after` is exact for buckets and fixed
+        windows; for a sliding or moving window it is when the window next frees
+        units, which may be too few for `cost` > 1 (a lower bound). Not counted in
+        metrics.
         """
         _, zero = await self._decide(rule, key, cost, None, None, peek=True)
         if zero.__class__ is not Decision:
@@ -241,9 +244,9 @@ class Limiter:
         Later calls return at once. A store that cannot be read does not stop
         anything: decisions use the configuration while the watcher keeps trying.
         """
-        if not self._unstarted:
+        if self.started:
             return
-        self._unstarted = False
+        self.started = True
         if isinstance(self.backend, MemoryBackend):
             # Later, not now: a server may still be starting the other workers.
             asyncio.get_running_loop().call_later(WORKERS_CHECK_DELAY, warn_if_workers)
@@ -357,7 +360,7 @@ class Limiter:
         `peek`: None for `acquire`; False for `check`, True for `peek` (both refuse
         rules with leases; a peek takes cost 0 and is not observed).
         """
-        if self._unstarted:
+        if not self.started:
             await self.start()
         engine = self.engine
         plan = self._plan(name)
