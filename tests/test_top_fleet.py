@@ -27,8 +27,8 @@ from ratelimit import (
 from ratelimit._types import KeyFunc, Message, Receive, Scope, Send
 from ratelimit.algorithms.heavy_hitters import Counted
 from ratelimit.backends.redis.top import RedisTopStore
+from ratelimit.core.top import TopPublisher, read_fleet
 from ratelimit.policy.keys import digest as _digest
-from ratelimit.policy.top import TopPublisher, read_fleet
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "fleet"

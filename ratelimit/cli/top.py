@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..policy.top import read_fleet
+from ..core.top import read_fleet
 from .context import Context, Refused
 from .output import Out, clean, iso, redact, show
 from .parser import OK, usage

@@ -32,12 +32,13 @@ from ..algorithms.gcra import gcra
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
 from ..backends.stores import override_store, top_store
+from ..core.top import publisher_for
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.limits import TokenBucket
 from ..policy.overlap import shadowed
 from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
-from ..policy.top import TopCallers, publisher_for
+from ..policy.top import TopCallers
 from . import caller, statistics
 from .acquisition import Acquisition
 from .callables import CallableErrorLog
