@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 
 from ratelimit import Concurrency, ConfigError, Rule, TokenBucket, Window, keys
-from ratelimit.policy.overrides import (
-    Override,
+from ratelimit.policy.effective import (
     check_override,
     describe_limit,
     effective_rule,
     next_expiry,
     resolve,
 )
+from ratelimit.policy.overrides import Override
 
 NOW = 1_700_000_000.0
 

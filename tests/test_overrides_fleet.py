@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 
 from ratelimit import Override
 from ratelimit.backends.redis.overrides import RedisOverrideStore
-from ratelimit.policy.overrides import check_override
+from ratelimit.policy.effective import check_override
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"

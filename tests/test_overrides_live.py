@@ -16,7 +16,8 @@ from ratelimit import Concurrency, ConfigError, Rule, TokenBucket, keys
 from ratelimit.backends.redis.overrides import RedisOverrideStore
 from ratelimit.backends.stores import MemoryOverrideStore, override_store
 from ratelimit.core.live import LiveOverrides
-from ratelimit.policy.overrides import Override, Resolution
+from ratelimit.policy.effective import Resolution
+from ratelimit.policy.overrides import Override
 
 
 def rules() -> list[Rule]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..policy.effective import describe_limit
 from ..policy.limits import Concurrency
-from ..policy.overrides import describe_limit
 from ..policy.rules import Rule
 from .context import Context
 from .output import Cell, limit_numbers

@@ -7,7 +7,8 @@ import socket
 
 from .._errors import ConfigError
 from ..core.live import removed, snapshot
-from ..policy.overrides import Override, check_override
+from ..policy.effective import check_override
+from ..policy.overrides import Override
 from .context import Context, Refused, known_rules
 from .output import clean, human_seconds, iso, override_data
 from .parser import OK, usage

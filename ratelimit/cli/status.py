@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..core.live import snapshot
+from ..policy.effective import describe_limit, resolve
 from ..policy.limits import Concurrency
-from ..policy.overrides import describe_limit, resolve
 from .context import Context, rules_from_reports
 from .output import (
     Cell,

@@ -31,8 +31,9 @@ from ..backends.base import (
     WindowCheck,
     nowait_method,
 )
+from ..policy.effective import Resolution
 from ..policy.limits import Concurrency
-from ..policy.overrides import Override, Resolution
+from ..policy.overrides import Override
 from ..policy.paths import route_path
 from ..policy.rules import Rule, routed_methods
 from . import asking

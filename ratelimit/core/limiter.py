@@ -34,9 +34,9 @@ from ..backends.memory import MemoryBackend
 from ..backends.stores import override_store, top_store
 from ..core.top import publisher_for
 from ..policy.config import ConfigSource, Settings, load_config
+from ..policy.effective import Resolution
 from ..policy.limits import TokenBucket
 from ..policy.overlap import shadowed
-from ..policy.overrides import Resolution
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers
 from . import caller, statistics

@@ -28,15 +28,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from .._errors import ConfigError
 from .._tasks import stop
-from ..policy.overrides import (
-    Effective,
-    Override,
-    Resolution,
-    check_override,
-    describe_limit,
-    resolve,
-)
-from ..policy.overrides import next_expiry as _next_expiry
+from ..policy.effective import Effective, Resolution, check_override, describe_limit, resolve
+from ..policy.effective import next_expiry as _next_expiry
+from ..policy.overrides import Override
 from ..policy.rules import Rule
 
 if TYPE_CHECKING:

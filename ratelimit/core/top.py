@@ -22,7 +22,6 @@ from ..policy.top import _FORMAT, DEFAULT_EVERY, TopCallers
 logger = logging.getLogger("ratelimit")
 
 
-
 def _positive(field: str, value: object) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1e9:
         raise ConfigError(field, "a number of seconds > 0", value)
