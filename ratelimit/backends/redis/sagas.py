@@ -12,8 +12,9 @@ one are re-read in a dry run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..._errors import BackendError
@@ -51,14 +52,8 @@ class Slots:
         """Decide slot by slot; if one refuses, refund the slots before it."""
         results: list[CheckResult | None] = [None] * len(checks)
         for g, group in enumerate(groups):
-            try:
+            async with self._undone_on_failure(checks, groups[:g]):
                 verdict = await self._decide(checks, group, results)
-            except BackendError:
-                await self.refund_quietly(checks, groups[:g])
-                raise
-            except asyncio.CancelledError:
-                self._refund_later(checks, groups[:g])
-                raise
             if verdict:
                 continue
             await self.refund(checks, groups[:g])
@@ -86,6 +81,21 @@ class Slots:
             except BackendError as exc:  # debug: an outage must not log once per request
                 logger.debug("ratelimit: could not refund a slot after a failure (%s)", exc)
 
+    @contextlib.asynccontextmanager
+    async def _undone_on_failure(
+        self, checks: Sequence[Check], taken: Groups
+    ) -> AsyncIterator[None]:
+        """Around a slot's call: if it fails, or its caller is cancelled, the slots
+        `taken` before it are refunded (a cancelled caller does not wait for that)."""
+        try:
+            yield
+        except BackendError:
+            await self.refund_quietly(checks, taken)
+            raise
+        except asyncio.CancelledError:
+            self._refund_later(checks, taken)
+            raise
+
     def _refund_later(self, checks: Sequence[Check], groups: Groups) -> None:
         """A cancelled caller keeps nothing it took: its admitted slots are refunded in
         the background (the cancellation does not wait for Redis)."""
@@ -109,14 +119,8 @@ class Slots:
         results: list[CheckResult | None] = [None] * len(checks)
         done: Groups = []
         for group in others:
-            try:
+            async with self._undone_on_failure(checks, done):
                 verdict = await self._decide(checks, group, results)
-            except BackendError:
-                await self.refund_quietly(checks, done)
-                raise
-            except asyncio.CancelledError:
-                self._refund_later(checks, done)
-                raise
             if not verdict:
                 await self._undo(checks, done, results)
                 await self._decide(checks, home, results, commit="0")
@@ -125,16 +129,10 @@ class Slots:
                 length = await self.queue_length(queue)
                 return Entry("refused", _verdict(False, results), -1, length), ""
             done.append(group)
-        try:
+        async with self._undone_on_failure(checks, done):
             entry, member = await self.enqueue_one(
                 [checks[i] for i in home], home.index(index), queue
             )
-        except BackendError:
-            await self.refund_quietly(checks, done)
-            raise
-        except asyncio.CancelledError:
-            self._refund_later(checks, done)
-            raise
         for i, result in zip(home, entry.verdict.results, strict=True):
             results[i] = result
         if entry.outcome not in ("admitted", "queued"):
