@@ -114,7 +114,20 @@ def _scale(value: int, share: float) -> int:
     return max(1, math.floor(value * share))
 
 
-class TokenBucket(Limit):
+class _Rated(Limit):
+    """A limit of a rate (`"5/minute"`, parsed by `limits`): a bucket or a window."""
+
+    __slots__ = ("item", "rate")
+
+    def __init__(
+        self, rate: str, key: KeyFunc | None, name: str | None, shared: bool | None
+    ) -> None:
+        super().__init__(keys.client_ip() if key is None else key, name, shared)
+        self.rate = rate
+        self.item = parse_rate_string("rate", rate)
+
+
+class TokenBucket(_Rated):
     """A smooth rate with bursts (GCRA): `burst` back-to-back requests from idle.
 
     `rate` is the sustained rate (`"5/minute"`: one unit every 12 s); `burst`
@@ -123,7 +136,7 @@ class TokenBucket(Limit):
     """
 
     kind = "token-bucket"
-    __slots__ = ("burst", "interval", "item", "period", "rate")
+    __slots__ = ("burst", "interval", "period")
 
     def __init__(
         self,
@@ -134,9 +147,7 @@ class TokenBucket(Limit):
         name: str | None = None,
         shared: bool | None = None,
     ) -> None:
-        super().__init__(keys.client_ip() if key is None else key, name, shared)
-        self.rate = rate
-        self.item = parse_rate_string("rate", rate)
+        super().__init__(rate, key, name, shared)
         self.period = float(self.item.get_expiry())
         #: Seconds per unit: the emission interval of GCRA.
         self.interval = self.period / self.item.amount
@@ -350,7 +361,7 @@ def _check_classes(classes: object, shares: Mapping[Any, float]) -> tuple[str, .
 WindowStrategy = Literal["fixed", "moving", "sliding"]
 
 
-class Window(Limit):
+class Window(_Rated):
     """At most `rate`'s amount per period, counted as the `limits` package's strategies do.
 
     "fixed": a window that opens at the first hit and resets one period later;
@@ -362,7 +373,7 @@ class Window(Limit):
     """
 
     kind = "window"
-    __slots__ = ("item", "rate", "strategy")
+    __slots__ = ("strategy",)
 
     def __init__(
         self,
@@ -373,9 +384,7 @@ class Window(Limit):
         name: str | None = None,
         shared: bool | None = None,
     ) -> None:
-        super().__init__(keys.client_ip() if key is None else key, name, shared)
-        self.rate = rate
-        self.item = parse_rate_string("rate", rate)
+        super().__init__(rate, key, name, shared)
         if strategy not in ("fixed", "moving", "sliding"):
             raise ConfigError("strategy", '"fixed", "moving" or "sliding"', strategy)
         self.strategy: WindowStrategy = strategy
