@@ -526,10 +526,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _support.redis_server(redis_server, prefix=_support.pin(1))
             )
             print(f"redis-server {run.redis_version} on port {run.redis[0]}", flush=True)
+        failed: list[str] = []
         for b in todo:
             print(f"\n== {b.name}: {b.what}", flush=True)
             t = time.monotonic()
-            b.run(run)
+            try:
+                b.run(run)
+            except Exception as exc:  # the others' measurements are kept and written
+                failed.append(b.name)
+                print(f"== {b.name} FAILED: {exc}", file=sys.stderr, flush=True)
+                continue
             run.seconds[b.name] = time.monotonic() - t
             print(f"== {b.name} done in {run.seconds[b.name]:.0f} s", flush=True)
     wall = time.monotonic() - wall0
@@ -537,13 +543,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     load.update(after=_load_average(), others=others)
     total = time.monotonic() - started
     command = "python3 -m benchmarks" + (" --quick" if args.quick else "")
-    header_text = None if chosen else header(run, command=command, total=total, load=load)
+    # A run with a failed benchmark replaces only the sections it measured (as --only does).
+    whole = not chosen and not failed
+    header_text = header(run, command=command, total=total, load=load) if whole else None
     if header_text:
         print("\n" + header_text)
     if not args.no_write:
         write_results(run, header_text)
         print(f"\nwrote {_support.RESULTS.relative_to(_support.REPO)}")
     print(f"suite done in {total:.0f} s ({total / 60:.1f} min)")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
