@@ -14,7 +14,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
-from time import perf_counter
 from typing import Any
 
 from .._errors import CallableError, ConfigError
@@ -153,40 +152,24 @@ class RateLimitMiddleware:
         if rule is None:
             await self.app(scope, receive, send)
             return
-        metrics = self.metrics
-        started = perf_counter() if metrics is not None else 0.0
         inbox = None
         if engine.plan(rule).queued:
             # The request may wait in line: watch for the client leaving meanwhile.
             inbox = _Inbox(receive)
             receive = inbox.receive
         try:
-            decision = await engine.decide(
+            engine, decision = await limiter.decide(
                 rule, scope, inbox.until_gone if inbox is not None else None
             )
         except CallableError as exc:
             await self._unrated(rule, exc, scope, receive, send)
             return
-        except Exception as exc:
-            try:
-                decision = await limiter.fall_back(
-                    rule, exc, scope, inbox.until_gone if inbox is not None else None
-                )
-            except CallableError as exc:  # it failed this time only (it asked no store)
-                await self._unrated(rule, exc, scope, receive, send)
-                return
-            if decision.__class__ is FailedDecision:
-                if decision.allowed:
-                    await self.app(scope, receive, send)
-                else:
-                    await _send_plain(scope, receive, send, 503, *_FAILED_CLOSED)
-                return
-            engine = limiter.local_engine()  # it decided: it holds the grant, refunds
-        else:
-            if limiter.failing:
-                limiter.answered()
-        if metrics is not None:
-            metrics.on_decision(decision, perf_counter() - started)
+        if decision.__class__ is FailedDecision:
+            if decision.allowed:
+                await self.app(scope, receive, send)
+            else:
+                await _send_plain(scope, receive, send, 503, *_FAILED_CLOSED)
+            return
         if not decision.allowed and decision.reason == ABANDONED:
             return  # the client left while waiting: nobody to answer
         if not decision.allowed and (

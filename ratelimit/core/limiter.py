@@ -286,7 +286,43 @@ class Limiter:
 
     # -- shared with the middleware -------------------------------------------------
 
-    async def fall_back(
+    async def decide(
+        self,
+        rule: Rule,
+        scope: Scope,
+        abandon: Abandon | None = None,
+        given: Given | None = None,
+        *,
+        observe: bool = True,
+    ) -> tuple[Engine, Decision]:
+        """Decide `rule` for a request's `scope` (or what a caller `given`): the engine,
+        the rule's fail policy when the store fails, the observer told. The one path of
+        every decision, the middleware's and the caller API's.
+
+        Returns the engine holding the decision's grant (the in-process one after a
+        `fail="local"` fallback) and the decision: a `FailedDecision` when "open" or
+        "closed" answered (not observed: its failure was). `CallableError` propagates.
+        """
+        engine = self.engine
+        metrics = self.metrics if observe else None
+        started = perf_counter() if metrics is not None else 0.0
+        try:
+            decision = await engine.decide(rule, scope, abandon, given)
+        except CallableError:
+            raise
+        except Exception as exc:
+            decision = await self._fall_back(rule, exc, scope, abandon, given)
+            if decision.__class__ is FailedDecision:
+                return engine, decision
+            engine = self.local_engine()  # it decided: it holds the grant, refunds
+        else:
+            if self.failing:
+                self.answered()
+        if metrics is not None:
+            metrics.on_decision(decision, perf_counter() - started)
+        return engine, decision
+
+    async def _fall_back(
         self,
         rule: Rule,
         exc: Exception,
@@ -363,7 +399,6 @@ class Limiter:
         """
         if not self.started:
             await self.start()
-        engine = self.engine
         plan = self._plan(name)
         if peek is not None and plan.min_lease != math.inf:  # the rule has leases
             raise ConfigError(
@@ -393,23 +428,7 @@ class Limiter:
                 None if timeout is None else caller.timeout(timeout),
             ),
         )
-        rule = plan.rule
-        started = perf_counter()
-        try:
-            decision = await engine.decide(rule, _NO_SCOPE, None, given)
-        except Exception as exc:  # not a CallableError: a given decision asks no callable
-            decision = await self.fall_back(rule, exc, _NO_SCOPE, None, given)
-            if decision.grant is not None:
-                engine = self.local_engine()
-            if decision.__class__ is FailedDecision:
-                return engine, decision
-        else:
-            if self.failing:
-                self.answered()
-        metrics = self.metrics
-        if metrics is not None and not peek:
-            metrics.on_decision(decision, perf_counter() - started)
-        return engine, decision
+        return await self.decide(plan.rule, _NO_SCOPE, None, given, observe=not peek)
 
     def _apply_overrides(self, resolution: Resolution) -> None:
         """Enforce the effective rules of `resolution`: swap plans, the fallback's, gauges.
