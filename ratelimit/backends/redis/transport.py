@@ -287,7 +287,9 @@ class PipelinedTransport:
             sock = await self._dial(loop)
         except OSError as exc:
             raise rx.ConnectionError(f"Error connecting to {self._where()}: {exc}") from exc
-        factory = partial(self._lane_factory or Lane, loop, self.timeout)
+        # The set-up calls (AUTH, SELECT, loading every script: Redis compiles each) are
+        # part of connecting: they get the connect budget, the lane's calls its timeout.
+        factory = partial(self._lane_factory or Lane, loop, max(self.timeout, self.connect_timeout))
         if self.path is not None:
             _, lane = await loop.create_unix_connection(factory, sock=sock)
         else:
@@ -302,6 +304,7 @@ class PipelinedTransport:
             # Before any call: a fresh server (first start, restart, failover) knows no
             # script, and a NOSCRIPT retried later would run after calls made meanwhile.
             await self._handshake(lane, lane.load_scripts(self._loads))
+        lane.timeout = self.timeout
         self._lane = lane
         return lane
 
