@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from ..backends.base import CheckResult
 from ..core.decision import BlockedDecision, Decision
-from ..core.plan import SKIPPED
+from ..core.plan import SKIPPED, reset_time
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
 
@@ -88,29 +88,14 @@ def _part(i: int, name: str, limit: Limit) -> _Part:
 
         return render_slots
     timed = f'"{name}";r=%d;t=%d'.encode("ascii")
-    # `reset_after`'s time until a bucket's next unit, precomputed (the same operation);
-    # a window's reset is its time to reset whatever is left.
-    if isinstance(limit, TokenBucket):
-        bucket, next_unit = True, (limit.burst - 1) * limit.interval
-    else:
-        bucket, next_unit = False, 0.0
+    reset = reset_time(limit)
 
     def render_timed(results: Sequence[CheckResult | None]) -> bytes:
         r = results[i]
         if r is None or r is SKIPPED:
             return b""
-        admitted, remaining, retry, reset = r
-        # The engine's `reset_after` and `seconds`, inlined (conditionals, not max():
-        # the same values, at a fraction of a builtin call's cost).
-        if remaining or not bucket:
-            t = reset
-        elif not admitted:
-            t = retry
-        else:
-            t = reset - next_unit
-            t = t if t > 0.0 else 0.0
-        whole = math.ceil(t - 1e-9)
-        return timed % (remaining, whole if whole > 0 else 0)
+        whole = math.ceil(reset(r) - 1e-9)  # `seconds`, inlined
+        return timed % (r[1], whole if whole > 0 else 0)
 
     return render_timed
 

@@ -161,7 +161,7 @@ class Plan:
                 out.append(LimitState(lim, name, False, skipped=True))
             else:
                 retry = retry_after(lim, r)
-                reset = reset_after(lim, r)
+                reset = reset_time(lim)(r)
                 out.append(
                     LimitState(lim, name, r.admitted, False, False, r.remaining, retry, reset)
                 )
@@ -242,10 +242,25 @@ def retry_after(limit: Limit, r: CheckResult) -> float:
     return r.retry_after
 
 
-def reset_after(limit: Limit, r: CheckResult) -> float:
-    """Headers' `t`: time until the quota is back, or until the next unit when none is left."""
-    if r.remaining or not isinstance(limit, TokenBucket):
-        return r.reset_after
-    if not r.admitted:
-        return r.retry_after
-    return max(0.0, r.reset_after - (limit.burst - 1) * limit.interval)
+def reset_time(limit: Limit) -> Callable[[CheckResult], float]:
+    """Headers' `t` for `limit`'s results, compiled once per limit: the time until the
+    quota is back, or, for a bucket with nothing left, until its next unit. The one
+    formula: `LimitState.reset_after` and the `RateLimit` field both use it."""
+    if not isinstance(limit, TokenBucket):
+        return _reset
+    next_unit = (limit.burst - 1) * limit.interval
+
+    def bucket_reset(r: CheckResult) -> float:
+        admitted, remaining, retry, reset = r
+        if remaining:
+            return reset
+        if not admitted:
+            return retry
+        t = reset - next_unit  # conditionals, not max(): a fraction of a builtin call
+        return t if t > 0.0 else 0.0
+
+    return bucket_reset
+
+
+def _reset(r: CheckResult) -> float:
+    return r[3]
