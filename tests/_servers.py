@@ -390,3 +390,40 @@ class ManualClockRedisClusterBackend(RedisBackend):
         """The ttl (ms) the scripts last asked for on `key`, or None."""
         value = await self.client.hget(TTL_KEY, key)
         return None if value is None else int(value)
+
+
+@contextlib.contextmanager
+def uvicorn_app(app: str, *options: str, probe: str = "/state") -> Iterator[tuple[str, int]]:
+    """A real uvicorn serving `app` (a `tests/apps` module path) on a free loopback port,
+    with `options`; yields (base url, server pid) once `probe` answers, stops it by PID."""
+    import sys
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{root / 'tests'}{os.pathsep}{root}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--host", "127.0.0.1",
+         "--log-level", "warning", *options],
+        env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{url}{probe}", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("uvicorn did not start") from None
+                time.sleep(0.05)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # still serving a test's stuck request
+            proc.kill()
+            proc.wait(timeout=5)

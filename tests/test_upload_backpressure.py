@@ -11,26 +11,17 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from _servers import uvicorn_app
 
-ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 UPLOAD = 50 * MiB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(params=["httptools", "h11"])
@@ -38,32 +29,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, psutil.Process
     """A fresh uvicorn (one worker, the given HTTP parser, if installed) serving apps.upload_app."""
     if request.param != "h11":
         pytest.importorskip(request.param)
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "apps.upload_app:app", "--port", str(port),
-         "--host", "127.0.0.1", "--log-level", "warning", "--http", request.param],
-        env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{url}/state", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("uvicorn did not start") from None
-                time.sleep(0.05)
-        yield url, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # still serving a test's stuck request
-            proc.kill()
-            proc.wait(timeout=5)
+    with uvicorn_app("apps.upload_app:app", "--http", request.param) as (url, pid):
+        yield url, psutil.Process(pid)
 
 
 def _until(server: str, **want: int) -> None:

@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from _servers import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from _servers import uvicorn_app
 
 
 @pytest.fixture
 def server() -> Iterator[str]:
     """A fresh uvicorn (fresh quota) serving tests/apps/root_path_app.py with root_path /api."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "apps.root_path_app:app", "--root-path", "/api",
-         "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"],
-        env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{url}/ran", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("uvicorn did not start") from None
-                time.sleep(0.05)
+    with uvicorn_app("apps.root_path_app:app", "--root-path", "/api", probe="/ran") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _runs(server: str) -> int:
