@@ -12,6 +12,7 @@ install it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -36,6 +37,9 @@ __all__ = [
     "ManualClockRedisClusterBackend",
     "RedisClusterServers",
     "RedisServer",
+    "asleep",
+    "debug_redis",
+    "debug_sleep",
     "private_redis",
     "redis_cluster",
     "redis_cluster_url",
@@ -427,3 +431,35 @@ def uvicorn_app(app: str, *options: str, probe: str = "/state") -> Iterator[tupl
         except subprocess.TimeoutExpired:  # still serving a test's stuck request
             proc.kill()
             proc.wait(timeout=5)
+
+
+def asleep(port: int) -> bool:
+    """Whether Redis is busy (a PING gets no answer within 50 ms)."""
+    try:
+        command(port, "PING", timeout=0.05)
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.fixture
+def debug_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own that accepts DEBUG SLEEP."""
+    server = start_redis("--enable-debug-command", "yes")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def debug_sleep(server: RedisServer, seconds: float) -> asyncio.Future[bytes]:
+    """Start DEBUG SLEEP from another client; return once Redis is asleep. The future is
+    answered when Redis answers again."""
+    sleeping = asyncio.ensure_future(
+        asyncio.to_thread(command, server.port, "DEBUG", "SLEEP", repr(seconds), timeout=10)
+    )
+    deadline = time.monotonic() + 5.0
+    while not asleep(server.port):
+        assert time.monotonic() < deadline, "Redis never fell asleep"
+        await asyncio.sleep(0.005)
+    return sleeping

@@ -15,12 +15,11 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _servers import RedisClusterServers, RedisServer, command, start_redis
-from asgi_helpers import http_scope
+from _servers import RedisClusterServers, RedisServer, command, debug_sleep
+from asgi_helpers import eventually, http_scope
 
 from ratelimit import Concurrency, RateLimitMiddleware, RedisBackend, Rule, TokenBucket, keys
 from ratelimit._types import Message, Receive, Scope, Send
@@ -81,47 +80,11 @@ async def assert_admitted_soon(app: RateLimitMiddleware, backend: RedisBackend) 
     return time.monotonic() - started
 
 
-def asleep(port: int) -> bool:
-    """Whether Redis is busy (a PING gets no answer within 50 ms)."""
-    try:
-        command(port, "PING", timeout=0.05)
-    except TimeoutError:
-        return True
-    return False
-
-
-async def until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.005)
-
-
 async def until_free(backend: RedisBackend) -> None:
     deadline = time.monotonic() + 5.0
     while await backend.in_use(SLOTS):
         assert time.monotonic() < deadline, "the slot was never released"
         await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-def debug_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own that accepts DEBUG SLEEP."""
-    server = start_redis("--enable-debug-command", "yes")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-async def debug_sleep(server: RedisServer, seconds: float) -> asyncio.Future[bytes]:
-    """Start DEBUG SLEEP from another client; return once Redis is asleep. The future is
-    answered when Redis answers again."""
-    sleeping = asyncio.ensure_future(
-        asyncio.to_thread(command, server.port, "DEBUG", "SLEEP", repr(seconds), timeout=10)
-    )
-    await until(lambda: asleep(server.port))
-    return sleeping
 
 
 def lane_written(backend: RedisBackend) -> bool:
@@ -183,7 +146,7 @@ async def test_a_decision_whose_connection_is_killed_leaves_no_slot_taken(
         assert await admitted_by_redis(app, backend)
         sleeping = await debug_sleep(debug_redis, 0.5)
         request = asyncio.ensure_future(call(app))
-        await until(lambda: lane_written(backend))  # the decide is in Redis's input
+        await eventually(lambda: lane_written(backend), 5.0)  # the decide is in Redis's input
         # Read after the decide once Redis wakes: it lands before the decide's reply or
         # before the release that follows it.
         kill_all = ("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")

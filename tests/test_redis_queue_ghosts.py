@@ -20,11 +20,11 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
-from _servers import RedisServer, command, start_redis
+from _servers import RedisServer, debug_sleep
 from asgi_helpers import http_scope
 
 from ratelimit import BackendError, Concurrency, RateLimitMiddleware, RedisBackend, Rule, keys
@@ -150,42 +150,6 @@ class Pool:
         assert status == 200
         assert b"ratelimit" in headers, "the holder was not decided by Redis"
         await self.assert_admitted_soon()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.005)
-
-
-def asleep(port: int) -> bool:
-    """Whether Redis is busy (a PING gets no answer within 50 ms)."""
-    try:
-        command(port, "PING", timeout=0.05)
-    except TimeoutError:
-        return True
-    return False
-
-
-@pytest.fixture
-def debug_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own that accepts DEBUG SLEEP."""
-    server = start_redis("--enable-debug-command", "yes")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-async def debug_sleep(server: RedisServer, seconds: float) -> asyncio.Future[bytes]:
-    """Start DEBUG SLEEP from another client; return once Redis is asleep. The future is
-    answered when Redis answers again."""
-    sleeping = asyncio.ensure_future(
-        asyncio.to_thread(command, server.port, "DEBUG", "SLEEP", repr(seconds), timeout=10)
-    )
-    await until(lambda: asleep(server.port))
-    return sleeping
 
 
 def test_the_bound_is_well_under_a_tickets_lifetime() -> None:
