@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, TypeAlias
 
 Scope: TypeAlias = MutableMapping[str, Any]
@@ -13,6 +13,8 @@ ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: A key function: maps a request scope to the caller's key, or None to exempt it.
 KeyFunc: TypeAlias = Callable[[Scope], "str | Awaitable[str | None] | None"]
-#: A cost: a constant, or a function of the scope (sync or async).
-CostFunc: TypeAlias = Callable[[Scope], "int | Awaitable[int]"]
+#: Units of `requests`, or units per dimension (see `policy.costs`).
+CostValue: TypeAlias = "int | Mapping[str, int]"
+#: A cost function of the scope (sync or async).
+CostFunc: TypeAlias = Callable[[Scope], "CostValue | Awaitable[CostValue]"]
 Clock: TypeAlias = Callable[[], float]

@@ -22,7 +22,8 @@ marked *required*; see ``examples/ratelimit.toml`` for a commented file)::
     path = "/v1/images"    # required: exact, prefix glob "/v1/*" or template "/users/{id}"
     methods = ["POST"]     # omitted: every method
     name = "images"        # omitted: derived from the path
-    cost = 1               # an integer >= 0, or "module:callable" of the scope
+    cost = 1               # an integer >= 0, a table like {input_tokens = 100}, or
+                           # "module:callable" of the scope
     fail = "closed"        # overrides the top-level fail for this rule
     shadow = true          # shadow mode: would-be refusals are counted, not sent
 
@@ -74,7 +75,7 @@ __all__ = ["Settings", "load_config"]
 
 _TOP_KEYS = frozenset({"fail", "headers", "shadow", "backend", "rules"})
 _RULE_KEYS = frozenset({"path", "methods", "name", "cost", "fail", "shadow", "limits"})
-_LIMIT_COMMON = frozenset({"type", "key", "name", "shared"})
+_LIMIT_COMMON = frozenset({"type", "key", "name", "shared", "counts"})
 _LIMIT_KEYS: dict[str, frozenset[str]] = {
     "token_bucket": _LIMIT_COMMON | {"rate", "burst"},
     "concurrency": _LIMIT_COMMON
@@ -261,8 +262,12 @@ def _rule(value: object, default_fail: FailPolicy | None, default_shadow: bool) 
     cost = table.get("cost", 1)
     if isinstance(cost, str):
         cost = _import("cost", cost)
-    elif not callable(cost) and (not isinstance(cost, int) or isinstance(cost, bool)):
-        raise _wrong("cost", f"an integer >= 0 or {_IMPORT_EXPECTED}", cost)
+    elif not callable(cost) and not isinstance(cost, dict) and (
+        not isinstance(cost, int) or isinstance(cost, bool)
+    ):
+        raise _wrong(
+            "cost", f"an integer >= 0, a table of dimension = units, or {_IMPORT_EXPECTED}", cost
+        )
     fail = _fail("fail", table.get("fail")) or default_fail
     shadow = table.get("shadow", default_shadow)
     if not isinstance(shadow, bool):

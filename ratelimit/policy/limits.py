@@ -20,6 +20,7 @@ from .._errors import ConfigError
 from .._types import KeyFunc, Scope
 from ..algorithms.queue import RANK_MAX
 from . import keys
+from .costs import Counted, counted
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_EXPECTED = (
@@ -87,10 +88,14 @@ class Limit:
     """What every limit type shares: a name, a key function and its sharedness."""
 
     kind: str = "limit"
-    __slots__ = ("key", "key_is_async", "name", "shared")
+    __slots__ = ("counts", "key", "key_is_async", "name", "shared")
 
-    def __init__(self, key: KeyFunc, name: str | None, shared: bool | None) -> None:
+    def __init__(
+        self, key: KeyFunc, name: str | None, shared: bool | None, counts: object = None
+    ) -> None:
         self.key = _check_key(key)
+        #: The dimensions this limit counts, weighted (see `policy.costs`).
+        self.counts: Counted = counted("counts", counts)
         self.key_is_async = _is_async(key)
         self.name = None if name is None else check_name("name", name)
         #: Refusals on a shared limit mean the service is full (503), not the caller (429).
@@ -120,9 +125,14 @@ class _Rated(Limit):
     __slots__ = ("item", "rate")
 
     def __init__(
-        self, rate: str, key: KeyFunc | None, name: str | None, shared: bool | None
+        self,
+        rate: str,
+        key: KeyFunc | None,
+        name: str | None,
+        shared: bool | None,
+        counts: str | Mapping[str, int] | None,
     ) -> None:
-        super().__init__(keys.client_ip() if key is None else key, name, shared)
+        super().__init__(keys.client_ip() if key is None else key, name, shared, counts)
         self.rate = rate
         self.item = parse_rate_string("rate", rate)
 
@@ -146,8 +156,9 @@ class TokenBucket(_Rated):
         key: KeyFunc | None = None,
         name: str | None = None,
         shared: bool | None = None,
+        counts: str | Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__(rate, key, name, shared)
+        super().__init__(rate, key, name, shared, counts)
         self.period = float(self.item.get_expiry())
         #: Seconds per unit: the emission interval of GCRA.
         self.interval = self.period / self.item.amount
@@ -165,6 +176,7 @@ class TokenBucket(_Rated):
         clone = TokenBucket(
             self.rate, burst=_scale(self.burst, share), key=self.key, name=self.name
         )
+        clone.counts = self.counts
         clone.shared = self.shared
         clone.item = _scaled_item(self.item, share)
         clone.interval = self.interval / share
@@ -210,6 +222,7 @@ class Concurrency(Limit):
         "retry_after",
         "shares",
         "timeout",
+        "weighted",
     )
 
     def __init__(
@@ -228,8 +241,11 @@ class Concurrency(Limit):
         retry_after: float = 1.0,
         name: str | None = None,
         shared: bool | None = None,
+        counts: str | Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__(keys.GLOBAL if key is None else key, name, shared)
+        super().__init__(keys.GLOBAL if key is None else key, name, shared, counts)
+        #: Whether a request holds as many slots as it costs in `counts` (else one).
+        self.weighted = counts is not None
         self.limit = _positive_int("limit", limit)
         self.queue = _non_negative_int("queue", queue)
         self.timeout = _non_negative_float("timeout", timeout)
@@ -383,14 +399,16 @@ class Window(_Rated):
         key: KeyFunc | None = None,
         name: str | None = None,
         shared: bool | None = None,
+        counts: str | Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__(rate, key, name, shared)
+        super().__init__(rate, key, name, shared, counts)
         if strategy not in ("fixed", "moving", "sliding"):
             raise ConfigError("strategy", '"fixed", "moving" or "sliding"', strategy)
         self.strategy: WindowStrategy = strategy
 
     def scaled(self, share: float) -> Window:
         clone = Window(self.rate, strategy=self.strategy, key=self.key, name=self.name)
+        clone.counts = self.counts
         clone.shared = self.shared
         clone.item = _scaled_item(self.item, share)
         return clone

@@ -8,15 +8,13 @@ from typing import Literal
 
 from .._errors import ConfigError
 from .._types import CostFunc
+from .costs import MAX_COST, Cost, check_cost, check_static, units
 from .limits import Concurrency, Limit, TokenBucket, check_name
 from .paths import PathPattern
 
 FailPolicy = Literal["open", "closed", "local"]
 FAIL_POLICIES = ("open", "closed", "local")
-#: Largest cost a request may have: the largest integer a double (Lua's number, the
-#: clock's float) holds exactly. Past it a Redis window's INCRBY refuses the script's
-#: number (a backend failure: fail="open" admitted it) and a bucket's wait overflows.
-MAX_COST = 2**53
+__all__ = ["FAIL_POLICIES", "MAX_COST", "FailPolicy", "Rule", "derive_name", "routed_methods"]
 _HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -44,7 +42,7 @@ class Rule:
         path: str,
         methods: Iterable[str] | None = None,
         limits: Sequence[Limit] = (),
-        cost: int | CostFunc = 1,
+        cost: Cost | CostFunc = 1,
         *,
         name: str | None = None,
         fail: FailPolicy | None = None,
@@ -77,20 +75,23 @@ class Rule:
                 raise ConfigError(f"limits[{i}]", "a TokenBucket, Concurrency or Window", lim)
         self.limits = tuple(limits)
         if callable(cost):
-            self.cost: int | CostFunc = cost
-        elif isinstance(cost, int) and not isinstance(cost, bool) and 0 <= cost <= MAX_COST:
-            self.cost = cost
+            self.cost: Cost | CostFunc = cost
+        else:
+            try:
+                self.cost = check_cost(cost)
+            except ValueError as exc:
+                raise ConfigError("cost", f"{exc}, or a callable (scope) -> cost", cost) from None
             for i, lim in enumerate(self.limits):
-                if isinstance(lim, TokenBucket) and cost > lim.burst:
+                if isinstance(lim, Concurrency) and not lim.weighted:
+                    continue
+                check_static(f"limits[{i}].counts", lim.counts, self.cost)
+                taken = units(lim.counts, self.cost)
+                if isinstance(lim, TokenBucket) and taken > lim.burst:
                     raise ConfigError(
                         f"limits[{i}].burst",
-                        f"at least the rule's cost {cost} (else no request is ever admitted)",
+                        f"at least the rule's cost {taken} (else no request is ever admitted)",
                         lim.burst,
                     )
-        else:
-            raise ConfigError(
-                "cost", "an integer >= 0 (at most 2**53) or a callable (scope) -> int", cost
-            )
         self.name = derive_name(path) if name is None else check_name("name", name)
         if fail is not None and fail not in FAIL_POLICIES:
             raise ConfigError("fail", '"open", "closed" or "local"', fail)
