@@ -231,7 +231,7 @@ BAD_CONFIGS = [
      rf"^rules\[2\]\.limits\[0\]\.rate: {RATE}, got '10 per fortnight'$"),
     ("rules[0].limits[0].brust", 5,
      r"^rules\[0\]\.limits\[0\]\.brust: expected one of the keys of a token_bucket limit "
-     r'\(burst, key, name, rate, shared, type\); did you mean "burst"\?$'),
+     r'\(burst, counts, key, name, rate, shared, type\); did you mean "burst"\?$'),
     ("rule", [], r'^rule: expected one of the keys of the top level \(backend, fail, headers, '
      r'rules, shadow\); did you mean "rules"\?$'),
     ("rules[1].paht", "/x", r'^rules\[1\]\.paht: expected one of the keys of a rule .*"path"'),
