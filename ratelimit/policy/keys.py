@@ -36,8 +36,8 @@ class _Global:
         return "keys.GLOBAL"
 
 
-#: Every request shares one key: for fleet-wide capacity such as a GPU pool.
 GLOBAL = _Global()
+"""Every request shares one key: for fleet-wide capacity such as a GPU pool (refusals are 503)."""
 
 
 class header:
