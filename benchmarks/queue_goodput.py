@@ -237,7 +237,7 @@ def render(results: list[Result], args: argparse.Namespace) -> str:
         "Each client sends its own `x-api-key`. `anonymous`: the pool as the issue states it;",
         "a retry at its Retry-After races every newcomer for the few places that free up, and",
         'mostly loses. `fair_key`: the same pool with `fair_key=keys.header("x-api-key")`,',
-        "so refusals are appointments (see README, Waiting in line): a caller coming back on",
+        "so refusals are appointments (docs/concepts/limits.md): a caller coming back on",
         "time joins the line, and callers are served in the order they first came. Its hints",
         "are long and true (a 10x surge books callers far ahead), so more clients give up at",
         "their patience instead of winning a retry lottery after the surge: fewer are served",
