@@ -36,8 +36,12 @@ def test_all_lists_every_public_attribute() -> None:
         for name, value in vars(ratelimit).items()
         if not name.startswith("_") and not (hasattr(value, "__path__") and name != "keys")
     }
-    # cli: the command; gunicorn: hooks a gunicorn config file imports (ratelimit.gunicorn).
-    public -= {"algorithms", "backends", "policy", "asgi", "annotations", "cli", "gunicorn"}
+    # cli: the command; gunicorn: hooks a gunicorn config file imports (ratelimit.gunicorn);
+    # litestar: the Litestar plugin (ratelimit.litestar), which imports Litestar.
+    public -= {
+        *("algorithms", "backends", "policy", "asgi", "annotations"),
+        *("cli", "gunicorn", "litestar"),
+    }
     assert public == set(ratelimit.__all__)
 
 

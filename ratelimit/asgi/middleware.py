@@ -90,6 +90,14 @@ class RateLimitMiddleware:
                     )
             self._owned = False
         else:
+            if _in_litestar_route(app):
+                raise ConfigError(
+                    "limiter",
+                    "one Limiter for the app: Litestar builds this middleware once per route "
+                    "handler, each would count alone; use plugins=[RateLimitPlugin(limiter)] "
+                    "(ratelimit.litestar) or DefineMiddleware(RateLimitMiddleware, "
+                    "limiter=limiter)",
+                )
             if config is not None and not isinstance(config, Settings):
                 config = load_config(config)
             limiter = Limiter(
@@ -365,6 +373,18 @@ class _Reply:
         ):
             await self.engine.release(grant)
         return message
+
+
+def _in_litestar_route(app: object) -> bool:
+    """Whether `app` is a piece of a Litestar route's own middleware stack (not a Litestar app).
+
+    Read from module names, so this module needs no Litestar import.
+    """
+    classes = type(app).__mro__
+    if any(c.__module__ == "litestar.app" for c in classes):
+        return False  # the whole app: one middleware in front of it, lifespan included
+    modules = (getattr(app, "__module__", None), *(c.__module__ for c in classes))
+    return any(isinstance(m, str) and m.partition(".")[0] == "litestar" for m in modules)
 
 
 def _missing_added(
