@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from ratelimit import RedisBackend
 from ratelimit.backends.base import BucketCheck, LeaseCheck, QueueCheck, StoreKey
 from ratelimit.cli import Out, human_seconds, parse_duration
+from ratelimit.cli.output import plural
 from ratelimit.policy.keys import digest as _digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_check_prints_the_rules_as_understood(config: str) -> None:
     """`check` exits 0 and shows every rule and limit with its numbers, as a table and as JSON."""
     r = ratelimit("check", config)
     assert r.code == 0, r.err
-    assert "ok, 2 rule(s)" in r.out
+    assert "ok, 2 rules," in r.out
     assert "\x1b[" not in r.out  # not a terminal: no colours
     lines = r.out.splitlines()
     assert lines[1].split() == ["RULE", "PATH", "METHODS", "COST", "FAIL", "MODE", "LIMIT", "KIND",
@@ -222,7 +223,7 @@ async def test_override_that_does_not_fit_the_config_is_refused(
     cases = [
         (["imgaes", "--factor", "0.5"], "rule: expected one of the rules 'chat', 'images'"),
         (["images", "gpu", "--rate", "1/minute"], "rate: expected a change a concurrency limit"),
-        (["images", "cpu", "--limit", "2"], "limit: expected one of the limits of rule 'images'"),
+        (["images", "cpu", "--slots", "2"], "limit: expected one of the limits of rule 'images'"),
     ]
     for args, says in cases:
         r = ratelimit("override", "set", *args, "--for", "1h", "--config", config,
@@ -231,7 +232,7 @@ async def test_override_that_does_not_fit_the_config_is_refused(
         assert says in r.err
         assert f"checked against the rules of {config}" in r.err
     assert await redis.exists(OVERRIDES) == 0
-    ok = ratelimit("override", "set", "images", "gpu", "--limit", "4", "--for", "1h", "--config",
+    ok = ratelimit("override", "set", "images", "gpu", "--slots", "4", "--for", "1h", "--config",
                    config, "--json", redis_url=redis_url)  # fmt: skip
     assert ok.code == 0, ok.err
     assert ok.json()["checked"] is True
@@ -254,8 +255,8 @@ async def test_override_is_checked_against_the_rules_running_workers_report(
         r = ratelimit("override", "set", "images", "gpu", "--rate", "3/day", "--for", "1h",
                       redis_url=redis_url)  # fmt: skip
         assert r.code == 1
-        assert "checked against the rules of 1 running worker(s)" in r.err
-        ok = ratelimit("override", "set", "images", "gpu", "--limit", "2", "--for", "1h",
+        assert "checked against the rules of 1 running worker)" in r.err
+        ok = ratelimit("override", "set", "images", "gpu", "--slots", "2", "--for", "1h",
                        "--json", redis_url=redis_url)  # fmt: skip
         assert ok.code == 0, ok.err
         assert ok.json()["checked"] is True
@@ -266,7 +267,7 @@ async def test_override_is_checked_against_the_rules_running_workers_report(
 @pytest.mark.redis
 async def test_override_clear_removes_and_is_idempotent(redis_url: str) -> None:
     """`clear RULE LIMIT` removes that limit's override; `clear RULE` the rest; again: nothing."""
-    for args in (["images", "gpu", "--limit", "2"], ["images", "--factor", "0.5"]):
+    for args in (["images", "gpu", "--slots", "2"], ["images", "--factor", "0.5"]):
         assert ratelimit("override", "set", *args, "--until-cleared", redis_url=redis_url).code == 0
     one = ratelimit("override", "clear", "images", "gpu", "--json", redis_url=redis_url).json()
     assert [o["slot"] for o in one["removed"]] == ["images/gpu"]
@@ -312,7 +313,7 @@ async def test_status_shows_effective_limits_overrides_and_slots_in_use(
     waiter = asyncio.ensure_future(backend.wait(line, 60.0))
     try:
         await asyncio.to_thread(
-            ratelimit, "override", "set", "images", "gpu", "--limit", "4", "--for", "2h",
+            ratelimit, "override", "set", "images", "gpu", "--slots", "4", "--for", "2h",
             "--reason", "half the GPUs", redis_url=redis_url,
         )  # fmt: skip
         await asyncio.to_thread(
@@ -480,3 +481,118 @@ def test_colours_only_on_a_terminal_and_never_with_no_color(
     assert Out(_Terminal(), as_json=True).paint("x", "red") == "x"
     monkeypatch.setenv("NO_COLOR", "1")
     assert Out(_Terminal(), as_json=False).paint("x", "red") == "x"
+
+
+# -- imports from the current directory, wording --------------------------------------------
+
+#: A stand-in for the installed `ratelimit` console script (`from ratelimit.cli import main`).
+#: Python puts the script's own folder first on sys.path, not the current directory. As
+#: installed from a wheel, only the package itself is importable: the path entry of an
+#: editable install (a checkout, with `examples/` beside `ratelimit/`) is dropped.
+CONSOLE_SCRIPT = """
+import os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if p == here or not os.path.isdir(os.path.join(p, "ratelimit"))]
+from ratelimit.cli import main
+sys.exit(main())
+"""
+
+
+def console(tmp_path: Path, *args: str, cwd: Path) -> Result:
+    """Run the command as its installed console script does, from `cwd`, with no PYTHONPATH."""
+    bin_dir = tmp_path / "bin"
+    if not bin_dir.exists():
+        bin_dir.mkdir()
+        (bin_dir / "ratelimit").symlink_to(ROOT / "ratelimit")  # this checkout's code
+        (bin_dir / "ratelimit-script.py").write_text(CONSOLE_SCRIPT)
+    environ = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RATELIMIT_REDIS_URL")
+    }
+    proc = subprocess.run(
+        [sys.executable, str(bin_dir / "ratelimit-script.py"), *args],
+        capture_output=True, text=True, env=environ, cwd=cwd, timeout=30, check=False,
+    )  # fmt: skip
+    return Result(proc)
+
+
+def test_check_imports_callables_from_the_current_directory(tmp_path: Path) -> None:
+    """`module:callable` entries are imported from where the command runs, as uvicorn
+    imports an app: the installed script does not have the current directory on its path."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "tiers.py").write_text("def paid(scope):\n    return 'paid'\n")
+    (project / "ratelimit.toml").write_text(
+        '[[rules]]\npath = "/v1/images"\nname = "images"\n\n[[rules.limits]]\n'
+        'type = "token_bucket"\nrate = "5/minute"\nkey = "tiers:paid"\n'
+    )
+    r = console(tmp_path, "check", "ratelimit.toml", cwd=project)
+    assert r.code == 0, r.err
+    assert "<function paid at" in r.out
+
+
+def test_check_reads_the_repos_own_example_from_the_repo_root(tmp_path: Path) -> None:
+    """`ratelimit check examples/imagegen/ratelimit.toml` from the repository root works
+    without PYTHONPATH: its keys live in `examples.imagegen.keys`."""
+    r = console(tmp_path, "check", "examples/imagegen/ratelimit.toml", cwd=ROOT)
+    assert r.code == 0, r.err
+    assert "ok, 1 rule, backend memory" in r.out
+    assert "8 slots q16 2s" in r.out
+
+
+@pytest.mark.parametrize(
+    ("count", "noun", "text"),
+    [(0, "rule", "0 rules"), (1, "rule", "1 rule"), (1, "slot", "1 slot"), (8, "slot", "8 slots"),
+     (1, "running worker", "1 running worker"), (2, "worker", "2 workers")],
+)  # fmt: skip
+def test_counts_agree_with_their_nouns(count: int, noun: str, text: str) -> None:
+    """Every count the command prints agrees with its noun (`1 slot`, never `1 slots`)."""
+    assert plural(count, noun) == text
+
+
+def test_a_one_slot_limit_reads_1_slot(tmp_path: Path) -> None:
+    """`check` of a rule with one concurrency slot prints `1 rule` and `1 slot`."""
+    path = tmp_path / "one.toml"
+    path.write_text('[[rules]]\npath = "/x"\n\n[[rules.limits]]\ntype = "concurrency"\nlimit = 1\n')
+    r = ratelimit("check", str(path))
+    assert r.code == 0, r.err
+    assert "ok, 1 rule, backend memory" in r.out
+    assert " 1 slot " in r.out + " "
+    assert "slots" not in r.out
+
+
+@pytest.mark.redis
+def test_status_names_the_overrides_version(redis_url: str, config: str) -> None:
+    """The status line says what its version is: that of the overrides, or that none were
+    ever set (never a bare `version -`)."""
+    before = ratelimit("status", "--config", config, redis_url=redis_url)
+    assert before.code == 0, before.err
+    assert "overrides: none set yet" in before.out.splitlines()[0]
+    assert "version -" not in before.out
+    ratelimit("override", "set", "images", "--factor", "0.5", "--for", "1h", redis_url=redis_url)
+    after = ratelimit("status", "--config", config, redis_url=redis_url)
+    assert "overrides version 1 " in after.out.splitlines()[0]
+
+
+def test_version_prints_the_installed_distribution() -> None:
+    """`ratelimit --version` prints the version of the installed `surgelimit`."""
+    from importlib.metadata import version
+
+    r = ratelimit("--version")
+    assert r.code == 0, r.err
+    assert r.out == f"ratelimit {version('surgelimit')}\n"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("option", ["--slots", "--limit"])
+async def test_override_slots_are_given_with_slots_and_the_old_limit_still_works(
+    redis_url: str, option: str
+) -> None:
+    """`override set RULE LIMIT --slots N` sets N slots; `--limit N`, its first name beside
+    the positional LIMIT (a limit's name), still works but is no longer shown in the help."""
+    r = ratelimit("override", "set", "images", "gpu", option, "4", "--until-cleared", "--json",
+                  redis_url=redis_url)  # fmt: skip
+    assert r.code == 0, r.err
+    assert r.json()["override"]["slots"] == 4
+    shown = ratelimit("override", "set", "--help").out
+    assert "--slots N" in shown
+    assert "--limit" not in shown

@@ -3,6 +3,8 @@
     ratelimit check CONFIG
     ratelimit status [--config CONFIG] [--watch SECONDS]
     ratelimit override set RULE [LIMIT] CHANGE (--for DURATION | --until-cleared) [--reason TEXT]
+        CHANGE: --rate R --burst B (either or both) | --slots N --queue Q --timeout S (any)
+                | --factor F | --block [--message TEXT] | --shadow | --enforce
     ratelimit override list
     ratelimit override clear RULE [LIMIT]
     ratelimit reset KEY [--rule RULE [--limit LIMIT]]
@@ -12,7 +14,9 @@ Every command takes `--json` (one stable JSON document on stdout, for
 scripts), `--redis URL` (default: $RATELIMIT_REDIS_URL, else the `[backend]`
 table of `--config`) and `--prefix` (default: the config file's, else
 "ratelimit"). Tables are aligned for people; colours only on a terminal, and
-never with $NO_COLOR set.
+never with $NO_COLOR set. `ratelimit --version` prints the installed version.
+A config file's `module:callable` entries are imported from the current
+directory, as uvicorn imports an app.
 
 Exit codes: 0 done; 1 refused (a config file or an override that is not
 valid, checked before anything is written); 2 usage (argparse's); 3 Redis

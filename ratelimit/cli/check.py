@@ -8,7 +8,7 @@ from ..policy.effective import describe_limit
 from ..policy.limits import Concurrency
 from ..policy.rules import Rule
 from .context import Context
-from .output import Cell, limit_numbers
+from .output import Cell, limit_numbers, plural
 from .parser import OK
 
 
@@ -29,7 +29,7 @@ def cmd_check(ctx: Context) -> int:
         return OK
     backend = data["backend"]
     out.line(
-        f"{ctx.args.config}: {out.paint('ok', 'green')}, {len(settings.rules)} rule(s), "
+        f"{ctx.args.config}: {out.paint('ok', 'green')}, {plural(len(settings.rules), 'rule')}, "
         f"backend {backend.get('type')}" + (f" {backend['url']}" if backend.get("url") else "")
     )
     rows: list[list[Cell]] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from ..policy import keys
 from ..policy.config import Settings, load_config
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.rules import Rule
-from .output import Out
+from .output import Out, plural
 from .parser import DEFAULT_PREFIX, usage
 
 if TYPE_CHECKING:
@@ -84,6 +85,14 @@ class Context:
 
 
 def _load(path: str) -> Settings:
+    """The config file's settings; `Refused` naming the field when it is not valid.
+
+    Its `module:callable` entries name the app's own code, found from the current
+    directory as uvicorn and gunicorn find an app: the installed `ratelimit` script
+    starts with its own folder on `sys.path`, not the current directory.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -137,5 +146,5 @@ async def known_rules(ctx: Context) -> tuple[list[Rule] | None, str]:
         return list(ctx.settings.rules), f"the rules of {ctx.args.config}"
     reports = await ctx.store().reports()
     if reports:
-        return rules_from_reports(reports), f"the rules of {len(reports)} running worker(s)"
+        return rules_from_reports(reports), f"the rules of {plural(len(reports), 'running worker')}"
     return None, ""

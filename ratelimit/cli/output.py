@@ -112,10 +112,15 @@ def iso(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="seconds")
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 slot`, `8 slots`, `0 rules`: a count with its noun agreeing (nouns taking -s)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def limit_numbers(desc: Mapping[str, Any]) -> str:
-    """A described limit in a few characters: `5/minute b5`, `8 slots q64`."""
+    """A described limit in a few characters: `5/minute b5`, `1 slot`, `8 slots q64`."""
     if desc.get("kind") == "concurrency":
-        text = f"{desc['limit']} slots"
+        text = plural(desc["limit"], "slot")
         if desc.get("queue"):
             text += f" q{desc['queue']} {desc.get('timeout', 0):g}s"
         return text

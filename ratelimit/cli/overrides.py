@@ -18,7 +18,7 @@ async def cmd_override_set(ctx: Context) -> int:
     a = ctx.args
     kinds = []
     if any(v is not None for v in (a.rate, a.burst, a.slots, a.queue, a.timeout)):
-        kinds.append("--rate/--burst/--limit/--queue/--timeout")
+        kinds.append("--rate/--burst/--slots/--queue/--timeout")
     if a.factor is not None:
         kinds.append("--factor")
     if a.block:
@@ -28,7 +28,7 @@ async def cmd_override_set(ctx: Context) -> int:
     if len(kinds) != 1 or (a.shadow and a.enforce):
         usage(
             "override set: give exactly one kind of change: --rate [--burst], --burst, "
-            "--limit/--queue/--timeout, --factor, --block, --shadow or --enforce"
+            "--slots/--queue/--timeout, --factor, --block, --shadow or --enforce"
             + (f" (got {', '.join(kinds)})" if kinds else "")
         )
     if a.message is not None and not a.block:

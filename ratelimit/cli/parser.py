@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from importlib import metadata
 from typing import Any, NoReturn
 
 #: Exit codes (see `ratelimit.cli`).
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 refused input, 2 usage, 3 Redis unreachable.",
     )
     _common(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     _common(common, suppress=True)
@@ -99,13 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     set_.add_argument("rule", metavar="RULE")
-    set_.add_argument("limit", metavar="LIMIT", nargs="?", help="a limit's policy name")
+    set_.add_argument(
+        "limit", metavar="LIMIT", nargs="?", help="a limit's name (default: every one that fits)"
+    )
     change = set_.add_argument_group("the change (one kind)")
     change.add_argument("--rate", help='token bucket or window rate, e.g. "3/day"')
     change.add_argument("--burst", type=int, help="token bucket burst")
-    change.add_argument(
-        "--limit", "--slots", dest="slots", type=int, metavar="N", help="concurrency slots"
-    )
+    change.add_argument("--slots", type=int, metavar="N", help="concurrency slots")
+    # --slots' first name, still accepted but not shown: beside the positional LIMIT (a
+    # limit's name) "--limit 4" read as naming a limit rather than giving it 4 slots.
+    change.add_argument("--limit", dest="slots", type=int, help=argparse.SUPPRESS)
     change.add_argument("--queue", type=int, help="concurrency queue length")
     change.add_argument("--timeout", type=float, metavar="SECONDS", help="concurrency queue wait")
     change.add_argument("--factor", type=float, help="multiply every number of the limit(s)")
@@ -170,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted"
     )
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (`surgelimit`), else the source tree's."""
+    try:
+        return metadata.version("surgelimit")
+    except metadata.PackageNotFoundError:
+        from .. import __version__
+
+        return f"{__version__} (not installed)"
 
 
 def usage(message: str) -> NoReturn:

@@ -88,8 +88,11 @@ def print_status(out: Out, data: Mapping[str, Any]) -> None:
     workers = data["workers"]
     live, current = workers["live"], workers["current"]
     state = f"{current}/{live} at this version" if live else "no worker reports"
+    # The overrides' version counts their changes; a store never written to has none.
+    version = data["version"]
+    overrides = "overrides: none set yet" if version is None else f"overrides version {version}"
     out.line(
-        f"{data['redis']} prefix {data['prefix']}  version {data['version'] or '-'}  "
+        f"{data['redis']} prefix {data['prefix']}  {overrides}  "
         f"workers: {out.paint(state, 'green' if live and live == current else 'yellow')}"
     )
     rows: list[list[Cell]] = []

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..core.top import read_fleet
 from .context import Context, Refused
-from .output import Out, clean, iso, redact, show
+from .output import Out, clean, iso, plural, redact, show
 from .parser import OK, usage
 
 
@@ -62,7 +62,8 @@ def print_top(out: Out, data: Mapping[str, Any]) -> None:
     ages = [w["age"] for w in workers if w["age"] is not None]
     every = sorted({w["every"] for w in workers if w["every"] is not None})
     window = "/".join(f"{e:g}s" for e in every) or "?"
-    line = f"{data['redis']} prefix {data['prefix']}  {len(workers)} workers, windows of {window}"
+    line = f"{data['redis']} prefix {data['prefix']}  {plural(len(workers), 'worker')}, "
+    line += f"windows of {window}"
     if ages:
         line += f" ended {min(ages):.1f}-{max(ages):.1f}s ago"
     out.line(line)
@@ -70,8 +71,8 @@ def print_top(out: Out, data: Mapping[str, Any]) -> None:
         out.line()
         what = "keys" if t["keys_shown"] else "key digests"
         out.line(
-            f"{out.paint(clean(name), 'bold')}: {t['total']} requests over {t['workers']} "
-            f"workers ({what})"
+            f"{out.paint(clean(name), 'bold')}: {plural(t['total'], 'request')} over "
+            f"{plural(t['workers'], 'worker')} ({what})"
         )
         if not t["callers"]:
             out.line(out.paint("  no callers in this window", "dim"))
