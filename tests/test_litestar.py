@@ -18,9 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 from _servers import uvicorn_app
 from asgi_helpers import Exchange, eventually, http_scope
-from litestar import Litestar, get
+from litestar import Litestar, asgi, get
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
+from litestar.types import Receive, Scope, Send
 
 from ratelimit import (
     Concurrency,
@@ -151,9 +152,20 @@ def test_a_middleware_building_its_own_limiter_per_route_is_refused() -> None:
         Litestar(HANDLERS, middleware=[DefineMiddleware(RateLimitMiddleware, rules=rules())])
 
 
-def test_a_middleware_in_front_of_the_whole_app_may_build_its_limiter() -> None:
-    """Wrapping the Litestar app itself (one middleware, lifespan included) stays allowed."""
-    RateLimitMiddleware(Litestar(HANDLERS), rules=rules())
+@asgi("/files", is_mount=True, copy_scope=True)
+async def files(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"file"})
+
+
+async def test_a_middleware_in_front_of_the_whole_app_limits_mounts_by_their_full_path() -> None:
+    """Wrapping the Litestar app itself (one middleware, one limiter, lifespan included) is
+    allowed, and its rules see full paths, those of mounted ASGI apps too."""
+    limit = Rule("/files/*", limits=[Window("1/minute", key=keys.client_ip())])
+    app = RateLimitMiddleware(Litestar([files]), rules=[limit])
+    async with client(app) as c:
+        codes = [(await c.get(path)).status_code for path in ("/files/a", "/files/b")]
+    assert codes == [200, 429]
 
 
 async def test_the_plugin_admits_exactly_the_limit_across_routes(limiter: Limiter) -> None:
