@@ -24,6 +24,7 @@ from ..core.engine import Engine
 from ..core.limiter import Limiter, build_backend
 from ..core.metrics import DEFAULT_METRICS, DefaultMetrics
 from ..core.observer import Observer
+from ..core.plan import BlockedPlan
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.rules import FailPolicy, Rule
 from ..policy.top import TopCallers
@@ -230,7 +231,10 @@ class RateLimitMiddleware:
         if compiled is None:
             compiled = (
                 rule,
-                (b"ratelimit-policy", responses.policy_header(plan.rule)),
+                (
+                    b"ratelimit-policy",
+                    responses.policy_header(plan.rule, blocked=isinstance(plan, BlockedPlan)),
+                ),
                 responses.RateLimitField(rule),
             )
             if plan.rule is rule:
