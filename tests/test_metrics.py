@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +34,6 @@ from ratelimit import (
     metrics_app,
 )
 from ratelimit._types import Receive, Scope, Send
-from ratelimit.backends.breaker import CircuitBreaker
 from ratelimit.core.metrics import DECISION_BUCKETS, OUTCOMES
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -600,33 +597,3 @@ def test_metrics_app_rejects_a_missing_multiprocess_directory(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=r"^PROMETHEUS_MULTIPROC_DIR: expected an existing"):
         metrics_app()
-
-
-# -- the Grafana dashboard ------------------------------------------------------------
-
-DASHBOARD = Path(__file__).resolve().parents[1] / "examples" / "grafana" / "ratelimit.json"
-
-
-async def test_grafana_dashboard_uses_only_exported_metrics() -> None:
-    """The dashboard JSON is importable as is: unique panel ids, every query on the
-    datasource variable, and every metric it names is one we export."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    assert dashboard["uid"] == "ratelimit-overview"
-    assert dashboard["title"] == "ratelimit"
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource"
-    assert variables["datasource"]["query"] == "prometheus"
-    panels = dashboard["panels"]
-    assert len({p["id"] for p in panels}) == len(panels)
-    exported = {name for name, _ in samples(await busy_registry())}
-    # Series that appear only with a breaker-backed store (RedisBackend).
-    with_breaker = CollectorRegistry()
-    Metrics(with_breaker).watch_breaker(CircuitBreaker())
-    exported |= {name for name, _ in samples(with_breaker)}
-    targets = [t for p in panels for t in p.get("targets", [])]
-    assert len(targets) >= 10
-    for target in targets:
-        assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-        names = set(re.findall(r"\bratelimit_[a-z_]+", target["expr"]))
-        assert names, target["expr"]
-        assert names <= exported, target["expr"]
