@@ -6,8 +6,8 @@ master and every worker see it; needs `pip install gunicorn uvicorn-worker`):
     PROMETHEUS_MULTIPROC_DIR=/run/myapp/metrics \\
         gunicorn -c examples/gunicorn.conf.py 'myapp:create_app()'
 
-The app mounts `metrics_app()` at /metrics and builds its middleware with
-`Metrics()`; whichever worker answers a scrape serves the sum over all of them.
+The app mounts `metrics_app()` at /metrics (its middleware counts by default);
+whichever worker answers a scrape serves the sum over all of them.
 Command-line options override what is set here.
 """
 

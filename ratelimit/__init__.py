@@ -11,8 +11,7 @@ from ._errors import CallableError as CallableError
 from ._errors import ConfigError as ConfigError
 from ._errors import LeaseError as LeaseError
 from ._errors import RateLimitError as RateLimitError
-from .asgi.metrics import Metrics as Metrics
-from .asgi.metrics import metrics_app as metrics_app
+from .asgi.exposition import metrics_app as metrics_app
 from .asgi.middleware import RateLimitMiddleware as RateLimitMiddleware
 from .asgi.top import top_app as top_app
 from .backends.base import Backend as Backend
@@ -21,6 +20,7 @@ from .backends.redis import RedisBackend as RedisBackend
 from .core.decision import Decision as Decision
 from .core.decision import RateLimited as RateLimited
 from .core.limiter import Limiter as Limiter
+from .core.metrics import Metrics as Metrics
 from .core.observer import Observer as Observer
 from .core.plan import LimitState as LimitState
 from .core.statistics import LimitStatistics as LimitStatistics

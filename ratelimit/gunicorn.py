@@ -26,22 +26,18 @@ leases expire) and the limit gauges show only living workers' values.
 Counters and histograms keep the dead worker's share: they are totals.
 
 This module imports neither gunicorn nor uvicorn: the hooks only read
-`worker.pid` and `server.log`.
+`worker.pid` and `server.log`. For uvicorn's own `--workers`, see `ratelimit.uvicorn`.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Protocol
 
 from prometheus_client import multiprocess
 
-__all__ = ["child_exit", "on_starting"]
+from .multiproc import clear_multiproc_dir, multiproc_dir
 
-#: File name prefixes of prometheus_client's multi-process files (`counter_<pid>.db`,
-#: `gauge_livesum_<pid>.db`, ...): the only files `on_starting` deletes.
-_METRIC_FILE_PREFIXES = ("counter_", "gauge_", "histogram_", "summary_")
+__all__ = ["child_exit", "on_starting"]
 
 
 class _Log(Protocol):
@@ -59,28 +55,6 @@ class _Worker(Protocol):
     """What the hooks use of a gunicorn worker (`gunicorn.workers.base.Worker`)."""
 
     pid: int
-
-
-def multiproc_dir() -> str | None:
-    """`PROMETHEUS_MULTIPROC_DIR`, None if unset or empty (as `metrics_app` reads it)."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
-def clear_multiproc_dir(path: str | os.PathLike[str]) -> int:
-    """Delete prometheus_client's metric files in `path` (creating it if missing).
-
-    Only files named like the client's (`counter_*.db`, `gauge_*.db`,
-    `histogram_*.db`, `summary_*.db`) go; anything else in the directory is
-    left alone. Returns how many were deleted.
-    """
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    deleted = 0
-    for f in directory.glob("*.db"):
-        if f.name.startswith(_METRIC_FILE_PREFIXES) and f.is_file():
-            f.unlink(missing_ok=True)
-            deleted += 1
-    return deleted
 
 
 def on_starting(server: _Arbiter) -> None:

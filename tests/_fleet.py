@@ -45,7 +45,7 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route
 
 from ratelimit import (
-    Concurrency, Metrics, RateLimitMiddleware, Rule, TokenBucket, keys, metrics_app,
+    Concurrency, RateLimitMiddleware, Rule, TokenBucket, keys, metrics_app,
 )
 
 
@@ -67,7 +67,6 @@ def create_app():
     ])
     limited = RateLimitMiddleware(
         inner,
-        metrics=Metrics(),
         rules=[
             Rule("/work", limits=[
                 TokenBucket("1/hour", burst=3, key=keys.header("x-api-key"), name="per-key"),

@@ -233,7 +233,7 @@ BAD_CONFIGS = [
      r"^rules\[0\]\.limits\[0\]\.brust: expected one of the keys of a token_bucket limit "
      r'\(burst, counts, key, name, rate, shared, type\); did you mean "burst"\?$'),
     ("rule", [], r'^rule: expected one of the keys of the top level \(backend, fail, headers, '
-     r'rules, shadow\); did you mean "rules"\?$'),
+     r'metrics, rules, shadow\); did you mean "rules"\?$'),
     ("rules[1].paht", "/x", r'^rules\[1\]\.paht: expected one of the keys of a rule .*"path"'),
     ("fail", "sometimes", r"""^fail: expected "open", "closed" or "local", got 'sometimes'$"""),
     ("fail", True, r"^fail: expected .*, got True$"),

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ratelimit.gunicorn import child_exit, clear_multiproc_dir, on_starting
+from ratelimit.gunicorn import child_exit, on_starting
+from ratelimit.multiproc import clear_multiproc_dir
 
 
 @dataclass

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_helpers import Exchange, eventually, http_scope
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -36,8 +34,7 @@ from ratelimit import (
     metrics_app,
 )
 from ratelimit._types import Receive, Scope, Send
-from ratelimit.asgi.metrics import DECISION_BUCKETS, OUTCOMES
-from ratelimit.backends.breaker import CircuitBreaker
+from ratelimit.core.metrics import DECISION_BUCKETS, OUTCOMES
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -96,7 +93,7 @@ async def drive(app: Any, path: str, n: int, **headers: str) -> list[int]:
 def test_importing_the_package_registers_nothing() -> None:
     """Importing ratelimit (and its metrics module) puts no ratelimit_* metric on REGISTRY."""
     code = (
-        "import ratelimit, ratelimit.asgi.metrics\n"
+        "import ratelimit, ratelimit.core.metrics, ratelimit.asgi.exposition\n"
         "from prometheus_client import REGISTRY\n"
         "print(sorted(m.name for m in REGISTRY.collect()))\n"
     )
@@ -106,31 +103,61 @@ def test_importing_the_package_registers_nothing() -> None:
     assert "ratelimit" not in out
 
 
-def test_default_registry_is_the_global_one_and_a_second_metrics_fails_clearly() -> None:
-    """Metrics() lands on REGISTRY; another on it raises ConfigError and leaves the first intact."""
-    first = Metrics()
-    try:
-        with pytest.raises(ConfigError, match=r"^registry: expected a registry without"):
-            Metrics()
-        errors = "ratelimit_backend_errors_total"
-        assert REGISTRY.get_sample_value(errors, {"operation": "x"}) is None
-        first.observe_backend_error("x")
-        assert REGISTRY.get_sample_value(errors, {"operation": "x"}) == 1
-    finally:
-        first.unregister()
-    assert not any(m.name.startswith("ratelimit") for m in REGISTRY.collect())
+def test_the_first_limiter_registers_the_metrics_on_the_global_registry() -> None:
+    """Nothing at import; a Limiter built without metrics= registers the set on REGISTRY."""
+    code = (
+        "import ratelimit\n"
+        "from prometheus_client import REGISTRY\n"
+        "def names():\n"
+        "    return [m.name for m in REGISTRY.collect() if m.name.startswith('ratelimit')]\n"
+        "assert names() == [], names()\n"
+        "rule = ratelimit.Rule('/a', limits=[ratelimit.Window('1/second')])\n"
+        "limiter = ratelimit.Limiter([rule])\n"
+        "assert isinstance(limiter.metrics, ratelimit.Metrics)\n"
+        "assert limiter.metrics.registry is REGISTRY\n"
+        "print(sorted(names()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "ratelimit_decisions" in out
+
+
+def test_metrics_on_one_registry_are_one_set() -> None:
+    """Metrics(registry) again is the same object: limiters sharing a registry share one set."""
+    registry = CollectorRegistry()
+    first = Metrics(registry)
+    assert Metrics(registry) is first
+    first.observe_backend_error("x")
+    assert value(registry, "ratelimit_backend_errors_total", operation="x") == 1
+    assert Metrics() is Metrics() is not first  # the global registry's own set
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"), [({"near_limit": 0.5}, "near_limit"), ({"buckets": [1.0]}, "buckets")]
+)
+def test_the_same_set_with_other_settings_is_refused(kwargs: dict[str, Any], field: str) -> None:
+    """Asking a registry's set for another near_limit or buckets fails naming the field."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    with pytest.raises(ConfigError, match=f"^{field}: expected .* already on this registry"):
+        Metrics(registry, **kwargs)
 
 
 def test_a_failed_registration_leaves_the_registry_unchanged() -> None:
-    """A collision part-way through rolls back what was registered, so a retry can succeed."""
+    """A collision with a foreign collector part-way through rolls back what was registered,
+    so a retry can succeed; unregister() frees the names for a new set."""
     registry = CollectorRegistry()
-    first = Metrics(registry)
+    foreign = Counter("ratelimit_backend_errors_total", "not ours", registry=registry)
     before = {m.name for m in registry.collect()}
-    with pytest.raises(ConfigError, match="one Metrics per registry"):
+    with pytest.raises(ConfigError, match=r"^registry: expected a registry without other"):
         Metrics(registry)
     assert {m.name for m in registry.collect()} == before
+    registry.unregister(foreign)
+    first = Metrics(registry)
     first.unregister()
-    Metrics(registry)  # the names are free again
+    assert not list(registry.collect())
+    assert Metrics(registry) is not first  # the names are free again
 
 
 def test_another_namespace_shares_a_registry() -> None:
@@ -544,14 +571,10 @@ async def test_metrics_app_defaults_to_the_global_registry(
 ) -> None:
     """metrics_app() serves REGISTRY, where Metrics() registers by default."""
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    metrics = Metrics()
-    try:
-        metrics.observe_backend_error("renew")
-        async with client(metrics_app()) as c:
-            r = await c.get("/")
-        assert 'ratelimit_backend_errors_total{operation="renew"} 1.0' in r.text
-    finally:
-        metrics.unregister()
+    Metrics().observe_backend_error("served-by-default")
+    async with client(metrics_app()) as c:
+        r = await c.get("/")
+    assert 'ratelimit_backend_errors_total{operation="served-by-default"} 1.0' in r.text
 
 
 async def test_metrics_app_in_multiprocess_mode_reads_the_directory(
@@ -574,33 +597,3 @@ def test_metrics_app_rejects_a_missing_multiprocess_directory(
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=r"^PROMETHEUS_MULTIPROC_DIR: expected an existing"):
         metrics_app()
-
-
-# -- the Grafana dashboard ------------------------------------------------------------
-
-DASHBOARD = Path(__file__).resolve().parents[1] / "examples" / "grafana" / "ratelimit.json"
-
-
-async def test_grafana_dashboard_uses_only_exported_metrics() -> None:
-    """The dashboard JSON is importable as is: unique panel ids, every query on the
-    datasource variable, and every metric it names is one we export."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    assert dashboard["uid"] == "ratelimit-overview"
-    assert dashboard["title"] == "ratelimit"
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource"
-    assert variables["datasource"]["query"] == "prometheus"
-    panels = dashboard["panels"]
-    assert len({p["id"] for p in panels}) == len(panels)
-    exported = {name for name, _ in samples(await busy_registry())}
-    # Series that appear only with a breaker-backed store (RedisBackend).
-    with_breaker = CollectorRegistry()
-    Metrics(with_breaker).watch_breaker(CircuitBreaker())
-    exported |= {name for name, _ in samples(with_breaker)}
-    targets = [t for p in panels for t in p.get("targets", [])]
-    assert len(targets) >= 10
-    for target in targets:
-        assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-        names = set(re.findall(r"\bratelimit_[a-z_]+", target["expr"]))
-        assert names, target["expr"]
-        assert names <= exported, target["expr"]

@@ -124,5 +124,5 @@ def test_every_dashboard_query_evaluates_in_prometheus(prometheus: int) -> None:
         promql = expr.replace("$__rate_interval", "1m").replace("$rule", ".*")
         results[expr] = query(prometheus, promql)
     with_data = [e for e, r in results.items() if r]
-    for needle in ("allowed|failed_open", "ratelimit_limit{", "ratelimit_decision_seconds"):
+    for needle in ("allowed|queued|failed_open", "ratelimit_limit{", "ratelimit_decision_seconds"):
         assert any(needle in e for e in with_data), needle

@@ -170,6 +170,25 @@ async def test_block_without_a_message_says_so_plainly() -> None:
     assert "closed by its operator" in json.loads(r.content)["detail"]
 
 
+async def test_a_block_shows_every_quota_as_zero_in_the_policy_field() -> None:
+    """While blocked, `RateLimit-Policy` says q=0 for each limit (as the gauges say 0);
+    cleared, the configured quotas come back."""
+    app = app_with()
+    await app.overrides.set("images", block=True, until_cleared=True)
+    async with client(app) as c:
+        blocked = await c.get("/images", headers={"x-api-key": "a"})
+        await app.overrides.clear("images")
+        cleared = await c.get("/images", headers={"x-api-key": "a"})
+    assert blocked.status_code == 503
+    assert blocked.headers["ratelimit-policy"] == (
+        '"per-key";q=0;w=3600, "gpu";q=0;qu="concurrent-requests"'
+    )
+    assert cleared.status_code == 200
+    assert cleared.headers["ratelimit-policy"] == (
+        '"per-key";q=1;w=3600, "gpu";q=8;qu="concurrent-requests"'
+    )
+
+
 async def test_a_lease_granted_before_an_override_is_released_after_it() -> None:
     """A request holding a slot under the old plan frees it when it ends under the new one."""
     backend = MemoryBackend()

@@ -37,10 +37,11 @@ def test_all_lists_every_public_attribute() -> None:
         if not name.startswith("_") and not (hasattr(value, "__path__") and name != "keys")
     }
     # cli: the command; gunicorn: hooks a gunicorn config file imports (ratelimit.gunicorn);
-    # litestar: the Litestar plugin (ratelimit.litestar), which imports Litestar.
+    # litestar: the Litestar plugin (ratelimit.litestar), which imports Litestar;
+    # uvicorn: `python -m ratelimit.uvicorn`; multiproc: the metrics directory helpers of both.
     public -= {
-        *("algorithms", "backends", "policy", "asgi", "annotations"),
-        *("cli", "gunicorn", "litestar"),
+        *("algorithms", "backends", "policy", "asgi", "annotations", "cli"),
+        *("gunicorn", "litestar", "uvicorn", "multiproc"),
     }
     assert public == set(ratelimit.__all__)
 

@@ -1,5 +1,8 @@
 """`metrics_app`: the Prometheus exposition of the `Metrics` series, to mount at `/metrics`.
 
+`metrics_app()` serves the global registry, where every `Limiter` counts by
+default: mounting it is the only line metrics need.
+
 Multi-process mode (`PROMETHEUS_MULTIPROC_DIR` set before prometheus_client
 is imported): counters and histograms are summed over every process that ever
 wrote them; `in_flight` sums live processes only (a dead worker's slots come
@@ -17,13 +20,14 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 from prometheus_client.asgi import make_asgi_app
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .._errors import ConfigError
 from .._types import ASGIApp, Receive, Scope, Send
+from ..core.metrics import given_registry
 from .admin import BadRequest, query_params, send_bad_request
 
 __all__ = ["metrics_app"]
@@ -58,15 +62,6 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
         await exposition(scope, receive, send)
 
     return app
-
-
-def given_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
-    """`registry`, checked; prometheus_client's global `REGISTRY` for None."""
-    if registry is None:
-        return REGISTRY
-    if not isinstance(registry, CollectorRegistry):
-        raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
-    return registry
 
 
 #: Nothing to expose: for trying an `Accept` header's format and version on.

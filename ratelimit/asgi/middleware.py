@@ -22,7 +22,9 @@ from ..backends.base import Backend
 from ..core.decision import ABANDONED, BlockedDecision, Decision, FailedDecision, Grant
 from ..core.engine import Engine
 from ..core.limiter import Limiter, build_backend
+from ..core.metrics import DEFAULT_METRICS, DefaultMetrics
 from ..core.observer import Observer
+from ..core.plan import BlockedPlan
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.rules import FailPolicy, Rule
 from ..policy.top import TopCallers
@@ -63,7 +65,7 @@ class RateLimitMiddleware:
         on_refuse: RefuseHook | None = None,
         fail: FailPolicy | None = None,
         headers: bool | None = None,
-        metrics: Observer | None = None,
+        metrics: Observer | DefaultMetrics | None = DEFAULT_METRICS,
         local_share: float | None = None,
         config: ConfigSource | Settings | None = None,
         shadow: bool | None = None,
@@ -77,7 +79,7 @@ class RateLimitMiddleware:
                 "rules": rules != (),
                 "backend": backend is not None,
                 "fail": fail is not None,
-                "metrics": metrics is not None,
+                "metrics": metrics is not DEFAULT_METRICS,
                 "local_share": local_share is not None,
                 "config": config is not None,
                 "shadow": shadow is not None,
@@ -229,7 +231,10 @@ class RateLimitMiddleware:
         if compiled is None:
             compiled = (
                 rule,
-                (b"ratelimit-policy", responses.policy_header(plan.rule)),
+                (
+                    b"ratelimit-policy",
+                    responses.policy_header(plan.rule, blocked=isinstance(plan, BlockedPlan)),
+                ),
                 responses.RateLimitField(rule),
             )
             if plan.rule is rule:

@@ -23,17 +23,20 @@ REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-re
 Headers = list[tuple[bytes, bytes]]
 
 
-def policy_item(name: str, limit: Limit) -> str:
-    """One `RateLimit-Policy` list member for `limit`."""
+def policy_item(name: str, limit: Limit, *, blocked: bool = False) -> str:
+    """One `RateLimit-Policy` list member for `limit` (quota 0 while an operator blocks it)."""
     if isinstance(limit, Concurrency):
-        return f'"{name}";q={limit.limit};qu="concurrent-requests"'
+        return f'"{name}";q={0 if blocked else limit.limit};qu="concurrent-requests"'
     assert isinstance(limit, (TokenBucket, Window))
-    return f'"{name}";q={limit.item.amount};w={int(limit.item.get_expiry())}'
+    return f'"{name}";q={0 if blocked else limit.item.amount};w={int(limit.item.get_expiry())}'
 
 
-def policy_header(rule: Rule) -> bytes:
-    """The `RateLimit-Policy` field value of a rule."""
-    items = [policy_item(n, lim) for n, lim in zip(rule.limit_names(), rule.limits, strict=True)]
+def policy_header(rule: Rule, *, blocked: bool = False) -> bytes:
+    """The `RateLimit-Policy` field value of a rule; every quota is 0 while `blocked`."""
+    items = [
+        policy_item(n, lim, blocked=blocked)
+        for n, lim in zip(rule.limit_names(), rule.limits, strict=True)
+    ]
     return ", ".join(items).encode("ascii")
 
 

@@ -46,6 +46,7 @@ from .caller import Key
 from .decision import Abandon, Decision, FailedDecision, Given
 from .engine import Engine
 from .live import LiveOverrides
+from .metrics import DEFAULT_METRICS, DefaultMetrics, Metrics
 from .observer import Observer
 from .plan import SKIPPED, Plan, new
 from .statistics import LimitStatistics
@@ -66,7 +67,9 @@ class Limiter:
     process, each limit multiplied by `local_share`: 1 / the number of
     processes). `shadow=True` puts every rule in shadow mode. `config` is a
     TOML file or dict (see `policy.config`); its rules come before `rules`.
-    `metrics` is an `Observer` (a `Metrics`). With `top=` and a Redis backend
+    `metrics` is an `Observer`: by default the process's `Metrics()` on the
+    global registry (shared by every limiter; off when the config file says
+    `metrics = false`), None for none. With `top=` and a Redis backend
     the heaviest callers are published for `ratelimit top`.
 
     Live overrides (`overrides`) start with `await limiter.start()`, with
@@ -83,7 +86,7 @@ class Limiter:
         local_share: float = 1.0,
         shadow: bool = False,
         config: ConfigSource | Settings | None = None,
-        metrics: Observer | None = None,
+        metrics: Observer | DefaultMetrics | None = DEFAULT_METRICS,
         top: TopCallers | None = None,
     ) -> None:
         #: The configuration file's settings, if `config` was given.
@@ -114,7 +117,10 @@ class Limiter:
             or not 0 < local_share <= 1
         ):
             raise ConfigError("local_share", "a fraction in (0, 1], e.g. 1 / workers", local_share)
-        if metrics is not None and not isinstance(metrics, Observer):
+        if metrics is DEFAULT_METRICS:
+            on = self.settings is None or self.settings.metrics
+            metrics = Metrics() if on else None
+        elif metrics is not None and not isinstance(metrics, Observer):
             raise ConfigError(
                 "metrics", "a ratelimit Metrics object (or another Observer)", metrics
             )

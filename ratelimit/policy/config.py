@@ -11,6 +11,7 @@ marked *required*; see ``examples/ratelimit.toml`` for a commented file)::
     fail = "open"          # "open" | "closed" | "local": what this file's rules do
                            # when the backend fails, unless a rule sets its own
     headers = true         # send the RateLimit header fields on allowed responses
+    metrics = true         # false: no Prometheus metrics (default: on, global registry)
     shadow = false         # true: every rule of this file in shadow mode (decide and
                            # count, refuse nothing) unless a rule sets its own
 
@@ -73,7 +74,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["Settings", "load_config"]
 
-_TOP_KEYS = frozenset({"fail", "headers", "shadow", "backend", "rules"})
+_TOP_KEYS = frozenset({"fail", "headers", "metrics", "shadow", "backend", "rules"})
 _RULE_KEYS = frozenset({"path", "methods", "name", "cost", "fail", "shadow", "limits"})
 _LIMIT_COMMON = frozenset({"type", "key", "name", "shared", "counts"})
 _LIMIT_KEYS: dict[str, frozenset[str]] = {
@@ -125,7 +126,8 @@ class Settings:
     """What a config file describes: rules, a backend spec and middleware defaults.
 
     `backend` is the `[backend]` table (None: the default MemoryBackend);
-    `fail` and `headers` are None when the file does not set them. `fail` is
+    `fail` and `headers` are None when the file does not set them; `metrics`
+    False when it turns them off. `fail` is
     already applied to every rule of the file that has no `fail` of its own,
     and the top-level `shadow` to every rule without a `shadow` of its own.
     """
@@ -134,6 +136,7 @@ class Settings:
     backend: Mapping[str, Any] | None = None
     fail: FailPolicy | None = None
     headers: bool | None = None
+    metrics: bool = True
 
 
 def load_config(source: ConfigSource) -> Settings:
@@ -199,6 +202,9 @@ def _settings(data: Mapping[str, Any]) -> Settings:
     headers = data.get("headers")
     if headers is not None and not isinstance(headers, bool):
         raise _wrong("headers", "true or false", headers)
+    metrics = data.get("metrics", True)
+    if not isinstance(metrics, bool):
+        raise _wrong("metrics", "true or false", metrics)
     shadow = data.get("shadow", False)
     if not isinstance(shadow, bool):
         raise _wrong("shadow", "true or false", shadow)
@@ -218,7 +224,9 @@ def _settings(data: Mapping[str, Any]) -> Settings:
                 )
         seen[rule.name] = i
         rules.append(rule)
-    return Settings(rules=tuple(rules), backend=backend, fail=fail, headers=headers)
+    return Settings(
+        rules=tuple(rules), backend=backend, fail=fail, headers=headers, metrics=metrics
+    )
 
 
 def _fail(field: str, value: object) -> FailPolicy | None:

@@ -1,10 +1,12 @@
-"""Prometheus metrics of a `Limiter` and its middleware (`exposition.metrics_app` serves them).
+"""Prometheus metrics of a `Limiter` (`asgi.exposition.metrics_app` serves them).
 
-Nothing is registered at import time: a `Metrics` object creates its
-instruments on one registry (the global one unless told otherwise), so two
-apps with two registries never collide. Labels are only `rule`, `limit`,
-`outcome` and `operation` — never the caller's key — so cardinality stays at
-rules x limits x outcomes however many callers there are.
+On by default: the first `Limiter` built without `metrics=` creates them on
+prometheus_client's global registry (never at import), and every later one
+shares that set, so app factories called once per test never collide.
+`Metrics(registry)` puts them on another registry; `metrics=None` (or
+`metrics = false` in a config file) turns them off. Labels are only `rule`,
+`limit`, `outcome` and `operation` — never the caller's key — so cardinality
+stays at rules x limits x outcomes however many callers there are.
 
     ratelimit_decisions_total{rule,limit,outcome}   counter
         Exactly one per request a rule matched. `outcome` is one of OUTCOMES;
@@ -45,26 +47,27 @@ rules x limits x outcomes however many callers there are.
         summed over live processes. Registered only once a backend with a
         `breaker` (RedisBackend) is observed.
 
-Multi-process mode: see `exposition`.
+Multi-process mode: see `asgi.exposition`.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from collections.abc import Sequence
 from typing import Final
+from weakref import WeakKeyDictionary
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
 from .._errors import ConfigError
 from ..backends.breaker import BreakerState, CircuitBreaker
-from ..core.decision import Decision, Grant
-from ..core.engine import Engine
 from ..policy.limits import Concurrency, Limit
 from ..policy.rules import Rule
-from .exposition import given_registry, metrics_app
+from .decision import Decision, Grant
+from .engine import Engine
 from .outcomes import (
     OUTCOMES,
     REASON_OUTCOME,
@@ -74,7 +77,7 @@ from .outcomes import (
     sustained_rate,
 )
 
-__all__ = ["DECISION_BUCKETS", "OUTCOMES", "Metrics", "metrics_app"]
+__all__ = ["DECISION_BUCKETS", "DEFAULT_METRICS", "OUTCOMES", "DefaultMetrics", "Metrics"]
 
 logger = logging.getLogger("ratelimit")
 
@@ -89,26 +92,55 @@ DECISION_BUCKETS: Final = (
 _NAMESPACE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
+class DefaultMetrics(enum.Enum):
+    """The type of `DEFAULT_METRICS`: `metrics=` left out."""
+
+    DEFAULT_METRICS = "default"
+
+    def __repr__(self) -> str:
+        return "DEFAULT_METRICS"
+
+
+#: `metrics=` left out: the metrics on the global registry, unless the config file
+#: says `metrics = false`.
+DEFAULT_METRICS: Final = DefaultMetrics.DEFAULT_METRICS
+
+#: The `Metrics` of each registry, by namespace: building one again gives the same set.
+_SHARED: WeakKeyDictionary[CollectorRegistry, dict[str, Metrics]] = WeakKeyDictionary()
+
+
+def given_registry(registry: CollectorRegistry | None) -> CollectorRegistry:
+    """`registry`, checked; prometheus_client's global `REGISTRY` for None."""
+    if registry is None:
+        return REGISTRY
+    if not isinstance(registry, CollectorRegistry):
+        raise ConfigError("registry", "a prometheus_client CollectorRegistry", registry)
+    return registry
+
+
 class Metrics:
     """The ratelimit instruments on one registry; pass it as `Limiter(metrics=)` (an
     `Observer`) or `RateLimitMiddleware(metrics=)`.
 
-    One `Metrics` per registry and namespace: a second one on the same
-    registry raises `ConfigError` (share the first between middlewares instead).
-    There is deliberately no `metrics=True` shortcut: the registry is chosen
-    where the app is assembled, and an app built twice in one process fails
-    loudly instead of counting into metrics nobody serves. `near_limit` is the
+    One set per registry and namespace: `Metrics(registry)` again returns the
+    set already there (so every limiter of a process counts into one, and an
+    app built once per test never collides); asking for it with another
+    `near_limit` or `buckets` raises `ConfigError`. `near_limit` is the
     fraction of a limit's capacity below which an admission counts as near it.
     """
 
-    def __init__(
-        self,
+    registry: CollectorRegistry
+    namespace: str
+    near_limit: float
+
+    def __new__(
+        cls,
         registry: CollectorRegistry | None = None,
         *,
         namespace: str = "ratelimit",
         near_limit: float = 0.2,
         buckets: Sequence[float] = DECISION_BUCKETS,
-    ) -> None:
+    ) -> Metrics:
         registry = given_registry(registry)
         if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
             raise ConfigError("namespace", "a metric name prefix like ratelimit", namespace)
@@ -125,9 +157,37 @@ class Metrics:
             or bounds != sorted(set(bounds))
         ):
             raise ConfigError("buckets", "increasing bucket bounds in seconds, > 0", buckets)
+        shared = _SHARED.setdefault(registry, {})
+        self = shared.get(namespace)
+        if self is None:
+            self = super().__new__(cls)
+            self._build(registry, namespace, float(near_limit), tuple(bounds))
+            shared[namespace] = self
+            return self
+        for field, wanted, has in (
+            ("near_limit", float(near_limit), self.near_limit),
+            ("buckets", tuple(bounds), self._bounds),
+        ):
+            if wanted != has:
+                raise ConfigError(
+                    field,
+                    f"{has} as for the {namespace}_* metrics already on this registry "
+                    "(or another namespace=)",
+                    wanted,
+                )
+        return self
+
+    def _build(
+        self,
+        registry: CollectorRegistry,
+        namespace: str,
+        near_limit: float,
+        bounds: tuple[float, ...],
+    ) -> None:
+        """Create the instruments and register them on `registry` (once per set)."""
         self.registry = registry
         self.namespace = namespace
-        self.near_limit = float(near_limit)
+        self.near_limit = near_limit
         ns = namespace
         self.decisions = Counter(
             "decisions_total",
@@ -141,7 +201,7 @@ class Metrics:
             "Time to decide one request (keys, cost, backend round trip).",
             ["rule"],
             namespace=ns,
-            buckets=tuple(bounds),
+            buckets=bounds,
             registry=None,
         )
         self.near = Counter(
@@ -188,7 +248,7 @@ class Metrics:
             "Time requests spent waiting in line, by how the wait ended.",
             ["rule", "limit", "outcome"],
             namespace=ns,
-            buckets=tuple(b for b in bounds if b >= 0.001) or tuple(bounds),
+            buckets=tuple(b for b in bounds if b >= 0.001) or bounds,
             registry=None,
         )
         self.backend_errors = Counter(
@@ -198,7 +258,7 @@ class Metrics:
             namespace=ns,
             registry=None,
         )
-        self._bounds = tuple(bounds)
+        self._bounds = bounds
         #: Created when a backend that reports its calls is seen (see `on_start`).
         self.backend_seconds: Histogram | None = None
         #: Created when a backend with a circuit breaker is seen (see `on_start`).
@@ -237,16 +297,21 @@ class Metrics:
                     self.registry.unregister(c)
                 raise ConfigError(
                     "registry",
-                    f"a registry without {self.namespace}_* metrics: make one Metrics per "
-                    "registry and pass it to every middleware, or give another namespace= "
-                    f"(prometheus_client: {exc})",
+                    f"a registry without other {self.namespace}_* metrics, or another "
+                    f"namespace= (prometheus_client: {exc})",
                 ) from None
             done.append(collector)
 
     def unregister(self) -> None:
-        """Remove these metrics from their registry (for tests and app reloads)."""
+        """Remove these metrics from their registry (for tests and app reloads).
+
+        The next `Metrics` on that registry and namespace is a new set.
+        """
         for collector in self._collectors:
             self.registry.unregister(collector)
+        shared = _SHARED.get(self.registry, {})
+        if shared.get(self.namespace) is self:
+            del shared[self.namespace]
 
     # -- the `Observer` interface: called by the Limiter and its engine ----------
 

@@ -29,6 +29,16 @@ OUTCOMES: Final = (
     "shadow_invalid",  # shadow mode: the same, the request went on
 )
 
+#: Outcomes of requests that went on to the app (in shadow mode: would-be refusals).
+ADMITTED: Final = frozenset(
+    {"allowed", "queued", "failed_open", "shadow_limited", "shadow_rejected", "shadow_invalid"}
+)
+
+#: Outcomes of requests refused with 429, 503 or 400: every refusal the limiter sent.
+REFUSED: Final = frozenset(
+    {"limited", "rejected", "failed_closed", "blocked", "queue_timeout", "shed", "invalid"}
+)
+
 #: `outcome` of a refused decision by its `Decision.reason`.
 REASON_OUTCOME: Final = {
     "queue_full": "rejected",
