@@ -8,44 +8,10 @@ shares that set, so app factories called once per test never collide.
 `limit`, `outcome` and `operation` — never the caller's key — so cardinality
 stays at rules x limits x outcomes however many callers there are.
 
-    ratelimit_decisions_total{rule,limit,outcome}   counter
-        Exactly one per request a rule matched. `outcome` is one of OUTCOMES;
-        `limit` names the limit that decided a refusal (or would have: the
-        shadow_* outcomes of rules in shadow mode, whose requests went on to
-        the app), "" otherwise. `blocked`: refused by an operator's block
-        override, without consulting any limit. `invalid`: refused with 400
-        because a key, cost, priority or fair_key function failed (`limit`
-        names the limit whose function it was, "" for the cost). Under
-        fail="local" the in-process verdict is counted (allowed, limited,
-        rejected) and the failure shows in ratelimit_backend_errors_total.
-    ratelimit_decision_seconds{rule}                 histogram
-        Time to decide (keys, cost, backend round trip), 50 µs to 10 s.
-    ratelimit_near_limit_total{rule,limit}           counter
-        Admissions after which the caller had under 20 % of the limit's
-        capacity left (`near_limit=`): who is about to be refused, without keys.
-    ratelimit_in_flight{rule,limit}                  gauge (multiprocess: livesum)
-        Concurrency slots held by requests running in this process; summed
-        over live processes. Per-caller limits: the sum over all callers.
-    ratelimit_limit{rule,limit}                      gauge (multiprocess: livemostrecent)
-        Effective capacity of each limit: slots (Concurrency), burst
-        (TokenBucket), requests per window (Window); overrides included, and
-        0 for every limit of a rule an operator blocked.
-    ratelimit_limit_rate_per_second{rule,limit}      gauge (multiprocess: livemostrecent)
-        Sustained rate of TokenBucket and Window limits, in units per second,
-        comparable with `rate(ratelimit_decisions_total[1m])`.
-    ratelimit_queue_depth{rule,limit}               gauge (multiprocess: livesum)
-        Requests of this process waiting in a limit's line; summed over live
-        processes (the line is one, fleet-wide: the sum is its length).
-    ratelimit_queue_wait_seconds{rule,limit,outcome} histogram
-        Time spent in line by requests that waited, by how the wait ended
-        (queued = admitted, queue_timeout, shed, abandoned).
-    ratelimit_backend_errors_total{operation}        counter
-        Backend calls that failed, by operation ("decide", ...).
-    ratelimit_breaker_open                           gauge (multiprocess: livesum)
-        Backends whose circuit breaker is open or probing, so calls fail at
-        once without reaching the store: 0 or 1 per process with one backend,
-        summed over live processes. Registered only once a backend with a
-        `breaker` (RedisBackend) is observed.
+The series (decisions by outcome, decision time, near-limit admissions, slots
+in flight, effective limits and rates, queue depth and wait, backend errors,
+breaker state) and what each counts are listed in docs/operations/metrics.md;
+each series' help text below says it in a line.
 
 Multi-process mode: see `asgi.exposition`.
 """
