@@ -5,7 +5,8 @@
     ├── BackendError               the store failed; the driver's error is __cause__
     │   └── BackendUnavailable     the circuit breaker is open, no call was made
     ├── CallableError              a key, cost, priority or fair_key function failed
-    │                              for one request (it cannot be rated); its error is __cause__
+    │                              for one request, or the JSON body they read is bad
+    │                              (it cannot be rated); its error is __cause__
     ├── LeaseError                 misuse of a lease (released twice, unknown)
     └── RateLimited                `Limiter.acquire` was refused; carries the decision
                                    (defined beside `Decision`, in core/decision.py)
@@ -68,7 +69,7 @@ class CallableError(RateLimitError):
     """
 
     def __init__(self, role: str, func: object, rule: str, limit: str, problem: str) -> None:
-        #: "key", "cost", "priority" or "fair_key".
+        #: "key", "cost", "priority", "fair_key", or "body" (the JSON body they read).
         self.role = role
         #: The callable's `__qualname__` (its class's for a callable object).
         self.callable = callable_name(func)

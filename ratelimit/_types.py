@@ -15,6 +15,9 @@ ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
 KeyFunc: TypeAlias = Callable[[Scope], "str | Awaitable[str | None] | None"]
 #: Units of `requests`, or units per dimension (see `policy.costs`).
 CostValue: TypeAlias = "int | Mapping[str, int]"
-#: A cost function of the scope (sync or async).
-CostFunc: TypeAlias = Callable[[Scope], "CostValue | Awaitable[CostValue]"]
+#: A cost function of the scope, or of the scope and the JSON body (sync or async).
+CostFunc: TypeAlias = (
+    "Callable[[Scope], CostValue | Awaitable[CostValue]]"
+    " | Callable[[Scope, Mapping[str, Any]], CostValue | Awaitable[CostValue]]"
+)
 Clock: TypeAlias = Callable[[], float]

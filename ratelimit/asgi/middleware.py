@@ -10,7 +10,6 @@ fails or the task is cancelled.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
@@ -29,8 +28,9 @@ from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.rules import FailPolicy, Rule
 from ..policy.top import TopCallers
 from . import responses
+from .inbox import BodyTooLarge, Inbox
 from .redirects import REDIRECTS, refund_if_slash_redirect
-from .unrated import UNRATABLE
+from .unrated import UNRATABLE, too_large
 
 logger = logging.getLogger("ratelimit")
 
@@ -163,11 +163,14 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         inbox = None
-        if engine.plan(rule).queued:
-            # The request may wait in line: watch for the client leaving meanwhile.
-            inbox = _Inbox(receive)
+        if engine.plan(rule).queued or rule.reads_body:
+            # The request may wait in line (watch for the client leaving meanwhile) or
+            # its cost or keys read the body: one reader, replaying to the app.
+            inbox = Inbox(receive)
             receive = inbox.receive
         try:
+            if inbox is not None and rule.reads_body:
+                await inbox.read_json(rule, scope)
             engine, decision = await limiter.decide(
                 rule, scope, inbox.until_gone if inbox is not None else None
             )
@@ -269,7 +272,8 @@ class RateLimitMiddleware:
     async def _unrated(
         self, rule: Rule, exc: CallableError, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        """A user callable failed for this request: 400, whatever the `fail` policy.
+        """A user callable failed for this request, or its body could not be read as
+        JSON: 400 (a body longer than the rule reads: 413), whatever the `fail` policy.
 
         Nothing was consumed (the engine asks every callable before the store)
         and the store is not at fault: no breaker, no fallback, no fail-open.
@@ -278,6 +282,9 @@ class RateLimitMiddleware:
         self.limiter.unratable(rule, exc)
         if rule.shadow:
             await self.app(scope, receive, send)
+            return
+        if isinstance(exc, BodyTooLarge):
+            await _send_plain(scope, receive, send, *too_large(rule.body_limit))
             return
         await _send_plain(scope, receive, send, *UNRATABLE)
 
@@ -399,51 +406,6 @@ def _missing_added(
     listed = list(headers)
     present = {k.lower() for k, _ in listed}
     return [*listed, *(h for h in fields if h[0] not in present)]
-
-
-#: Body bytes a waiting request's inbox reads ahead at most (plus the message that
-#: crosses it): past it the upload stays with the server, whose back-pressure holds it.
-_READ_AHEAD = 64 * 1024
-
-
-class _Inbox:
-    """The server's `receive` for a request that may wait in line.
-
-    While it waits, `until_gone` reads ahead to notice a disconnect, keeping what
-    it reads; the app's `receive` gets the kept messages first, then reads live,
-    so the app sees the body unchanged. Nothing is read ahead unless the request
-    waits, and at most `_READ_AHEAD` body bytes (plus the message that crosses it):
-    a 400 MiB upload must not be buffered here while it waits. Past that,
-    `until_gone` stops reading: the server then stops reading the socket too
-    (uvicorn pauses past 64 KiB of unread body) and notices a disconnect only
-    when reading resumes, i.e. once the wait ends (admitted: the app's reads;
-    timed out or refused: the answer's write).
-    """
-
-    __slots__ = ("_kept", "_read", "_receive")
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self._kept: list[Message] = []
-        self._read = 0
-
-    async def until_gone(self) -> None:
-        """Return once the client has disconnected (a cancelled read loses nothing);
-        never, once `_READ_AHEAD` bytes are kept (the wait's own timeout still applies)."""
-        while self._read < _READ_AHEAD:
-            message = await self._receive()
-            self._kept.append(message)
-            if message["type"] in ("http.disconnect", "websocket.disconnect"):
-                return
-            self._read += len(message.get("body") or message.get("bytes") or b"") + len(
-                message.get("text") or ""
-            )
-        await asyncio.get_running_loop().create_future()  # cancelled when the wait ends
-
-    async def receive(self) -> Message:
-        if self._kept:
-            return self._kept.pop(0)
-        return await self._receive()
 
 
 _FAILED_CLOSED: tuple[responses.Headers, bytes] = (

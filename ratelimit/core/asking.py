@@ -16,6 +16,7 @@ from typing import Any
 from .._errors import CallableError
 from .._types import Scope
 from ..policy import keys
+from ..policy.body import body_of
 from ..policy.limits import Concurrency
 from ..policy.rules import MAX_COST, Rule
 from .plan import Plan
@@ -86,12 +87,12 @@ async def cost(rule: Rule, scope: Scope) -> int:
     Not 0: a cost of nothing would admit the request without taking from
     any bucket (an exemption is a key function's None). Not past `MAX_COST`: a
     cost read from the request (`?n=4611686018427387904`) must not make the store
-    fail, which `fail="open"` would turn into a free admission.
+    fail, which `fail="open"` would turn into a free admission. A cost of
+    `(scope, body)` gets the body the face parsed (see `policy.body`).
     """
-    func = rule.cost
-    assert callable(func)
+    func: Callable[..., Any] = rule.cost  # type: ignore[assignment]  # callable: not an int
     try:
-        value = func(scope)
+        value = func(scope, body_of(scope)) if rule.cost_reads_body else func(scope)
         cost = await value if inspect.isawaitable(value) else value
     except Exception as exc:
         raise CallableError("cost", func, rule.name, "", f"raised {type(exc).__name__}") from exc

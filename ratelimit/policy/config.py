@@ -75,7 +75,9 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["Settings", "load_config"]
 
 _TOP_KEYS = frozenset({"fail", "headers", "metrics", "shadow", "backend", "rules"})
-_RULE_KEYS = frozenset({"path", "methods", "name", "cost", "fail", "shadow", "limits"})
+_RULE_KEYS = frozenset(
+    {"path", "methods", "name", "cost", "fail", "shadow", "limits", "body_limit"}
+)
 _LIMIT_COMMON = frozenset({"type", "key", "name", "shared", "counts"})
 _LIMIT_KEYS: dict[str, frozenset[str]] = {
     "token_bucket": _LIMIT_COMMON | {"rate", "burst"},
@@ -110,7 +112,7 @@ _BACKEND_KEYS: dict[str, frozenset[str] | None] = {
     "redis": None,
 }
 _KEY_EXPECTED = (
-    '"global", "client_ip", "header:NAME", a "module.path:callable" import string '
+    '"global", "client_ip", "header:NAME", "body:FIELD", a "module.path:callable" import string '
     'or a table like {type = "client_ip"}'
 )
 _IMPORT_EXPECTED = 'an import string "module.path:callable"'
@@ -280,7 +282,10 @@ def _rule(value: object, default_fail: FailPolicy | None, default_shadow: bool) 
     shadow = table.get("shadow", default_shadow)
     if not isinstance(shadow, bool):
         raise _wrong("shadow", "true or false", shadow)
-    return Rule(path, methods, limits, cost, name=table.get("name"), fail=fail, shadow=shadow)
+    options = {"body_limit": table["body_limit"]} if "body_limit" in table else {}
+    return Rule(
+        path, methods, limits, cost, name=table.get("name"), fail=fail, shadow=shadow, **options
+    )
 
 
 def _limit(value: object) -> Limit:
@@ -325,9 +330,14 @@ def _key(value: object) -> KeyFunc:
                 return keys.header(value[len("header:") :])
             except ConfigError:
                 raise ConfigError("", 'a header key like "header:x-api-key"', value) from None
+        if value.startswith("body:"):
+            try:
+                return keys.body_field(value[len("body:") :])
+            except ConfigError:
+                raise ConfigError("", 'a body key like "body:model"', value) from None
         if _IMPORT_RE.match(value):
             return _import("", value)
-        raise _wrong("", _KEY_EXPECTED, value, ("global", "client_ip", "header:"))
+        raise _wrong("", _KEY_EXPECTED, value, ("global", "client_ip", "header:", "body:"))
     if isinstance(value, Mapping):
         kind = _required(value, "type", '"global", "client_ip" or "header"')
         if not isinstance(kind, str) or kind not in _KEY_TABLE_KEYS:

@@ -116,6 +116,7 @@ def effective_rule(rule: Rule, overrides: Iterable[Override], now: float) -> Eff
             name=rule.name,
             fail=rule.fail,
             shadow=shadow,
+            body_limit=rule.body_limit,
         )
     except ConfigError as exc:
         raise exc.under(f"rule {rule.name!r}") from None

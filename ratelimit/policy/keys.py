@@ -13,8 +13,9 @@ from collections.abc import Iterable
 
 from .._errors import ConfigError
 from .._types import Scope
+from .body import body_of
 
-__all__ = ["GLOBAL", "client_ip", "header"]
+__all__ = ["GLOBAL", "body_field", "client_ip", "header"]
 
 
 def digest(text: str) -> str:
@@ -69,6 +70,42 @@ class header:
 
     def __repr__(self) -> str:
         return f"keys.header({self.name!r})"
+
+
+class body_field:
+    """Key by top-level field `name` of the JSON request body (e.g. `"model"`, for
+    per-model limits); a missing or null field gives `default` (None: exempt).
+
+    The body is read by the middleware for rules with such a key (see
+    `Rule(body_limit=)`); a field that is not a string or an integer makes the
+    request unratable (400), never free.
+    """
+
+    __slots__ = ("default", "name")
+    shared = False
+    #: Tells the rule to have the body read before its keys are asked.
+    reads_body = True
+
+    def __init__(self, name: str, *, default: str | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError("name", "the name of a field of the JSON body", name)
+        self.name = name
+        if default is not None and not isinstance(default, str):
+            raise ConfigError("default", "a string, or None to exempt requests without it", default)
+        self.default = default
+
+    def __call__(self, scope: Scope) -> str | None:
+        value = body_of(scope).get(self.name)
+        if value is None:
+            return self.default
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError(f"body field {self.name!r} is {type(value).__name__}, not a string")
+
+    def __repr__(self) -> str:
+        return f"keys.body_field({self.name!r})"
 
 
 class client_ip:

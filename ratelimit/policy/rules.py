@@ -8,6 +8,7 @@ from typing import Literal
 
 from .._errors import ConfigError
 from .._types import CostFunc
+from .body import BODY_LIMIT, reads_body, takes_body
 from .costs import MAX_COST, Cost, check_cost, check_static, units
 from .limits import Concurrency, Limit, TokenBucket, check_name
 from .paths import PathPattern
@@ -28,14 +29,29 @@ class Rule:
     to `root_path`). `methods=None` matches every method (and websockets);
     `"GET"` also matches HEAD, which routing answers with the GET endpoint.
     `cost` is units taken from each token bucket and window: an int, or a
-    callable of the scope (sync or async). `fail` says what to do when the
+    callable of the scope (sync or async), or of `(scope, body)` to read the JSON
+    request body (see `policy.body`): the middleware then reads at most
+    `body_limit` bytes of it (larger: 413) before deciding, as it does for a
+    limit keyed by `keys.body_field`. `fail` says what to do when the
     backend cannot answer (None: the middleware's default). `shadow=True`
     decides and counts requests as usual but lets would-be refusals through
     (metrics count them as `shadow_limited` / `shadow_rejected`): to try a new
     rule on real traffic before enforcing it.
     """
 
-    __slots__ = ("cost", "fail", "limits", "methods", "name", "path", "pattern", "shadow")
+    __slots__ = (
+        "body_limit",
+        "cost",
+        "cost_reads_body",
+        "fail",
+        "limits",
+        "methods",
+        "name",
+        "path",
+        "pattern",
+        "reads_body",
+        "shadow",
+    )
 
     def __init__(
         self,
@@ -47,6 +63,7 @@ class Rule:
         name: str | None = None,
         fail: FailPolicy | None = None,
         shadow: bool = False,
+        body_limit: int = BODY_LIMIT,
     ) -> None:
         self.path = path
         self.pattern = PathPattern(path)
@@ -74,8 +91,11 @@ class Rule:
             if not isinstance(lim, Limit):
                 raise ConfigError(f"limits[{i}]", "a TokenBucket, Concurrency or Window", lim)
         self.limits = tuple(limits)
+        #: Whether the cost function takes `(scope, body)` (decided once, here).
+        self.cost_reads_body = False
         if callable(cost):
             self.cost: Cost | CostFunc = cost
+            self.cost_reads_body = takes_body(cost)
         else:
             try:
                 self.cost = check_cost(cost)
@@ -92,6 +112,12 @@ class Rule:
                         f"at least the rule's cost {taken} (else no request is ever admitted)",
                         lim.burst,
                     )
+        if not isinstance(body_limit, int) or isinstance(body_limit, bool) or body_limit < 1:
+            raise ConfigError("body_limit", "a positive number of bytes", body_limit)
+        #: Bytes of request body read at most for a rule that reads the body.
+        self.body_limit = body_limit
+        #: Whether the face must read the JSON body before deciding (cost or a key reads it).
+        self.reads_body = self.cost_reads_body or any(reads_body(lim.key) for lim in self.limits)
         self.name = derive_name(path) if name is None else check_name("name", name)
         if fail is not None and fail not in FAIL_POLICIES:
             raise ConfigError("fail", '"open", "closed" or "local"', fail)
@@ -110,6 +136,7 @@ class Rule:
             name=self.name,
             fail=self.fail,
             shadow=self.shadow,
+            body_limit=self.body_limit,
         )
 
     def limit_names(self) -> list[str]:
