@@ -29,6 +29,7 @@ from .policy.limits import Concurrency as Concurrency
 from .policy.limits import TokenBucket as TokenBucket
 from .policy.limits import Window as Window
 from .policy.overrides import Override as Override
+from .policy.quotas import Quota as Quota
 from .policy.rules import Rule as Rule
 from .policy.top import TopCallers as TopCallers
 
@@ -50,6 +51,7 @@ __all__ = [
     "Metrics",
     "Observer",
     "Override",
+    "Quota",
     "RateLimitError",
     "RateLimitMiddleware",
     "RateLimited",

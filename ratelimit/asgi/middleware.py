@@ -11,6 +11,7 @@ fails or the task is cancelled.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -196,7 +197,7 @@ class RateLimitMiddleware:
         fields: tuple[tuple[bytes, bytes], ...] = ()
         if self.headers:
             compiled = self._fields.get(rule.name)
-            if compiled is None or compiled[0] is not rule:
+            if compiled is None or compiled[0] is not rule or compiled[2].stale_at:
                 compiled = self._compile(rule)
             _, policy, field = compiled
             fields = (policy, (b"ratelimit", field.render(decision.results)))
@@ -227,10 +228,13 @@ class RateLimitMiddleware:
         The policy describes the limiter's effective rule of that name, as the
         client was told; the `RateLimit` field comes from the rule that decided
         (the `local` engine's scaled copies are compiled here, not kept). An
-        override swaps the plan, and what was compiled from it goes with it.
+        override swaps the plan, and what was compiled from it goes with it, as does
+        a monthly quota's period when it ends.
         """
         plan = self.engine.plan(rule)
         compiled = plan.derived.get(self._DERIVED) if plan.rule is rule else None
+        if compiled is not None and 0.0 < compiled[2].stale_at <= time.time():
+            compiled = None  # a monthly quota's period ended: its `w` changed
         if compiled is None:
             compiled = (
                 rule,
@@ -291,7 +295,7 @@ class RateLimitMiddleware:
     async def _refuse(self, decision: Decision, scope: Scope, receive: Receive, send: Send) -> None:
         rule = decision.rule
         compiled = self._fields.get(rule.name)
-        if compiled is None or compiled[0] is not rule:
+        if compiled is None or compiled[0] is not rule or compiled[2].stale_at:
             compiled = self._compile(rule)
         headers = responses.refusal_headers(decision, compiled[1][1], compiled[2])
         if self.on_refuse is not None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 
+from ..algorithms import calendar
 from ..backends.base import CheckResult
 from ..core.decision import BlockedDecision, Decision
 from ..core.plan import SKIPPED, reset_time
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
+from ..policy.quotas import Quota
 from ..policy.rules import Rule
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
@@ -23,21 +26,48 @@ REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-re
 Headers = list[tuple[bytes, bytes]]
 
 
-def policy_item(name: str, limit: Limit, *, blocked: bool = False) -> str:
-    """One `RateLimit-Policy` list member for `limit` (quota 0 while an operator blocks it)."""
+def policy_item(
+    name: str, limit: Limit, *, blocked: bool = False, now: float | None = None
+) -> str:
+    """One `RateLimit-Policy` list member for `limit` (quota 0 while an operator blocks it;
+    a calendar quota's `w`: the length of its period at unix time `now`, default the
+    current one)."""
     if isinstance(limit, Concurrency):
         return f'"{name}";q={0 if blocked else limit.limit};qu="concurrent-requests"'
+    if isinstance(limit, Quota):
+        start, end = calendar.bounds(limit.per, time.time() if now is None else now)
+        return f'"{name}";q={0 if blocked else limit.amount};w={end - start}'
     assert isinstance(limit, (TokenBucket, Window))
     return f'"{name}";q={0 if blocked else limit.item.amount};w={int(limit.item.get_expiry())}'
 
 
-def policy_header(rule: Rule, *, blocked: bool = False) -> bytes:
-    """The `RateLimit-Policy` field value of a rule; every quota is 0 while `blocked`."""
+def policy_header(rule: Rule, *, blocked: bool = False, now: float | None = None) -> bytes:
+    """The `RateLimit-Policy` field value of a rule; every quota is 0 while `blocked`
+    (a calendar quota's period is the one at unix time `now`)."""
     items = [
-        policy_item(n, lim, blocked=blocked)
+        policy_item(n, lim, blocked=blocked, now=now)
         for n, lim in zip(rule.limit_names(), rule.limits, strict=True)
     ]
     return ", ".join(items).encode("ascii")
+
+
+def policy_stale_at(rule: Rule, now: float | None = None) -> float:
+    """When the rule's `RateLimit-Policy` changes (a monthly quota's `w`: at the month's
+    end, unix time); 0.0 if it never does."""
+    ends = [
+        calendar.bounds("month", time.time() if now is None else now)[1]
+        for lim in rule.limits
+        if isinstance(lim, Quota) and lim.per == "month"
+    ]
+    return float(min(ends)) if ends else 0.0
+
+
+def should_retry(decision: Decision) -> bool:
+    """False when a refusing limit is a spent budget (`Limit.should_retry`, a `Quota`):
+    the client should not retry before `Retry-After`."""
+    return all(
+        s.limit.should_retry for s in decision.states if not (s.admitted or s.exempt or s.skipped)
+    )
 
 
 def seconds(value: float) -> int:
@@ -61,9 +91,11 @@ class RateLimitField:
     `ratelimit_header`'s.
     """
 
-    __slots__ = ("_parts", "render")
+    __slots__ = ("_parts", "render", "stale_at")
 
     def __init__(self, rule: Rule) -> None:
+        #: When the rule's policy field must be compiled again (see `policy_stale_at`).
+        self.stale_at = policy_stale_at(rule)
         self._parts = tuple(
             _part(i, name, lim)
             for i, (name, lim) in enumerate(zip(rule.limit_names(), rule.limits, strict=True))
@@ -113,6 +145,8 @@ def refusal_headers(
 ) -> Headers:
     """Headers every refusal carries, whatever renders its body."""
     headers: Headers = [(b"retry-after", str(retry_after(decision)).encode())]
+    if not should_retry(decision):
+        headers.append((b"x-should-retry", b"false"))
     if policy:
         headers.append((b"ratelimit-policy", policy))
     field = RateLimitField(decision.rule) if field is None else field

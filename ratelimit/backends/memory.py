@@ -10,6 +10,8 @@ least recently used bucket is dropped even if not full (its caller gets a fresh
 bucket: memory stays bounded at the price of occasionally forgiving the
 oldest idle caller). Lease tables are dropped when their last lease goes.
 Window states are bounded by `max_keys` too (least recently used evicted).
+Calendar quotas (`algorithms.calendar`) count UTC days and months, so they
+alone read the wall clock (`wall_clock`); everything else, the monotonic one.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from .._errors import ConfigError
 from .._types import Clock
-from ..algorithms import gcra, leases, queue, window
+from ..algorithms import calendar, gcra, leases, queue, window
 from .base import (
     BucketCheck,
     Check,
@@ -49,6 +51,9 @@ _SWEEP_EVERY = 16
 #: Seconds between a waiter's own looks at its line: a safety net for slots freed by
 #: lease expiry rather than a release (releases hand slots over at once).
 _WAIT_POLL = 1.0
+#: Every window strategy: the rolling ones on the monotonic clock, the calendar ones
+#: (`algorithms.calendar`) on the wall clock.
+_WINDOWS = {**window.STRATEGIES, **calendar.STRATEGIES}
 
 
 class _LeaseTable(dict[str, float]):
@@ -91,11 +96,19 @@ class _Line:
 class MemoryBackend:
     """Limiter state in this process: the default, and the `local` fallback for Redis."""
 
-    def __init__(self, *, max_keys: int = 100_000, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        max_keys: int = 100_000,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> None:
         if not isinstance(max_keys, int) or isinstance(max_keys, bool) or max_keys < 1:
             raise ConfigError("max_keys", "a positive integer", max_keys)
         self.max_keys = max_keys
         self._clock = clock
+        #: Unix time, for calendar quotas only (their periods are UTC days and months).
+        self._wall = wall_clock
         #: Least recently used first. An OrderedDict, not a dict: taking a dict's first
         #: key after many deletions at its front walks their empty slots (O(deleted)),
         #: which made each decision of a key flood 6-25x dearer.
@@ -158,8 +171,8 @@ class MemoryBackend:
                 new_tats.append((key, tat))
             elif isinstance(check, WindowCheck):
                 key, limit, period, strategy, cost, _ = check
-                step = window.STRATEGIES[strategy][0](
-                    self._window_state(key), now, cost, limit, period
+                step = _WINDOWS[strategy][0](
+                    self._window_state(key), self._when(strategy, now), cost, limit, period
                 )
                 ok = step.admitted
                 results.append(
@@ -189,8 +202,12 @@ class MemoryBackend:
                     r = gcra.gcra(self._buckets.get(check.key), now, 0, check.interval, check.burst)
                     results[i] = CheckResult(True, r.remaining, 0.0, r.reset_after)
                 elif isinstance(check, WindowCheck):
-                    w = window.STRATEGIES[check.strategy][0](
-                        self._window_state(check.key), now, 0, check.limit, check.period
+                    w = _WINDOWS[check.strategy][0](
+                        self._window_state(check.key),
+                        self._when(check.strategy, now),
+                        0,
+                        check.limit,
+                        check.period,
                     )
                     results[i] = CheckResult(True, w.remaining, 0.0, w.reset_after)
                 else:
@@ -201,9 +218,10 @@ class MemoryBackend:
                 self._store_bucket(key, tat, now)
             for wcheck, state in new_windows:
                 if wcheck.cost > 0:
-                    idle_at = window.STRATEGIES[wcheck.strategy][2](state, wcheck.period)
-                    self._store_window(wcheck.key, state, idle_at, now)
-                    wcheck.receipt.append(now)
+                    at = self._when(wcheck.strategy, now)
+                    idle_at = _WINDOWS[wcheck.strategy][2](state, wcheck.period)
+                    self._store_window(wcheck.key, state, idle_at - at + now, now)
+                    wcheck.receipt.append(at)
             for lease in new_leases:
                 table = self._leases.get(lease.key)
                 if table is None:
@@ -231,9 +249,10 @@ class MemoryBackend:
                 state = self._window_state(check.key)
                 if state is None or not check.receipt:
                     continue
-                _, undo, idle = window.STRATEGIES[check.strategy]
-                state = undo(state, now, check.cost, check.period, check.receipt[-1])
-                idle_at = 0.0 if state is None else idle(state, check.period)
+                _, undo, idle = _WINDOWS[check.strategy]
+                at = self._when(check.strategy, now)
+                state = undo(state, at, check.cost, check.period, check.receipt[-1])
+                idle_at = 0.0 if state is None else idle(state, check.period) - at + now
                 self._store_window(check.key, state, idle_at, now)
             else:
                 await self.release(check)
@@ -441,6 +460,11 @@ class MemoryBackend:
         self._writes += 1
         if not self._writes % _SWEEP_EVERY:
             self._sweep(now)
+
+    def _when(self, strategy: str, now: float) -> float:
+        """The time a window of `strategy` is stepped at: `now`, or unix time for a
+        calendar quota (its state and receipts are in unix seconds)."""
+        return self._wall() if strategy in calendar.STRATEGIES else now
 
     def _window_state(self, key: StoreKey) -> Any:
         held = self._windows.get(key)

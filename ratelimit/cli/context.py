@@ -12,6 +12,7 @@ from .._errors import ConfigError
 from ..policy import keys
 from ..policy.config import Settings, load_config
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
+from ..policy.quotas import Quota
 from ..policy.rules import Rule
 from .output import Out, plural
 from .parser import DEFAULT_PREFIX, usage
@@ -137,6 +138,8 @@ def _limit_from(name: str, d: Mapping[str, Any]) -> Limit:
         return Concurrency(
             d["limit"], key=key, queue=d["queue"], timeout=d["timeout"], name=name, shared=shared
         )
+    if kind == "quota":
+        return Quota(d["allowance"], d["per"], key=key, name=name, shared=shared)
     return Window(d["rate"], strategy=d.get("strategy", "fixed"), key=key, name=name, shared=shared)
 
 

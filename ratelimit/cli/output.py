@@ -118,12 +118,15 @@ def plural(count: int, noun: str) -> str:
 
 
 def limit_numbers(desc: Mapping[str, Any]) -> str:
-    """A described limit in a few characters: `5/minute b5`, `1 slot`, `8 slots q64`."""
+    """A described limit in a few characters: `5/minute b5`, `1 slot`, `8 slots q64`,
+    `1000/day (UTC)`."""
     if desc.get("kind") == "concurrency":
         text = plural(desc["limit"], "slot")
         if desc.get("queue"):
             text += f" q{desc['queue']} {desc.get('timeout', 0):g}s"
         return text
+    if desc.get("kind") == "quota":
+        return f"{desc['allowance']}/{desc['per']} (UTC)"
     text = str(desc.get("rate", "?"))
     if "burst" in desc:
         text += f" b{desc['burst']}"

@@ -10,6 +10,7 @@ from typing import Final
 
 from ..core.decision import BlockedDecision, Decision
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
+from ..policy.quotas import Quota
 
 #: Every value of the `outcome` label: exactly one per decided request.
 OUTCOMES: Final = (
@@ -57,6 +58,8 @@ def capacity(limit: Limit) -> int:
         return limit.burst
     if isinstance(limit, Window):
         return int(limit.item.amount)
+    if isinstance(limit, Quota):
+        return limit.amount
     return 0
 
 

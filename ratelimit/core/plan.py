@@ -23,6 +23,7 @@ from ..policy import keys
 from ..policy.keys import digest
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.overrides import Override
+from ..policy.quotas import LONGEST, Quota
 from ..policy.rules import Rule
 
 
@@ -91,7 +92,8 @@ class Plan:
         self.names = tuple(rule.limit_names())
         self.kinds = tuple(_kind(lim) for lim in rule.limits)
         #: (interval, burst) of a bucket, (limit, lease ttl) of a concurrency limit,
-        #: ((limit, period, strategy), None) of a window.
+        #: ((limit, period, strategy), None) of a window (a quota: its calendar unit as
+        #: the strategy, its longest period).
         self.params = tuple(_params(lim) for lim in rule.limits)
         #: The rule's cost when it is a constant: bucket checks are then the same for
         #: every request of one caller, and are built once and cached.
@@ -222,6 +224,8 @@ def _params(limit: Limit) -> tuple[Any, Any]:
         return (limit.interval, int(limit.burst))
     if isinstance(limit, Concurrency):
         return (int(limit.limit), limit.lease)
+    if isinstance(limit, Quota):
+        return ((limit.amount, LONGEST[limit.per], limit.per), None)
     assert isinstance(limit, Window)
     return ((int(limit.item.amount), float(limit.item.get_expiry()), limit.strategy), None)
 

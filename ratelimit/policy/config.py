@@ -64,6 +64,7 @@ from .._errors import ConfigError
 from .._types import KeyFunc
 from . import keys
 from .limits import Concurrency, Limit, TokenBucket, Window
+from .quotas import Quota
 from .rules import FAIL_POLICIES, FailPolicy, Rule
 
 if sys.version_info >= (3, 11):
@@ -95,11 +96,13 @@ _LIMIT_KEYS: dict[str, frozenset[str]] = {
         "retry_after",
     },
     "window": _LIMIT_COMMON | {"rate", "strategy"},
+    "quota": _LIMIT_COMMON | {"allowance", "per"},
 }
 _LIMIT_REQUIRED = {
     "token_bucket": ("rate", 'a rate like "10/minute" or "100 per hour"'),
     "concurrency": ("limit", "a positive integer"),
     "window": ("rate", 'a rate like "10/minute" or "100 per hour"'),
+    "quota": ("allowance", 'an allowance like "100000/day" or "1000000/month"'),
 }
 _KEY_TABLE_KEYS: dict[str, frozenset[str]] = {
     "global": frozenset({"type"}),
@@ -290,9 +293,10 @@ def _rule(value: object, default_fail: FailPolicy | None, default_shadow: bool) 
 
 def _limit(value: object) -> Limit:
     table = _table("", value, "a table [[rules.limits]]")
-    kind = _required(table, "type", '"token_bucket", "concurrency" or "window"')
+    kinds = '"token_bucket", "concurrency", "window" or "quota"'
+    kind = _required(table, "type", kinds)
     if not isinstance(kind, str) or kind not in _LIMIT_KEYS:
-        raise _wrong("type", '"token_bucket", "concurrency" or "window"', kind, _LIMIT_KEYS)
+        raise _wrong("type", kinds, kind, _LIMIT_KEYS)
     _check_keys(table, _LIMIT_KEYS[kind], f"a {kind} limit")
     field, expected = _LIMIT_REQUIRED[kind]
     _required(table, field, expected)
@@ -315,6 +319,8 @@ def _limit(value: object) -> Limit:
         return TokenBucket(**options)
     if kind == "concurrency":
         return Concurrency(**options)
+    if kind == "quota":
+        return Quota(**options)
     return Window(**options)
 
 

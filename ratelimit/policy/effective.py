@@ -15,6 +15,7 @@ from typing import Any
 from .._errors import ConfigError
 from .limits import Concurrency, Limit, TokenBucket, Window, parse_rate_string
 from .overrides import _FITS, _SET_FIELDS, Override
+from .quotas import Quota
 from .rules import Rule
 
 __all__ = [
@@ -294,6 +295,13 @@ def describe_limit(limit: Limit) -> dict[str, Any]:
             "rate": rate_text(amount, limit),
             "strategy": limit.strategy,
             "per_second": amount / float(limit.item.get_expiry()),
+            "shared": limit.shared,
+        }
+    if isinstance(limit, Quota):
+        return {
+            "kind": limit.kind,
+            "allowance": limit.amount,
+            "per": limit.per,
             "shared": limit.shared,
         }
     return {"kind": limit.kind}  # pragma: no cover - the three types above are all there is

@@ -88,6 +88,9 @@ class Limit:
     """What every limit type shares: a name, a key function and its sharedness."""
 
     kind: str = "limit"
+    #: Whether a refused client may retry after `Retry-After` (False: a spent budget,
+    #: `x-should-retry: false`; see `Quota`).
+    should_retry: bool = True
     __slots__ = ("counts", "key", "key_is_async", "name", "shared")
 
     def __init__(

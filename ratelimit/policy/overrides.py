@@ -43,6 +43,7 @@ from typing import Any, Final, Literal
 
 from .._errors import ConfigError
 from .limits import Concurrency, Limit, TokenBucket, Window, check_name, parse_rate_string
+from .quotas import Quota
 
 __all__ = ["Override"]
 
@@ -61,6 +62,7 @@ _FITS: Final[dict[type[Limit], frozenset[str]]] = {
     TokenBucket: frozenset({"rate", "burst"}),
     Window: frozenset({"rate"}),
     Concurrency: frozenset({"slots", "queue", "timeout"}),
+    Quota: frozenset(),  # changed by a factor only
 }
 _JSON_KEYS: Final = frozenset(
     {

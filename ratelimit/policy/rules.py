@@ -85,11 +85,13 @@ class Rule:
             self.methods = frozenset(upper)
         if isinstance(limits, Limit) or not isinstance(limits, Sequence) or not limits:
             raise ConfigError(
-                "limits", "a non-empty list of TokenBucket, Concurrency, Window", limits
+                "limits", "a non-empty list of TokenBucket, Concurrency, Window, Quota", limits
             )
         for i, lim in enumerate(limits):
             if not isinstance(lim, Limit):
-                raise ConfigError(f"limits[{i}]", "a TokenBucket, Concurrency or Window", lim)
+                raise ConfigError(
+                    f"limits[{i}]", "a TokenBucket, Concurrency, Window or Quota", lim
+                )
         self.limits = tuple(limits)
         #: Whether the cost function takes `(scope, body)` (decided once, here).
         self.cost_reads_body = False

@@ -255,7 +255,7 @@ _VERDICT = struct.Struct("<d")
 _RESULT = struct.Struct("<dddd")
 _ONE_RESULT = struct.Struct("<ddddd")
 #: WindowCheck.strategy -> its kind in checks.lua's layout.
-_WINDOW_KINDS = {"fixed": "f", "sliding": "s", "moving": "m"}
+_WINDOW_KINDS = {"fixed": "f", "sliding": "s", "moving": "m", "day": "D", "month": "M"}
 #: Builds a NamedTuple from a tuple in C (their classes construct through a Python __new__).
 _new = tuple.__new__
 

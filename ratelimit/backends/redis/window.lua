@@ -8,6 +8,9 @@
 --   moving   a list of hit times, newest first, as '%.17g' text; entries at or
 --            before now - period are dead and dropped from the tail; the list
 --            lives one period after its newest entry
+--   D, M     a calendar quota per UTC day or month (ratelimit/algorithms/calendar.py):
+--            a string "<start> <count>", start the unix second its period began,
+--            expiring at the period's end; `period` is not used
 -- w_step(kind, key, limit, period, cost) returns admitted, remaining, retry_after,
 -- reset_after and the new state (nil for a moving window: its commit pushes `now`).
 -- No `%` anywhere: Lua's differs from Python's.
@@ -148,7 +151,88 @@ local function w_moving(key, limit, period, cost)
   return true, limit - count, 0, reset, {}
 end
 
-local W_STEPS = {f = w_fixed, s = w_sliding, m = w_moving}
+-- Days since 1970-01-01 of a Gregorian date, and back (H. Hinnant's algorithms).
+local function w_days_from_civil(y, m, d)
+  if m <= 2 then
+    y = y - 1
+  end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m + 9
+  if m > 2 then
+    mp = m - 3
+  end
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function w_civil_from_days(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor(
+    (doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp - 9
+  if mp < 10 then
+    m = mp + 3
+  end
+  local y = yoe + era * 400
+  if m <= 2 then
+    y = y + 1
+  end
+  return y, m, d
+end
+
+-- (start, end) in unix seconds of the UTC day ('D') or month ('M') containing `t`.
+local function w_bounds(kind, t)
+  local days = math.floor(t / 86400)
+  if kind == 'D' then
+    return days * 86400, (days + 1) * 86400
+  end
+  local y, m = w_civil_from_days(days)
+  local start = w_days_from_civil(y, m, 1)
+  local stop
+  if m == 12 then
+    stop = w_days_from_civil(y + 1, 1, 1)
+  else
+    stop = w_days_from_civil(y, m + 1, 1)
+  end
+  return start * 86400, stop * 86400
+end
+
+local function w_quota_count(key, start)
+  local state = redis.call('GET', key)
+  if state then
+    local at, count = string.match(state, '^(%S+) (%S+)$')
+    if tonumber(at) == start then
+      return tonumber(count)
+    end
+  end
+  return 0
+end
+
+local function w_quota(kind, key, limit, cost)
+  local start, stop = w_bounds(kind, now)
+  local count = w_quota_count(key, start)
+  local left = stop - now
+  if cost > 0 and count + cost > limit then
+    return false, limit - count, left, left
+  end
+  if cost > 0 then
+    count = count + cost
+  end
+  return true, limit - count, 0, left, {start, count, stop}
+end
+
+local W_STEPS = {
+  f = w_fixed, s = w_sliding, m = w_moving,
+  D = function(key, limit, period, cost) return w_quota('D', key, limit, cost) end,
+  M = function(key, limit, period, cost) return w_quota('M', key, limit, cost) end,
+}
 
 local function w_step(kind, key, limit, period, cost)
   return W_STEPS[kind](key, limit, period, cost)
@@ -161,6 +245,8 @@ local function w_commit(kind, key, period, cost, state)
   elseif kind == 's' then
     set_expiring(key, string.format('%d %d %d', state[1], state[2], state[3]),
       w_ms((state[1] + 2) * period - now))
+  elseif kind == 'D' or kind == 'M' then
+    set_expiring(key, string.format('%d %d', state[1], state[2]), w_ms(state[3] - now))
   else
     local stamp = string.format('%.17g', now)
     for _ = 1, cost do
@@ -198,6 +284,19 @@ local function w_refund(kind, key, at, period, cost)
     else
       set_expiring(key, string.format('%d %d %d', index, previous, current),
         w_ms((index + 2) * period - now))
+    end
+  elseif kind == 'D' or kind == 'M' then
+    local start, stop = w_bounds(kind, now)
+    local count = w_quota_count(key, start)
+    if count == 0 then
+      redis.call('DEL', key)
+    elseif at >= start then
+      count = count - cost
+      if count > 0 then
+        set_expiring(key, string.format('%d %d', start, count), w_ms(stop - now))
+      else
+        redis.call('DEL', key)
+      end
     end
   else
     redis.call('LREM', key, cost, string.format('%.17g', at))
