@@ -6,16 +6,45 @@ free again. Holders renew well before expiry and release exactly once.
 
 Taking a slot is not here: the backends take it inside their all-or-nothing
 pass over a rule's checks (prune, count against the limit, add on commit).
+
+Weights. A lease of a weighted pool (`Concurrency(counts=...)`) holds `w`
+slots, and says so at the end of its id: `<id>*<w>` (`weighted_id`). The
+weight travels with the id into every operation that sees it (release,
+renewal, expiry, a ghost's undo, a hand-off from the line), so no store needs
+another field or key for it. An id without the mark holds one slot: an
+unweighted pool's ids carry none and are counted as before, by their number.
+Every lease of one pool is marked, or none is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
+
+#: What separates a lease id from its weight (`weighted_id`).
+MARK = "*"
+
+
+def weighted_id(lease_id: str, weight: int) -> str:
+    """The id of a lease holding `weight` slots of a weighted pool."""
+    return f"{lease_id}{MARK}{weight}"
+
+
+def weight_of(lease_id: str) -> int:
+    """Slots a lease holds: the weight its id ends with, else 1."""
+    if MARK not in lease_id:
+        return 1
+    _, _, tail = lease_id.rpartition(MARK)
+    return int(tail) if tail.isascii() and tail.isdigit() else 1
+
+
+def held(lease_ids: Iterable[str]) -> int:
+    """Slots held by these leases (their weights summed)."""
+    return sum(map(weight_of, lease_ids))
 
 
 def live(table: Mapping[str, float], now: float) -> int:
-    """Count leases whose expiry is still in the future."""
-    return sum(1 for expiry in table.values() if expiry > now)
+    """Slots held by leases whose expiry is still in the future."""
+    return sum(weight_of(lease) for lease, expiry in table.items() if expiry > now)
 
 
 def prune(table: MutableMapping[str, float], now: float) -> int:

@@ -34,16 +34,43 @@ Guarantees never preempt: idle slots are borrowed by any class. A full queue
 sheds its lowest-ranked waiter to admit a higher-ranked newcomer, but never a
 waiter its class's guarantee would admit (a newcomer with such a claim may
 shed any waiter without one).
+
+Weights. In a weighted pool (`Concurrency(counts=...)`) a waiter needs `w`
+free slots at once (`algorithms.leases`). Freed slots go to the waiter the
+order above picks (the head) when it fits. When it does not, waiters behind
+it that fit now may take them ("backfill"), but only up to a budget: while
+one head waits, at most `limit` slots (one pool's worth) go past it; then
+it reserves every slot that frees until it fits. Why this policy:
+
+- strict reservation (no backfill) leaves up to `w - 1` slots idle until
+  running requests free the rest, while light requests that would fit wait;
+- unbounded backfill starves the heavy: under load a 1-slot gap is refilled
+  at once, and `w` slots are never free together;
+- the budget bounds both: a heavy head is passed by at most one pool's worth
+  of slots (about one service time more of waiting), after which it waits
+  only for requests already running, which end (leases are bounded and
+  `w <= limit` is checked before anyone joins), so light waiters behind it
+  are held up for at most about one service time.
+
+A pool's waiters are all weighted or none is, so an unweighted line never
+looks past its head. Backfill looks at the first `BACKFILL_SCAN` waiters
+only (a hand-off's work stays bounded). A head that can never fit (its
+limit was lowered while it waited) reserves nothing and leaves at its timeout.
+`benchmarks/weighted_slots.py` measures the policy against both extremes.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
+
+from . import leases
 
 #: Ranks run 0 (first) to RANK_MAX; the sort key gives them four digits.
 RANK_MAX = 9999
+#: Waiters a hand-off looks at for one that fits past a head that does not (see Weights).
+BACKFILL_SCAN = 32
 #: Classes per limit are few; these widths keep keys fixed-size (compared as text).
 _N_WIDTH = 10
 _SEQ_WIDTH = 12
@@ -61,11 +88,11 @@ def rank_of(ticket: str) -> int:
 
 
 def in_use_by_rank(lease_ids: Iterable[str]) -> dict[int, int]:
-    """Slots held per class, from the ids of live leases."""
+    """Slots held per class, from the ids of live leases (weights summed)."""
     out: dict[int, int] = {}
     for lease in lease_ids:
         rank = rank_of(lease)
-        out[rank] = out.get(rank, 0) + 1
+        out[rank] = out.get(rank, 0) + leases.weight_of(lease)
     return out
 
 
@@ -177,7 +204,7 @@ class Book:
 class QueueState:
     """The waiters of one concurrency key, in order, with the counters that order them."""
 
-    __slots__ = ("counts", "rounds", "seq", "waiters")
+    __slots__ = ("counts", "passed", "passing", "rounds", "seq", "waiters")
 
     def __init__(self) -> None:
         self.waiters: list[Waiter] = []
@@ -186,6 +213,10 @@ class QueueState:
         #: Rank -> the fair sequence number of the class's last admitted waiter.
         self.rounds: dict[int, int] = {}
         self.seq = 0
+        #: The ticket of the last head that lighter waiters passed, and the slots they
+        #: took past it (its backfill budget spent; see the module's Weights).
+        self.passing = ""
+        self.passed = 0
 
     def __len__(self) -> int:
         return len(self.waiters)
@@ -212,7 +243,10 @@ class QueueState:
 
     def pop_next(self, in_use: Mapping[int, int], guaranteed: Mapping[int, int]) -> Waiter:
         """Take the waiter a freed slot goes to (see the module's Shares)."""
-        i = next_index(self.waiters, in_use, guaranteed)
+        return self.pop_at(next_index(self.waiters, in_use, guaranteed))
+
+    def pop_at(self, i: int) -> Waiter:
+        """Take the waiter at `i` out of line, admitted: its class's round moves on."""
         waiter = self._pop(i)
         n = int(waiter.key[4 : 4 + _N_WIDTH])
         if self.waiters and n > self.rounds.get(waiter.rank, 0):
@@ -230,6 +264,7 @@ class QueueState:
             # An empty queue starts afresh: sequence numbers stay small.
             self.rounds.clear()
             self.seq = 0
+            self.passing, self.passed = "", 0
         return waiter
 
     def position(self, ticket: str) -> int:
@@ -250,6 +285,53 @@ def next_index(
             if in_use.get(waiter.rank, 0) < guaranteed.get(waiter.rank, 0):
                 return i
     return 0
+
+
+def hand_off(
+    state: QueueState, lease_ids: Collection[str], limit: int, guaranteed: Mapping[int, int]
+) -> list[Waiter]:
+    """Admit waiters into the free slots of a pool whose live leases are `lease_ids`, in
+    the line's order (see Shares and Weights); return them, taken out of line."""
+    waiters = state.waiters
+    if not waiters:
+        return []
+    weighted = leases.MARK in waiters[0].ticket
+    free = limit - (leases.held(lease_ids) if weighted else len(lease_ids))
+    by_rank = in_use_by_rank(lease_ids) if guaranteed else {}
+    granted = []
+    while waiters and free > 0:
+        i = next_index(waiters, by_rank, guaranteed)
+        if weighted:
+            i = _fitting(state, i, free, limit)
+            if i < 0:
+                break
+        waiter = state.pop_at(i)
+        need = leases.weight_of(waiter.ticket)
+        free -= need
+        if guaranteed:
+            by_rank[waiter.rank] = by_rank.get(waiter.rank, 0) + need
+        granted.append(waiter)
+    return granted
+
+
+def _fitting(state: QueueState, head: int, free: int, limit: int) -> int:
+    """The waiter `free` slots go to when `head` is next: the head if it fits, else the
+    first of the next `BACKFILL_SCAN` that fits within the head's budget; -1: none."""
+    waiters = state.waiters
+    ticket = waiters[head].ticket
+    need = leases.weight_of(ticket)
+    if need <= free:
+        return head
+    passed = state.passed if state.passing == ticket else 0
+    # A head that can never fit (its limit was lowered) reserves nothing.
+    budget = limit - passed if need <= limit else free
+    for j in range(min(len(waiters), BACKFILL_SCAN)):
+        if j != head:
+            weight = leases.weight_of(waiters[j].ticket)
+            if weight <= free and weight <= budget:
+                state.passing, state.passed = ticket, passed + weight
+                return j
+    return -1
 
 
 def claims(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from ..algorithms import calendar
 from ..backends.base import CheckResult
-from ..core.decision import BlockedDecision, Decision
+from ..core.decision import OVERSIZED, BlockedDecision, Decision
 from ..core.plan import SKIPPED, reset_time
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.quotas import Quota
@@ -64,7 +64,10 @@ def policy_stale_at(rule: Rule, now: float | None = None) -> float:
 
 def should_retry(decision: Decision) -> bool:
     """False when a refusing limit is a spent budget (`Limit.should_retry`, a `Quota`):
-    the client should not retry before `Retry-After`."""
+    the client should not retry before `Retry-After`; or when no retry would ever be
+    admitted (`OVERSIZED`: more of a weighted pool than it has)."""
+    if decision.reason == OVERSIZED:
+        return False
     return all(
         s.limit.should_retry for s in decision.states if not (s.admitted or s.exempt or s.skipped)
     )
@@ -143,8 +146,11 @@ def retry_after(decision: Decision) -> int:
 def refusal_headers(
     decision: Decision, policy: bytes, field: RateLimitField | None = None
 ) -> Headers:
-    """Headers every refusal carries, whatever renders its body."""
-    headers: Headers = [(b"retry-after", str(retry_after(decision)).encode())]
+    """Headers every refusal carries, whatever renders its body. A request that can
+    never be admitted (`OVERSIZED`) gets no `Retry-After`: no time would be true."""
+    headers: Headers = []
+    if decision.reason != OVERSIZED:
+        headers.append((b"retry-after", str(retry_after(decision)).encode()))
     if not should_retry(decision):
         headers.append((b"x-should-retry", b"false"))
     if policy:
@@ -169,6 +175,9 @@ def problem_body(decision: Decision) -> bytes:
         # An operator's block: their words, or a plain statement of it.
         kind = REDUCED_CAPACITY
         detail = decision.message or "This endpoint is closed by its operator for now."
+    elif decision.reason == OVERSIZED:
+        kind = QUOTA_EXCEEDED if decision.status == 429 else REDUCED_CAPACITY
+        detail = "This request needs more capacity than the limit has; it is never admitted."
     elif decision.status == 429:
         kind, detail = QUOTA_EXCEEDED, f"Retry in {retry_after(decision)} seconds."
     else:

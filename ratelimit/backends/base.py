@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
+from ..algorithms.leases import weight_of
+
 
 class StoreKey(NamedTuple):
     """Where one limit's state for one caller lives.
@@ -44,12 +46,19 @@ class BucketCheck(NamedTuple):
 
 
 class LeaseCheck(NamedTuple):
-    """Hold one of `limit` slots as lease `lease_id`, expiring `ttl` s after its last renewal."""
+    """Hold `weight` of `limit` slots as lease `lease_id`, expiring `ttl` s after its last
+    renewal. The weight is part of the id (`algorithms.leases.weighted_id`; 1 unmarked),
+    so every operation on the lease, in any store, knows it from the id alone."""
 
     key: StoreKey
     limit: int
     ttl: float
     lease_id: str
+
+    @property
+    def weight(self) -> int:
+        """Slots this lease holds."""
+        return weight_of(self.lease_id)
 
 
 class WindowCheck(NamedTuple):
@@ -117,7 +126,7 @@ class Entry(NamedTuple):
 
 
 class CheckResult(NamedTuple):
-    """What one check said. For a lease, `remaining` is free slots."""
+    """What one check said. For a lease, `remaining` is free slots (0 when it refuses)."""
 
     admitted: bool
     remaining: int
@@ -166,7 +175,7 @@ class Backend(Protocol):
         ...
 
     async def in_use(self, key: StoreKey) -> int:
-        """Live leases under `key` (for statistics, metrics and the CLI)."""
+        """Slots held by live leases under `key`, weights summed (statistics, metrics, CLI)."""
         ...
 
     async def aclose(self) -> None:

@@ -185,11 +185,18 @@ class MemoryBackend:
                 if table is not None and now >= table.earliest:
                     table.prune(now)
                 in_use = len(table) if table else 0
+                need = 1
+                if "*" in check.lease_id:  # a weighted pool's lease (leases.MARK)
+                    need = leases.weight_of(check.lease_id)
+                    if table:
+                        in_use = leases.held(table)
                 limit = check.limit
                 # Nobody passes a waiting line (`_lines` is empty unless queues are used).
-                ok = in_use < limit and not (self._lines and check.key in self._lines)
-                # Free slots after this step: max(0, limit - in_use - ok), without the call.
-                results.append(_new(CheckResult, (ok, limit - in_use - 1 if ok else 0, 0.0, 0.0)))
+                ok = in_use + need <= limit and not (self._lines and check.key in self._lines)
+                # Free slots after this step (0 when refused).
+                results.append(
+                    _new(CheckResult, (ok, limit - in_use - need if ok else 0, 0.0, 0.0))
+                )
                 new_leases.append(check)
             if not ok:
                 admitted = False
@@ -211,7 +218,8 @@ class MemoryBackend:
                     )
                     results[i] = CheckResult(True, w.remaining, 0.0, w.reset_after)
                 else:
-                    results[i] = CheckResult(True, results[i].remaining + 1, 0.0, 0.0)
+                    free = results[i].remaining + leases.weight_of(check.lease_id)
+                    results[i] = CheckResult(True, free, 0.0, 0.0)
         else:
             # Commit what the first pass computed: nothing awaited in between.
             for key, tat in new_tats:
@@ -283,7 +291,7 @@ class MemoryBackend:
         return expiry is not None and expiry > self._clock()
 
     async def in_use(self, key: StoreKey) -> int:
-        """Live leases under `key`."""
+        """Slots held under `key` by live leases (weights summed)."""
         table = self._leases.get(key)
         return leases.live(table, self._clock()) if table else 0
 
@@ -403,9 +411,7 @@ class MemoryBackend:
         table = self._leases.get(key)
         if table is not None:
             table.prune(now)
-        while line.state and (len(table) if table else 0) < line.limit:
-            by_rank = queue.in_use_by_rank(table) if line.guaranteed and table else {}
-            waiter = line.state.pop_next(by_rank, line.guaranteed)
+        for waiter in queue.hand_off(line.state, table or (), line.limit, line.guaranteed):
             if table is None:
                 table = self._leases[key] = _LeaseTable()
             table.add(waiter.ticket, now + line.ttl)

@@ -39,6 +39,10 @@ QUEUE_FULL, TOO_LONG, QUEUE_TIMEOUT, SHED, ABANDONED = (
     "abandoned",
 )
 
+#: `Decision.reason` of a request that needs more of a weighted `Concurrency` limit's
+#: slots than it has: no retry would admit it (its refusal carries no Retry-After).
+OVERSIZED = "oversized"
+
 #: Called with nothing; completes when the client has gone away (see `Engine.decide`).
 Abandon = Callable[[], Awaitable[object]]
 
@@ -110,7 +114,8 @@ class Decision:
         #: The name of the limit whose line the request joined; None if it joined none.
         self.line: str | None = None
         #: Why a request that went for the line was refused (QUEUE_FULL, TOO_LONG,
-        #: QUEUE_TIMEOUT, SHED, ABANDONED); None otherwise.
+        #: QUEUE_TIMEOUT, SHED, ABANDONED), or that it never can be admitted
+        #: (OVERSIZED); None otherwise.
         self.reason: str | None = None
 
     @property

@@ -18,9 +18,10 @@ import os
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
-from .._errors import ConfigError
+from .._errors import CallableError, ConfigError
 from .._types import Scope
 from ..algorithms import queue
+from ..algorithms.leases import weighted_id
 from ..backends.base import (
     Backend,
     BucketCheck,
@@ -31,13 +32,14 @@ from ..backends.base import (
     WindowCheck,
     nowait_method,
 )
+from ..policy.costs import Cost, units
 from ..policy.effective import Resolution
 from ..policy.limits import Concurrency
 from ..policy.overrides import Override
 from ..policy.paths import route_path
 from ..policy.rules import Rule, routed_methods
 from . import asking
-from .decision import Abandon, BlockedDecision, Decision, EngineObserver, Given
+from .decision import OVERSIZED, Abandon, BlockedDecision, Decision, EngineObserver, Given
 from .holding import Holding
 from .plan import (
     BUCKET,
@@ -177,6 +179,8 @@ class Engine:
         leases: list[LeaseCheck] = []
         #: Check index -> (limit index, rank, fair key text) of leases that may wait in line.
         lines: dict[int, tuple[int, int, str | None]] | None = None
+        #: The limit a weighted request is too heavy for, ever (-1: none).
+        oversized = -1
         for i, step, entry, key_func, key_async, cache, p1, p2 in plan.specs:
             if entry is None:
                 if given is not None:
@@ -202,6 +206,14 @@ class Engine:
                 checks.append(new(BucketCheck, (entry[0], p1, p2, cost)) if recost else entry)
             elif step == LEASE:
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
+                if plan.limits[i].weighted:
+                    weight = _weight(plan, i, cost)
+                    if weight == 0:
+                        continue  # holds nothing
+                    if weight > p1:
+                        oversized = i
+                        break
+                    lease_id = weighted_id(lease_id, weight)
                 # Built with tuple.__new__: half the cost of calling a NamedTuple
                 # class, whose generated __new__ is a Python function.
                 lease = new(LeaseCheck, (entry, p1, p2, lease_id))
@@ -211,11 +223,19 @@ class Engine:
                 checks.append(new(BucketCheck, (entry, p1, p2, cost)))
             elif step == QUEUED_LEASE:
                 limit = plan.limits[i]
+                serial = f"{self._lease_prefix}{next(self._lease_ids)}"
+                if limit.weighted:
+                    weight = _weight(plan, i, cost)
+                    if weight == 0:
+                        continue  # holds nothing
+                    if weight > p1:
+                        oversized = i
+                        break
+                    serial = weighted_id(serial, weight)
                 if given is None:
                     rank = await asking.rank(plan, i, scope)
                 else:
                     rank = limit.rank(given.priority)
-                serial = f"{self._lease_prefix}{next(self._lease_ids)}"
                 lease = new(LeaseCheck, (entry, p1, p2, queue.ticket_id(rank, serial)))
                 if limit.queue:
                     if lines is None:
@@ -234,6 +254,8 @@ class Engine:
                 # A window: built per request, its receipt is this request's own.
                 checks.append(new(WindowCheck, (entry, *p1, cost, [])))
             slots.append(i)
+        if oversized >= 0:
+            return _oversized(plan, oversized)
         admitted = True
         if checks:
             nowait = self._decide_nowait
@@ -380,6 +402,26 @@ class Engine:
     def blocks(self) -> dict[str, Override]:
         """The block override in force per rule name (rules not blocked are absent)."""
         return {p.rule.name: p.block for p in self._plans if isinstance(p, BlockedPlan)}
+
+
+def _weight(plan: Plan, i: int, cost: Cost) -> int:
+    """Slots of weighted limit `i` a request costing `cost` holds (see `policy.costs`)."""
+    try:
+        return units(plan.limits[i].counts, cost)
+    except ValueError as exc:
+        rule = plan.rule
+        raise CallableError("cost", rule.cost, rule.name, plan.names[i], str(exc)) from None
+
+
+def _oversized(plan: Plan, i: int) -> Decision:
+    """The refusal of a request that needs more of limit `i`'s slots than it has: asked
+    of no backend, nothing consumed, and no retry would admit it (`OVERSIZED`)."""
+    results: list[CheckResult | None] = [SKIPPED] * plan.size
+    results[i] = CheckResult(False, 0, 0.0, 0.0)
+    status = 503 if plan.limits[i].shared else 429
+    decision = Decision(plan.rule, False, status, 0.0, plan, results)
+    decision.reason = OVERSIZED
+    return decision
 
 
 async def _blocked(plan: BlockedPlan) -> Decision:

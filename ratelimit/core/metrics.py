@@ -422,7 +422,7 @@ class Metrics:
                 gauge = self._in_flight_children.get((lease.key.rule, lease.key.limit))
                 if gauge is None:
                     gauge = self._in_flight_child(lease.key.rule, lease.key.limit)
-                gauge.inc()
+                gauge.inc(lease.weight)  # slots: a weighted lease holds several
 
     def on_release(self, grant: Grant) -> None:
         """The engine released `grant`: its slots are no longer in flight."""
@@ -431,7 +431,7 @@ class Metrics:
                 gauge = self._in_flight_children.get((lease.key.rule, lease.key.limit))
                 if gauge is None:
                     gauge = self._in_flight_child(lease.key.rule, lease.key.limit)
-                gauge.dec()
+                gauge.dec(lease.weight)
         except Exception:  # a metrics bug must never keep a lease from being released
             logger.exception("ratelimit metrics: could not record a release")
 

@@ -23,7 +23,8 @@ class LimitStatistics:
     limit: str
     #: Slots the limit has (overrides included).
     total: int
-    #: Slots held now (leases alive in the store).
+    #: Slots held now by leases alive in the store (a weighted limit's leases count
+    #: their weights).
     in_flight: int
     #: Requests waiting in the limit's line now (0 without a line).
     waiting: int

@@ -114,6 +114,13 @@ class Rule:
                         f"at least the rule's cost {taken} (else no request is ever admitted)",
                         lim.burst,
                     )
+                if isinstance(lim, Concurrency) and taken > lim.limit:
+                    raise ConfigError(
+                        f"limits[{i}].limit",
+                        f"at least the {taken} slots each request holds (else no request "
+                        "is ever admitted)",
+                        lim.limit,
+                    )
         if not isinstance(body_limit, int) or isinstance(body_limit, bool) or body_limit < 1:
             raise ConfigError("body_limit", "a positive number of bytes", body_limit)
         #: Bytes of request body read at most for a rule that reads the body.

@@ -26,7 +26,9 @@
 --
 -- Leases run acquire() of ratelimit/algorithms/leases.py on absolute times: the
 -- sorted set scores each lease id by its expiry (now + ttl); dead leases (expiry
--- <= now) are dropped first; the set lives as long as its longest lease.
+-- <= now) are dropped first; the set lives as long as its longest lease. A lease
+-- of a weighted pool needs its weight in free slots (leases.lua); an unweighted
+-- one, one slot, counted by ZCARD.
 
 local EPSILON = 1e-9
 
@@ -112,10 +114,15 @@ local function evaluate(base, n)
       local limit = tonumber(ARGV[j + 1])
       -- Numbers reach Redis as '%.17g' text, read back as the same double.
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      local in_use = redis.call('ZCARD', key)
+      local in_use, need = 0, 1
+      if l_marked(ARGV[j + 3]) then  -- a weighted pool's lease (leases.lua)
+        in_use, need = l_held(key), l_weight(ARGV[j + 3])
+      else
+        in_use = redis.call('ZCARD', key)
+      end
       -- The line is looked at only when a slot is free: a full pool pays nothing for it.
-      if in_use < limit and redis.call('EXISTS', KEYS[line]) == 0 then
-        C[i] = {true, limit - in_use - 1, 0, 0}
+      if in_use + need <= limit and redis.call('EXISTS', KEYS[line]) == 0 then
+        C[i] = {true, limit - in_use - need, 0, 0}
       else
         C[i] = {false, 0, 0, 0}
         C.verdict = false
@@ -139,7 +146,7 @@ local function untouched(C, i)
     local _
     _, _, R[2], _, R[4] = gcra(R[5], now_usec / 1000000, 0, R[7], R[8])
   else
-    R[2] = R[2] + 1
+    R[2] = R[2] + l_weight(ARGV[C.base + 4 * i])
   end
 end
 

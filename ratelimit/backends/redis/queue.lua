@@ -1,7 +1,7 @@
 -- queue.lua: a waiting line's steps, shared by the scripts that touch one
--- (enqueue, release, refund, wait, leave; prepended after the clock prelude, see
--- scripts.py). They are the steps of ratelimit/algorithms/queue.py, which the
--- tests hold these scripts to.
+-- (enqueue, release, refund, wait, leave, forget; prepended after the clock
+-- prelude and leases.lua, see scripts.py). They are the steps of
+-- ratelimit/algorithms/queue.py, which the tests hold these scripts to.
 --
 -- A line lives in four keys sharing its lease table's hash tag (keyspace.py),
 -- passed to each script as a table Q = {leases, line, tickets, fair, meta}:
@@ -15,7 +15,9 @@
 --            is dropped before any hand-off.
 --   fair     hash: fair key -> requests of that caller waiting now
 --   meta     hash: 'seq' (last arrival number), 'r<rank>' (the class's round:
---            the n of its last admitted waiter), and what a hand-off needs:
+--            the n of its last admitted waiter), 'ph' and 'pp' (the ticket of the
+--            head lighter waiters last passed in a weighted pool, and the slots
+--            that went past it: queue.py's Weights), and what a hand-off needs:
 --            'limit', 'ttl' (lease seconds) and 'g' (guaranteed slots as
 --            "rank slots rank slots ...")
 -- The four are deleted together when the line empties (a fresh QueueState), and
@@ -60,12 +62,13 @@ local function q_guaranteed(text)
   return nil
 end
 
--- Slots held per class, from the live leases' ids (leases pruned by the caller).
+-- Slots held per class, from the live leases' ids, weights summed (leases pruned by
+-- the caller).
 local function q_in_use_by_rank(leases)
   local by_rank = {}
   for _, id in ipairs(redis.call('ZRANGE', leases, 0, -1)) do
     local rank = q_rank_of(id)
-    by_rank[rank] = (by_rank[rank] or 0) + 1
+    by_rank[rank] = (by_rank[rank] or 0) + l_weight(id)
   end
   return by_rank
 end
@@ -118,11 +121,46 @@ local function q_drop_expired(Q, channel)
   q_publish(channel, 's', gone)
 end
 
--- Give free slots to the line's head, in the line's order (memory's _hand_off,
--- QueueState.pop_next): expired tickets go first, dead leases are pruned, then
--- each free slot goes to the first waiter whose class is under its guarantee,
--- else to the head; its ticket becomes a lease for the line's lease ttl and the
--- class's round moves to its n. Publishes the granted tickets.
+-- queue._fitting: which of `members` (the line's first, in order) `free` slots go to
+-- when members[head] is next: the head if it fits, else the first of the first
+-- BACKFILL_SCAN that fits within the head's budget (meta 'ph': the ticket of the
+-- head last passed, 'pp': the slots that went past it); nil for none.
+local BACKFILL_SCAN = 32
+local function q_fitting(Q, members, head, free, limit)
+  local _, _, _, ticket = q_parse(members[head])
+  local need = l_weight(ticket)
+  if need <= free then
+    return head
+  end
+  local meta = redis.call('HMGET', Q.meta, 'ph', 'pp')
+  local passed = 0
+  if meta[1] == ticket then
+    passed = tonumber(meta[2])
+  end
+  local budget = free  -- a head that can never fit reserves nothing
+  if need <= limit then
+    budget = limit - passed
+  end
+  for j = 1, math.min(#members, BACKFILL_SCAN) do
+    if j ~= head then
+      local _, _, _, other = q_parse(members[j])
+      local weight = l_weight(other)
+      if weight <= free and weight <= budget then
+        redis.call('HSET', Q.meta, 'ph', ticket, 'pp', passed + weight)
+        return j
+      end
+    end
+  end
+  return nil
+end
+
+-- Give free slots to the line's waiters (queue.hand_off, as memory's _hand_off runs
+-- it): expired tickets go first, dead leases are pruned, then the free slots go to
+-- the first waiter whose class is under its guarantee, else to the head; in a
+-- weighted pool (marked tickets, leases.lua) a head that does not fit may be passed
+-- by lighter waiters within its budget (q_fitting). A granted ticket becomes a lease
+-- for the line's lease ttl and its class's round moves to its n. Publishes the
+-- granted tickets.
 local function q_hand_off(Q, channel)
   q_drop_expired(Q, channel)
   if redis.call('EXISTS', Q.line) == 0 then
@@ -134,27 +172,47 @@ local function q_hand_off(Q, channel)
     return  -- no config: not a line this library wrote
   end
   redis.call('ZREMRANGEBYSCORE', Q.leases, '-inf', string.format('%.17g', now))
-  local in_use = redis.call('ZCARD', Q.leases)
+  local weighted = l_marked(redis.call('ZRANGE', Q.line, 0, 0)[1])
+  local in_use
+  if weighted then
+    in_use = l_held(Q.leases)
+  else
+    in_use = redis.call('ZCARD', Q.leases)
+  end
+  local by_rank = {}
+  if g then
+    by_rank = q_in_use_by_rank(Q.leases)
+  end
   local granted = {}
   while in_use < limit do
-    local pick
+    local members
     if g then
-      local by_rank = q_in_use_by_rank(Q.leases)
-      local members = redis.call('ZRANGE', Q.line, 0, -1)
-      pick = members[1]
-      for _, member in ipairs(members) do
+      members = redis.call('ZRANGE', Q.line, 0, -1)
+    elseif weighted then
+      members = redis.call('ZRANGE', Q.line, 0, BACKFILL_SCAN - 1)
+    else
+      members = redis.call('ZRANGE', Q.line, 0, 0)
+    end
+    if #members == 0 then
+      break
+    end
+    local i = 1
+    if g then
+      for k, member in ipairs(members) do
         local rank = tonumber(string.sub(member, 1, 4))
         if (by_rank[rank] or 0) < (g[rank] or 0) then
-          pick = member
+          i = k
           break
         end
       end
-    else
-      pick = redis.call('ZRANGE', Q.line, 0, 0)[1]
     end
-    if not pick then
-      break
+    if weighted then
+      i = q_fitting(Q, members, i, limit - in_use, limit)
+      if not i then
+        break
+      end
     end
+    local pick = members[i]
     local rank, n, _, ticket = q_parse(pick)
     q_remove(Q, pick)
     if redis.call('EXISTS', Q.line) == 1 then
@@ -165,7 +223,9 @@ local function q_hand_off(Q, channel)
     end
     redis.call('ZADD', Q.leases, string.format('%.17g', now + ttl), ticket)
     keep_alive(Q.leases, math.ceil(ttl * 1000))
-    in_use = in_use + 1
+    local weight = l_weight(ticket)
+    in_use = in_use + weight
+    by_rank[rank] = (by_rank[rank] or 0) + weight
     granted[#granted + 1] = ticket
   end
   q_publish(channel, 'g', granted)

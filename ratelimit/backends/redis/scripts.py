@@ -2,8 +2,8 @@
 
 Each operation is one `.lua` file whose header states KEYS, ARGV and units.
 What runs on the server is a clock prelude (`clock.lua`: the server's `TIME`),
-the libraries the operation uses (`window.lua`: window checks; `checks.lua`:
-deciding checks; `queue.lua`:
+the libraries the operation uses (`window.lua`: window checks; `leases.lua`:
+lease weights; `checks.lua`: deciding checks; `queue.lua`:
 waiting lines; `book.lua`: appointments), then the operation, so an operation
 never takes "now" from a client and the steps shared by several operations are
 written once.
@@ -32,14 +32,15 @@ OPERATIONS = (
 )
 #: The library files each operation runs on, in order, after the clock prelude.
 LIBRARIES: dict[str, tuple[str, ...]] = {
-    "decide": ("window", "checks"),
-    "enqueue": ("window", "checks", "queue", "book"),
+    "decide": ("window", "leases", "checks"),
+    "enqueue": ("window", "leases", "checks", "queue", "book"),
     "appoint": ("book",),
-    "refund": ("window", "queue"),
-    "release": ("queue",),
-    "wait": ("queue",),
-    "leave": ("queue",),
-    "forget": ("queue",),
+    "refund": ("window", "leases", "queue"),
+    "release": ("leases", "queue"),
+    "in_use": ("leases",),
+    "wait": ("leases", "queue"),
+    "leave": ("leases", "queue"),
+    "forget": ("leases", "queue"),
 }
 
 
