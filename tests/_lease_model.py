@@ -17,7 +17,7 @@ class LeaseResult(NamedTuple):
     """The outcome of one acquire."""
 
     admitted: bool
-    #: Live leases after this step (including the new one when admitted).
+    #: Slots held after this step (including the new lease's when admitted).
     in_use: int
     #: Slots still free after this step.
     remaining: int
@@ -26,14 +26,16 @@ class LeaseResult(NamedTuple):
 def acquire(
     table: MutableMapping[str, float], lease_id: str, now: float, limit: int, ttl: float
 ) -> LeaseResult:
-    """Grant `lease_id` a slot until `now + ttl` if fewer than `limit` are live.
+    """Grant `lease_id` its weight in slots (1 unless its id is weighted) until
+    `now + ttl` if that many of `limit` are free.
 
     Dead leases are pruned first, so a crashed holder never blocks a slot
     longer than its ttl. Refusal changes nothing but that pruning.
     """
     leases.prune(table, now)
-    in_use = len(table)
-    if in_use >= limit:
+    in_use = leases.held(table)
+    need = leases.weight_of(lease_id)
+    if in_use + need > limit:
         return LeaseResult(admitted=False, in_use=in_use, remaining=0)
     table[lease_id] = now + ttl
-    return LeaseResult(admitted=True, in_use=in_use + 1, remaining=limit - in_use - 1)
+    return LeaseResult(admitted=True, in_use=in_use + need, remaining=limit - in_use - need)

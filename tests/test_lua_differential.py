@@ -65,10 +65,10 @@ class Model:
             else:
                 table = self.tables.setdefault(check.key, {})
                 leases.prune(table, now)
-                in_use = len(table)
-                ok = in_use < check.limit
+                in_use, need = leases.held(table), check.weight
+                ok = in_use + need <= check.limit
                 steps.append(None)
-                results.append(CheckResult(ok, max(0, check.limit - in_use - ok), 0.0, 0.0))
+                results.append(CheckResult(ok, check.limit - in_use - need if ok else 0, 0.0, 0.0))
         verdict = all(r.admitted for r in results)
         if not (verdict and commit):
             for i, check in enumerate(checks):
@@ -79,7 +79,7 @@ class Model:
                     peek = gcra.gcra(tat, t, 0, check.interval, check.burst)
                     results[i] = CheckResult(True, peek.remaining, 0.0, peek.reset_after)
                 else:
-                    results[i] = CheckResult(True, results[i].remaining + 1, 0.0, 0.0)
+                    results[i] = CheckResult(True, results[i].remaining + check.weight, 0.0, 0.0)
             return verdict, results
         for check, step in zip(checks, steps, strict=True):
             if isinstance(check, BucketCheck):
@@ -141,7 +141,7 @@ intervals = st.one_of(
 )
 bucket_specs = st.tuples(intervals, st.integers(1, 40))
 lease_specs = st.tuples(
-    st.integers(1, 4),
+    st.integers(1, 6),
     st.one_of(st.floats(min_value=0.001, max_value=120.0), st.sampled_from(ROUND_SECONDS)),
 )
 steps_us = st.one_of(
@@ -279,7 +279,10 @@ async def _scenario(
                     checks.append(BucketCheck(keys[index], interval, burst, cost))
                 else:
                     limit, ttl = tables[index - 3]
-                    lease = LeaseCheck(keys[index], limit, ttl, f"l{next(lease_ids)}")
+                    lease_id = f"l{next(lease_ids)}"
+                    if index == 4:  # the shared pool is weighted: the cost is the weight
+                        lease_id = leases.weighted_id(lease_id, cost % 4 + 1)
+                    lease = LeaseCheck(keys[index], limit, ttl, lease_id)
                     issued.append(lease)
                     checks.append(lease)
             commit = op[2]

@@ -66,20 +66,18 @@ class LineModel:
         if self.state is None:
             return
         leases.prune(self.table, now)
-        while self.state is not None and len(self.table) < self.limit:
-            by_rank = queue.in_use_by_rank(self.table) if self.guaranteed else {}
-            waiter = self.state.pop_next(by_rank, self.guaranteed)
+        for waiter in queue.hand_off(self.state, self.table, self.limit, self.guaranteed):
             del self.expiry[waiter.ticket]
             self.table[waiter.ticket] = now + self.ttl
-            if not self.state:
-                self.state = None
+        if not self.state:
+            self.state = None
 
     def enqueue(
         self, ticket: str, rank: int, fair: str, max_position: int, spacing: float, now: float
     ) -> tuple[str, int, int, float]:
         self._drop_expired(now)
         leases.prune(self.table, now)
-        if len(self.table) < self.limit and self.state is None:
+        if leases.held(self.table) + leases.weight_of(ticket) <= self.limit and self.state is None:
             self.table[ticket] = now + self.ttl
             return "admitted", -1, 0, 0.0
         line = self.state if self.state is not None else queue.QueueState()
@@ -204,13 +202,19 @@ operations = st.lists(
 )
 
 
+#: Weights of a weighted pool's requests, taken in turn by its enqueues (up to one more
+#: than the largest limit: a request heavier than its pool, as after an override).
+weightings = st.one_of(st.none(), st.lists(st.integers(1, 5), min_size=1, max_size=6))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    limit=st.integers(1, 3),
+    limit=st.integers(1, 4),
     ttl=st.sampled_from([0.5, 1.0, 3.0, 60.0]),
     capacity=st.integers(1, 5),
     guaranteed=st.sampled_from([(), ((0, 1),), ((0, 1), (1, 1)), ((1, 2),)]),
     ops=operations,
+    weights=weightings,
 )
 # Shares: a class at its guarantee (rank 1 holds 2 of 2) has no claim; the head goes first.
 @example(
@@ -227,6 +231,18 @@ operations = st.lists(
         (0, ("release", 2)),
         (0, ("release", 0)),
     ],
+    weights=None,
+)
+# Weights: a heavy head (3 of 4) is passed by light waiters for one pool's worth of
+# slots (4), then reserves the slots that free until it fits; the light one behind waits.
+@example(
+    limit=4,
+    ttl=60.0,
+    capacity=9,
+    guaranteed=(),
+    ops=[(0, ("enqueue", 0, "aa", 99, 0.0))] * 10
+    + [(0, ("release", i)) for i in (0, 1, 2, 3, 5, 6, 7, 8)],
+    weights=[1, 1, 1, 1, 3, 1, 1, 1, 1, 1],
 )
 # Appointments: a full line books "bb" then "cc"; "cc" comes back early (same
 # appointment), "bb" on time (joins the full line), "cc" late, past its grace (a new one).
@@ -245,6 +261,7 @@ operations = st.lists(
         (0, ("appoint", 1, "aa", 1.0)),
         (5_000_000, ("enqueue", 1, "cc", 99, 1.0)),
     ],
+    weights=None,
 )
 def test_queue_scripts_match_the_pure_queue(
     harness: Harness,
@@ -253,9 +270,11 @@ def test_queue_scripts_match_the_pure_queue(
     capacity: int,
     guaranteed: tuple[tuple[int, int], ...],
     ops: list[tuple[int, tuple[Any, ...]]],
+    weights: list[int] | None,
 ) -> None:
-    """Outcomes, places, sheds, hand-offs and lease expiries of the scripts equal the model's."""
-    harness.run(_scenario(harness, limit, ttl, capacity, guaranteed, ops))
+    """Outcomes, places, sheds, hand-offs (weighted pools' backfill and reservation
+    included) and lease expiries of the scripts equal the model's."""
+    harness.run(_scenario(harness, limit, ttl, capacity, guaranteed, ops, weights))
 
 
 booking_enqueue = st.tuples(
@@ -322,6 +341,7 @@ async def _scenario(
     capacity: int,
     guaranteed: tuple[tuple[int, int], ...],
     ops: list[tuple[int, tuple[Any, ...]]],
+    weights: list[int] | None = None,
 ) -> None:
     backend = harness.backend
     key = StoreKey(f"q{next(harness.rules)}", "slots", "*")
@@ -338,7 +358,13 @@ async def _scenario(
         kind = op[0]
         if kind == "enqueue":
             _, rank, fair, max_position, spacing = op
-            lease = LeaseCheck(key, limit, ttl, queue.ticket_id(rank, f"t{next(ids)}"))
+            n = next(ids)
+            serial = (
+                f"t{n}"
+                if weights is None
+                else leases.weighted_id(f"t{n}", weights[n % len(weights)])
+            )
+            lease = LeaseCheck(key, limit, ttl, queue.ticket_id(rank, serial))
             check = QueueCheck(lease, capacity, rank, fair, guaranteed, max_position, spacing)
             entry = await backend.enqueue([lease], check)
             waiter = backend.tickets.waiting.pop(lease.lease_id, None)
@@ -380,7 +406,7 @@ async def _assert_same_state(
     backend: ManualClockRedisBackend, model: LineModel, key: StoreKey, now: float
 ) -> None:
     """The line's order (sort keys, tickets), ticket expiries and live leases match."""
-    line, tickets, _, _ = backend.keys.queue(key)
+    line, tickets, _, meta_key = backend.keys.queue(key)
     members = [m.decode() for m in await backend.client.zrange(line, 0, -1)]
     got_line = [(m[:26], m.split("|", 2)[2]) for m in members]
     waiters = model.state.waiters if model.state is not None else []
@@ -391,6 +417,12 @@ async def _assert_same_state(
     live = {m.decode(): score for m, score in table if score > now}
     assert live == {lease: expiry for lease, expiry in model.table.items() if expiry > now}
     assert await backend.queue_length(key) == sum(1 for e in model.expiry.values() if e > now)
+    assert await backend.in_use(key) == leases.live(model.table, now)
+    passing = await backend.client.hmget(meta_key, "ph", "pp")
+    if model.state is not None and model.state.passing:
+        assert [v.decode() for v in passing] == [model.state.passing, str(model.state.passed)]
+    else:
+        assert passing == [None, None]
     due, ranks, meta = backend.keys.book(key)
     book = model.book
     got_due = await backend.client.zrange(due, 0, -1, withscores=True)
