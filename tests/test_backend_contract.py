@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from _servers import ManualClockRedisBackend, ManualClockRedisClusterBackend
 
+from ratelimit.algorithms.leases import weighted_id
 from ratelimit.backends.base import (
     Backend,
     BucketCheck,
@@ -58,9 +59,12 @@ class Env:
     def memory_clock(self) -> float:
         return MEMORY_START_S + self.micros / 1_000_000
 
-    def lease(self, limit: int = 2, ttl: float = 10.0, key: StoreKey = SLOTS) -> LeaseCheck:
-        """A new lease check with a fresh id."""
-        return LeaseCheck(key, limit, ttl, f"lease-{next(self._ids)}")
+    def lease(
+        self, limit: int = 2, ttl: float = 10.0, key: StoreKey = SLOTS, weight: int = 0
+    ) -> LeaseCheck:
+        """A new lease check with a fresh id; of a weighted pool when `weight` > 0."""
+        lease_id = f"lease-{next(self._ids)}"
+        return LeaseCheck(key, limit, ttl, weighted_id(lease_id, weight) if weight else lease_id)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -387,3 +391,56 @@ async def test_concurrent_decisions_on_one_window_admit_exactly_the_limit(
     )
     assert sum(v.admitted for v in verdicts) == 7
     assert await remaining(env, bucket(OTHER, burst=100)) == 93
+
+
+# -- weighted slots ----------------------------------------------------------------------
+
+
+async def test_weighted_lease_needs_its_weight_in_free_slots(env: Env) -> None:
+    """In a pool of 8 holding 4 + 3, a lease of 2 is refused and one of 1 takes the last."""
+    assert (await env.backend.decide([env.lease(8, weight=4)])).results[0].remaining == 4
+    assert (await env.backend.decide([env.lease(8, weight=3)])).results[0].remaining == 1
+    refused = await env.backend.decide([env.lease(8, weight=2)])
+    assert (refused.admitted, refused.results[0].remaining) == (False, 0)
+    assert (await env.backend.decide([env.lease(8, weight=1)])).results[0].remaining == 0
+    assert await env.backend.in_use(SLOTS) == 8
+
+
+async def test_weighted_lease_is_all_or_nothing(env: Env) -> None:
+    """A weighted lease that does not fit takes nothing from the bucket beside it, and a
+    bucket that refuses adds no weighted lease; the untouched state is reported."""
+    await env.backend.decide([env.lease(8, weight=6)])
+    verdict = await env.backend.decide([bucket(USER), env.lease(8, weight=3)])
+    assert [r.admitted for r in verdict.results] == [True, False]
+    assert await remaining(env, bucket(USER)) == 3
+    for _ in range(3):
+        await env.backend.decide([bucket(BURST)])
+    verdict = await env.backend.decide([env.lease(8, weight=2), bucket(BURST)])
+    assert [(r.admitted, r.remaining) for r in verdict.results] == [(True, 2), (False, 0)]
+    assert await env.backend.in_use(SLOTS) == 6
+
+
+async def test_weighted_leases_give_back_their_weight(env: Env) -> None:
+    """Released, refunded or expired, a lease of weight w frees w slots."""
+    released, refunded = env.lease(8, weight=3), env.lease(8, weight=2)
+    expiring = env.lease(8, ttl=2.0, weight=3)
+    for lease in (released, refunded, expiring):
+        assert (await env.backend.decide([lease])).admitted
+    assert await env.backend.in_use(SLOTS) == 8
+    assert await env.backend.release(released) is True
+    assert await env.backend.in_use(SLOTS) == 5
+    await env.backend.refund([refunded])
+    assert await env.backend.in_use(SLOTS) == 3
+    await env.advance(2.0)
+    assert await env.backend.in_use(SLOTS) == 0
+    assert (await env.backend.decide([env.lease(8, weight=8)])).admitted
+
+
+async def test_concurrent_weighted_decisions_never_exceed_the_pool(env: Env) -> None:
+    """Concurrent leases of mixed weights on a pool of 8 hold at most 8 slots."""
+    weights = [1, 4, 2, 3, 1, 4, 2, 1, 3, 4] * 3
+    checks = [env.lease(8, weight=w) for w in weights]
+    verdicts = await asyncio.gather(*(env.backend.decide([c]) for c in checks))
+    held = sum(c.weight for c, v in zip(checks, verdicts, strict=True) if v.admitted)
+    assert held <= 8
+    assert await env.backend.in_use(SLOTS) == held
