@@ -42,9 +42,14 @@ async def hello(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def pool(backend: RedisBackend, fail: FailPolicy) -> RateLimitMiddleware:
-    """`hello` behind one fleet-wide slot, with a lease time far past the test's bound."""
-    rule = Rule("/gen", name="gen", limits=[Concurrency(1, key=keys.GLOBAL, name="gpu")])
+def pool(backend: RedisBackend, fail: FailPolicy, weight: int = 0) -> RateLimitMiddleware:
+    """`hello` behind one fleet-wide slot, with a lease time far past the test's bound;
+    with `weight`, a weighted pool of that many slots, each request holding all of them."""
+    if weight:
+        gpu = Concurrency(weight, key=keys.GLOBAL, name="gpu", counts="requests")
+        rule = Rule("/gen", name="gen", limits=[gpu], cost=weight)
+    else:
+        rule = Rule("/gen", name="gen", limits=[Concurrency(1, key=keys.GLOBAL, name="gpu")])
     return RateLimitMiddleware(hello, rules=[rule], backend=backend, fail=fail)
 
 
@@ -107,6 +112,21 @@ async def test_a_decision_that_outlasts_the_timeout_leaves_no_slot_taken(
         assert status == (503 if fail == "closed" else 200)
         await sleeping  # Redis answers again, and runs the late decide
         await assert_admitted_soon(app, backend)
+    finally:
+        await app.aclose()
+
+
+async def test_a_weighted_ghost_gives_back_its_weight(debug_redis: RedisServer) -> None:
+    """A late decide of a lease holding 4 of 4 slots: undone, all 4 are free again."""
+    backend = RedisBackend(debug_redis.url, timeout=0.2, breaker_reset=0.25)
+    app = pool(backend, "closed", weight=4)
+    try:
+        assert await admitted_by_redis(app, backend)
+        sleeping = await debug_sleep(debug_redis, 0.8)
+        assert (await call(app))[0] == 503
+        await sleeping
+        await assert_admitted_soon(app, backend)
+        await until_free(backend)
     finally:
         await app.aclose()
 
