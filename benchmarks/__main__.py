@@ -300,6 +300,13 @@ def run_key_flood(run: Run) -> None:
     )
 
 
+def run_weighted_slots(run: Run) -> None:
+    """Light and heavy requests in one line: three hand-off policies on simulated time."""
+    body = _bench_module(run, "weighted_slots", ["--quick"] if run.quick else [])
+    command = f"python3 -m benchmarks --only weighted_slots{_argv(run)}"
+    run.sections["weighted_slots"] = body + f"\n- Command: `{command}`"
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "accuracy",
@@ -356,6 +363,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "~15 s",
         False,
         run_key_flood,
+    ),
+    Benchmark(
+        "weighted_slots",
+        "weighted pool of 8: light and heavy requests in one line, three hand-off policies",
+        "~15 s",
+        "~3 s",
+        False,
+        run_weighted_slots,
     ),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}

@@ -32,6 +32,7 @@ def test_list_names_every_benchmark_and_runs_none() -> None:
         "queue_goodput",
         "queue_handoff",
         "key_flood",
+        "weighted_slots",
     ]
 
 

@@ -288,10 +288,17 @@ def next_index(
 
 
 def hand_off(
-    state: QueueState, lease_ids: Collection[str], limit: int, guaranteed: Mapping[int, int]
+    state: QueueState,
+    lease_ids: Collection[str],
+    limit: int,
+    guaranteed: Mapping[int, int],
+    budget: int | None = None,
 ) -> list[Waiter]:
     """Admit waiters into the free slots of a pool whose live leases are `lease_ids`, in
-    the line's order (see Shares and Weights); return them, taken out of line."""
+    the line's order (see Shares and Weights); return them, taken out of line.
+
+    `budget`: slots lighter waiters may take past a waiting head, `limit` unless given
+    (the benchmark compares 0, strict reservation, with unbounded backfill)."""
     waiters = state.waiters
     if not waiters:
         return []
@@ -302,7 +309,7 @@ def hand_off(
     while waiters and free > 0:
         i = next_index(waiters, by_rank, guaranteed)
         if weighted:
-            i = _fitting(state, i, free, limit)
+            i = _fitting(state, i, free, limit, limit if budget is None else budget)
             if i < 0:
                 break
         waiter = state.pop_at(i)
@@ -314,9 +321,9 @@ def hand_off(
     return granted
 
 
-def _fitting(state: QueueState, head: int, free: int, limit: int) -> int:
+def _fitting(state: QueueState, head: int, free: int, limit: int, allowance: int) -> int:
     """The waiter `free` slots go to when `head` is next: the head if it fits, else the
-    first of the next `BACKFILL_SCAN` that fits within the head's budget; -1: none."""
+    first of the next `BACKFILL_SCAN` that fits within the head's `allowance`; -1: none."""
     waiters = state.waiters
     ticket = waiters[head].ticket
     need = leases.weight_of(ticket)
@@ -324,7 +331,7 @@ def _fitting(state: QueueState, head: int, free: int, limit: int) -> int:
         return head
     passed = state.passed if state.passing == ticket else 0
     # A head that can never fit (its limit was lowered) reserves nothing.
-    budget = limit - passed if need <= limit else free
+    budget = allowance - passed if need <= limit else free
     for j in range(min(len(waiters), BACKFILL_SCAN)):
         if j != head:
             weight = leases.weight_of(waiters[j].ticket)
