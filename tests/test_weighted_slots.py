@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from asgi_helpers import http_scope
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
 from test_limiter import make_backend
 
 from ratelimit import (
@@ -179,6 +179,8 @@ async def test_a_request_heavier_than_the_pool_is_refused_at_once(limiter: Limit
         assert (decision.status, decision.reason, decision.retry_after) == (503, OVERSIZED, 0.0)
         assert decision.violated == ["gpus"]
     assert await in_flight(limiter) == await waiting(limiter, "line") == 0
+    outcome = {"rule": "images", "limit": "gpus", "outcome": "rejected"}
+    assert REGISTRY.get_sample_value("ratelimit_decisions_total", outcome)
 
 
 async def test_a_heavy_waiter_is_not_starved_by_light_ones(limiter: Limiter) -> None:
@@ -301,6 +303,7 @@ async def test_an_oversized_request_is_refused_without_a_retry_after() -> None:
     assert (await _call(app, "8"))[0] == 200
     status, headers, problem = await _call(app, "9")
     assert (status, b"retry-after" in headers) == (503, False)
+    assert headers[b"x-should-retry"] == b"false"
     assert "never admitted" in problem["detail"]
     await app.aclose()
     unpriced = Rule("/images", limits=[Concurrency(8, counts="gpus")], cost=cost)

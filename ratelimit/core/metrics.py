@@ -392,7 +392,7 @@ class Metrics:
             self.queue_wait.labels(rule, line, outcome).observe(waited)
         elif decision.allowed:
             key = (rule, "", "allowed")
-        elif decision.reason is not None:
+        elif decision.reason in REASON_OUTCOME:  # a line's refusal (not OVERSIZED)
             key = (rule, decision.line or "", REASON_OUTCOME[decision.reason])
         else:
             key = (rule, deciding_limit(decision), refusal_outcome(decision))
