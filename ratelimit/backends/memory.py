@@ -109,6 +109,8 @@ class MemoryBackend:
         self._clock = clock
         #: Unix time, for calendar quotas only (their periods are UTC days and months).
         self._wall = wall_clock
+        #: The clock every decision reads (the core keeps its own times on it too).
+        self.clock = clock
         #: Least recently used first. An OrderedDict, not a dict: taking a dict's first
         #: key after many deletions at its front walks their empty slots (O(deleted)),
         #: which made each decision of a key flood 6-25x dearer.

@@ -15,6 +15,7 @@ import inspect
 import itertools
 import math
 import os
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,7 @@ from .plan import (
     new,
     retry_after,
 )
+from .spread import Spread
 from .waiting import Lines
 
 
@@ -106,6 +108,8 @@ class Engine:
         self.holding = holding = Holding(backend, observer)
         holding.renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
         self.lines = Lines(holding, observer)
+        #: When refused callers are told to come back (see `Spread`).
+        self.spread = Spread(holding, getattr(backend, "clock", None) or time.monotonic)
         self.release = holding.release
         self.release_nowait = holding.release_nowait
         self.release_soon = holding.release_soon
@@ -304,6 +308,9 @@ class Engine:
                 if estimate:
                     res = results[i] = res._replace(retry_after=estimate)
             wait = max(wait, retry_after(lim, res))
+        if reason is None and not rule.shadow:
+            # Not from a line (its refusals carry their place's estimate or appointment).
+            wait = self.spread.refused(plan, results, checks, slots)
         decision = Decision(rule, False, status, wait, plan, results)
         if reason is not None:
             decision.waited = waited
@@ -341,7 +348,9 @@ class Engine:
         if verdict.admitted:
             return Decision(rule, True, 200, 0.0, plan, [result], None, one)
         status = 503 if plan.limits[0].shared else 429
-        return Decision(rule, False, status, result.retry_after, plan, [result])
+        results: list[CheckResult | None] = [result]
+        wait = result.retry_after if rule.shadow else self.spread.refused(plan, results, one, (0,))
+        return Decision(rule, False, status, wait, plan, results)
 
     async def refund(self, decision: Decision) -> None:
         """Give back the token-bucket and window units an admitted `decision` took, once.
