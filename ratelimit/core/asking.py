@@ -68,16 +68,21 @@ async def fair_text(plan: Plan, i: int, scope: Scope) -> str | None:
         raise raised("fair_key", limit.fair_key, plan, i, exc) from exc
 
 
-def client_timeout(scope: Scope, header: keys.header | None) -> float | None:
-    """Seconds the client says it will wait (`deadline_header`), or None if absent or unreadable."""
-    text = None if header is None else header(scope)
-    if text is None:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+def client_timeout(scope: Scope, headers: tuple[keys.header, ...]) -> float | None:
+    """Seconds the client says it will wait (the shortest of its `deadline_header`s),
+    or None if none is present and readable."""
+    shortest = None
+    for header in headers:
+        text = header(scope)
+        if text is None:
+            continue
+        try:
+            seconds = float(text)
+        except ValueError:
+            continue
+        if math.isfinite(seconds) and seconds >= 0 and (shortest is None or seconds < shortest):
+            shortest = seconds
+    return shortest
 
 
 async def cost(rule: Rule, scope: Scope) -> int:

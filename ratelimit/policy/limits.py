@@ -189,14 +189,21 @@ class TokenBucket(_Rated):
         return f"TokenBucket({self.rate!r}, burst={self.burst}, key={self.key!r})"
 
 
+#: Headers a client states how long it waits for an answer in (seconds), read by default:
+#: the generic one, and the one the openai and anthropic SDKs send (their read timeout).
+DEADLINE_HEADERS = ("x-request-timeout", "x-stainless-read-timeout")
+
+
 class Concurrency(Limit):
     """At most `limit` requests in flight per key, fleet-wide, with an optional waiting line.
 
     Each admitted request holds a lease that expires `lease` seconds after its
     last renewal; running requests renew it, so only a crashed worker's
     leases ever expire. When every slot is taken, up to `queue` requests wait
-    up to `timeout` seconds (or the client's `deadline_header`, if shorter)
-    for one; 0 refuses at once.
+    up to `timeout` seconds for one (0 refuses at once), or less when the
+    client says it gives up sooner: `deadline_header` names the request
+    headers read for that, in seconds (default `x-request-timeout` and the
+    openai and anthropic SDKs' `x-stainless-read-timeout`; the shortest counts).
 
     Waiting order: `priority(scope)` gives a request's class, either an int
     (higher first) or a name listed in `classes` (first listed first), or
@@ -239,7 +246,7 @@ class Concurrency(Limit):
         classes: Sequence[str] | None = None,
         shares: Mapping[Any, float] | None = None,
         fair_key: KeyFunc | None = None,
-        deadline_header: str | None = "x-request-timeout",
+        deadline_header: str | Sequence[str] | None = DEADLINE_HEADERS,
         lease: float = 30.0,
         retry_after: float = 1.0,
         name: str | None = None,
@@ -260,12 +267,13 @@ class Concurrency(Limit):
         if fair_key is not None and not callable(fair_key):
             raise ConfigError("fair_key", "a callable (scope) -> str | None", fair_key)
         self.fair_key = fair_key
+        names = (deadline_header,) if isinstance(deadline_header, str) else deadline_header
         try:
-            #: Reads the client's own limit on its wait, in seconds (None: not read).
-            self.deadline_header = None if deadline_header is None else keys.header(deadline_header)
-        except ConfigError:
+            #: Read the client's own limits on its wait, in seconds (the shortest counts).
+            self.deadline_header = tuple(keys.header(name) for name in names or ())
+        except (ConfigError, TypeError):
             raise ConfigError(
-                "deadline_header", "a header name, or None", deadline_header
+                "deadline_header", "a header name, a list of them, or None", deadline_header
             ) from None
         self.shares = dict(_check_shares(shares))
         self.classes = _check_classes(classes, self.shares)
