@@ -28,7 +28,7 @@ from ..core.plan import BlockedPlan
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.rules import FailPolicy, Rule
 from ..policy.top import TopCallers
-from . import responses
+from . import openai_style, responses
 from .inbox import BodyTooLarge, Inbox
 from .redirects import REDIRECTS, refund_if_slash_redirect
 from .unrated import UNRATABLE, too_large
@@ -37,6 +37,30 @@ logger = logging.getLogger("ratelimit")
 
 #: A refusal renderer: returns an ASGI app (e.g. a Starlette `Response`) to send.
 RefuseHook = Callable[[Scope, Decision], "ASGIApp | Awaitable[ASGIApp]"]
+
+#: Refusal bodies by `refusal_body=` name: (content type, render(decision, wait),
+#: the body of a `fail="closed"` refusal).
+_BODIES: dict[str, tuple[bytes, Callable[[Decision, float], bytes], Callable[[], bytes]]] = {
+    "problem": (
+        b"application/problem+json",
+        responses.problem_body,
+        responses.failed_closed_problem,
+    ),
+    "openai": (b"application/json", openai_style.error_body, openai_style.failed_closed_body),
+}
+#: Header dialects by `dialect=` name: compiles a rule's extra fields (None: none).
+_DIALECTS: dict[str, Callable[[Rule], Callable[..., responses.Headers] | None]] = {
+    "openai": openai_style.compile_fields,
+}
+
+#: What `_compile` keeps per rule: the rule, its policy field, its `RateLimit` field
+#: and its dialect fields' renderer (None without a dialect).
+_Compiled = tuple[
+    Rule,
+    tuple[bytes, bytes],
+    responses.RateLimitField,
+    "Callable[..., responses.Headers] | None",
+]
 
 
 class RateLimitMiddleware:
@@ -50,6 +74,14 @@ class RateLimitMiddleware:
     may return an ASGI app to render refusals your way; `Retry-After` and the
     `RateLimit` fields are added to it unless it sets them. `headers=False`
     leaves admitted responses without the fields.
+
+    Refusals carry `Retry-After`, `retry-after-ms` and `x-should-retry` (false
+    when the wait is over `should_retry_within` seconds, default 60, or the
+    request can never be admitted), as the openai and anthropic SDKs read them.
+    `refusal_body="openai"` sends `{"error": {"message", "type", "code"}}`
+    instead of problem+json, so the openai SDK shows the limiter's message;
+    `dialect="openai"` adds OpenAI's `x-ratelimit-*` fields (see
+    `asgi.openai_style`). See docs/guides/clients.md.
 
     Live overrides are `overrides` (the limiter's), started at ASGI lifespan
     start-up, or on the first request without one, and stopped at shutdown
@@ -71,8 +103,23 @@ class RateLimitMiddleware:
         config: ConfigSource | Settings | None = None,
         shadow: bool | None = None,
         top: TopCallers | None = None,
+        refusal_body: str = "problem",
+        dialect: str | None = None,
+        should_retry_within: float = responses.SHOULD_RETRY_WITHIN,
     ) -> None:
         self.app = app
+        if refusal_body not in _BODIES:
+            raise ConfigError("refusal_body", f"one of {sorted(_BODIES)}", refusal_body)
+        if dialect is not None and dialect not in _DIALECTS:
+            raise ConfigError("dialect", f"None or one of {sorted(_DIALECTS)}", dialect)
+        if (
+            not isinstance(should_retry_within, (int, float))
+            or isinstance(should_retry_within, bool)
+            or not should_retry_within >= 0
+        ):
+            raise ConfigError(
+                "should_retry_within", "a number of seconds >= 0", should_retry_within
+            )
         if limiter is not None:
             if not isinstance(limiter, Limiter):
                 raise ConfigError("limiter", "a ratelimit Limiter", limiter)
@@ -127,9 +174,19 @@ class RateLimitMiddleware:
         self.overrides = limiter.overrides
         self.on_refuse = on_refuse
         self.headers = True if headers is None else bool(headers)
-        #: Per rule name: the rule compiled for, its policy field, its compiled `RateLimit`
-        #: field. Keyed by name, one entry each, so rules replaced later cannot pile up.
-        self._fields: dict[str, tuple[Rule, tuple[bytes, bytes], responses.RateLimitField]] = {}
+        #: Seconds past which a refusal says `x-should-retry: false`.
+        self.should_retry_within = float(should_retry_within)
+        content_type, self._body, failed_body = _BODIES[refusal_body]
+        self._content_type = (b"content-type", content_type)
+        self._failed_closed: tuple[responses.Headers, bytes] = (
+            [*responses.retry_fields(1.0, self.should_retry_within), self._content_type],
+            failed_body(),
+        )
+        self._dialect = None if dialect is None else _DIALECTS[dialect]
+        self._derived = self._DERIVED if dialect is None else f"{self._DERIVED}.{dialect}"
+        #: Per rule name: what `_compile` made of it. Keyed by name, one entry each, so
+        #: rules replaced later cannot pile up.
+        self._fields: dict[str, _Compiled] = {}
         for r in self.engine.rules:
             self._compile(r)
 
@@ -182,7 +239,7 @@ class RateLimitMiddleware:
             if decision.allowed:
                 await self.app(scope, receive, send)
             else:
-                await _send_plain(scope, receive, send, 503, *_FAILED_CLOSED)
+                await _send_plain(scope, receive, send, 503, *self._failed_closed)
             return
         if not decision.allowed and decision.reason == ABANDONED:
             return  # the client left while waiting: nobody to answer
@@ -199,8 +256,12 @@ class RateLimitMiddleware:
             compiled = self._fields.get(rule.name)
             if compiled is None or compiled[0] is not rule or compiled[2].stale_at:
                 compiled = self._compile(rule)
-            _, policy, field = compiled
-            fields = (policy, (b"ratelimit", field.render(decision.results)))
+            _, policy, field, dialect = compiled
+            if dialect is None:
+                fields = (policy, (b"ratelimit", field.render(decision.results)))
+            else:
+                results = decision.results
+                fields = (policy, (b"ratelimit", field.render(results)), *dialect(results))
         grant = decision.grant
         if grant is None:
             # Taken units come back if the app only redirects to the path with its
@@ -222,7 +283,7 @@ class RateLimitMiddleware:
     #: The key of the header fields in a plan's `derived` (see `_compile`).
     _DERIVED = "asgi.fields"
 
-    def _compile(self, rule: Rule) -> tuple[Rule, tuple[bytes, bytes], responses.RateLimitField]:
+    def _compile(self, rule: Rule) -> _Compiled:
         """The header fields of `rule`, compiled once per plan (in the plan's `derived`).
 
         The policy describes the limiter's effective rule of that name, as the
@@ -232,7 +293,7 @@ class RateLimitMiddleware:
         a monthly quota's period when it ends.
         """
         plan = self.engine.plan(rule)
-        compiled = plan.derived.get(self._DERIVED) if plan.rule is rule else None
+        compiled = plan.derived.get(self._derived) if plan.rule is rule else None
         if compiled is not None and 0.0 < compiled[2].stale_at <= time.time():
             compiled = None  # a monthly quota's period ended: its `w` changed
         if compiled is None:
@@ -243,9 +304,10 @@ class RateLimitMiddleware:
                     responses.policy_header(plan.rule, blocked=isinstance(plan, BlockedPlan)),
                 ),
                 responses.RateLimitField(rule),
+                None if self._dialect is None else self._dialect(rule),
             )
             if plan.rule is rule:
-                plan.derived[self._DERIVED] = compiled
+                plan.derived[self._derived] = compiled
         self._fields[rule.name] = compiled
         return compiled
 
@@ -297,15 +359,20 @@ class RateLimitMiddleware:
         compiled = self._fields.get(rule.name)
         if compiled is None or compiled[0] is not rule or compiled[2].stale_at:
             compiled = self._compile(rule)
-        headers = responses.refusal_headers(decision, compiled[1][1], compiled[2])
+        wait = responses.told(decision, compiled[2])
+        headers = responses.refusal_headers(
+            decision, compiled[1][1], compiled[2], self.should_retry_within, wait
+        )
+        if compiled[3] is not None:
+            headers.extend(compiled[3](decision.results))
         if self.on_refuse is not None:
             result = self.on_refuse(scope, decision)
             app = await result if isinstance(result, Awaitable) else result
             send = _Reply(receive, send, headers, self.engine, scope, None, None, True).send
             await app(scope, receive, send)
             return
-        body = responses.problem_body(decision)
-        headers.append((b"content-type", b"application/problem+json"))
+        body = self._body(decision, wait)
+        headers.append(self._content_type)
         await _send_plain(scope, receive, send, decision.status, headers, body)
 
     async def aclose(self) -> None:
@@ -412,12 +479,6 @@ def _missing_added(
     return [*listed, *(h for h in fields if h[0] not in present)]
 
 
-_FAILED_CLOSED: tuple[responses.Headers, bytes] = (
-    [(b"retry-after", b"1"), (b"content-type", b"application/problem+json")],
-    b'{"type":"https://iana.org/assignments/http-problem-types#temporary-reduced-capacity",'
-    b'"title":"Request cannot be satisfied due to temporary reduced capacity","status":503,'
-    b'"detail":"The rate limiter cannot reach its store; failing closed."}',
-)
 
 
 async def _send_plain(

@@ -1,8 +1,12 @@
-"""Header fields and refusal bodies (draft-ietf-httpapi-ratelimit-headers).
+"""Header fields and refusal bodies (draft-ietf-httpapi-ratelimit-headers-11).
 
 `RateLimit-Policy` is static per rule and built once; `RateLimit` carries the
-current state of each limit. Refusals are `application/problem+json` with the
-draft's problem types. Policy names come from configuration only.
+service limit of each limit: its available quota (`r`) and effective window
+(`t`). Refusals carry `Retry-After` (never earlier than a refusing limit's `t`),
+`retry-after-ms` and `x-should-retry` as the openai and anthropic SDKs read
+them, and an `application/problem+json` body with the draft's problem types,
+or an OpenAI-style error body (see `bodies`). Policy names come from
+configuration only.
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ _Part = Callable[[Sequence[CheckResult | None]], bytes]
 
 
 class RateLimitField:
-    """The `RateLimit` field of one rule, compiled: a renderer per limit.
+    """The `RateLimit` field of one rule, compiled: a renderer per limit, each giving
+    its service limit, the available quota `r` and the effective window `t`.
 
     Built once per rule; `render` runs on every admitted request, so each
     limit's part fills a `%d` byte template instead of formatting strings and
@@ -94,7 +99,7 @@ class RateLimitField:
     `ratelimit_header`'s.
     """
 
-    __slots__ = ("_parts", "render", "stale_at")
+    __slots__ = ("_parts", "_windows", "render", "stale_at")
 
     def __init__(self, rule: Rule) -> None:
         #: When the rule's policy field must be compiled again (see `policy_stale_at`).
@@ -103,8 +108,27 @@ class RateLimitField:
             _part(i, name, lim)
             for i, (name, lim) in enumerate(zip(rule.limit_names(), rule.limits, strict=True))
         )
+        #: (index, effective-window formula) of each limit whose part has a `t`.
+        self._windows = tuple(
+            (i, reset_time(lim))
+            for i, lim in enumerate(rule.limits)
+            if not isinstance(lim, Concurrency)
+        )
         #: The field value for one decision's results (`Decision.results`).
         self.render: _Part = self._parts[0] if len(self._parts) == 1 else self._render_all
+
+    def refused_window(self, results: Sequence[CheckResult | None]) -> float:
+        """The longest effective window (`t`, unrounded) among the limits that refused:
+        a `Retry-After` must not end before it (draft-11, section 6)."""
+        longest = 0.0
+        for i, window in self._windows:
+            r = results[i]
+            if r is None or r is SKIPPED or r.admitted:
+                continue
+            t = window(r)
+            if t > longest:
+                longest = t
+        return longest
 
     def _render_all(self, results: Sequence[CheckResult | None]) -> bytes:
         out = []
@@ -138,24 +162,56 @@ def _part(i: int, name: str, limit: Limit) -> _Part:
     return render_timed
 
 
-def retry_after(decision: Decision) -> int:
-    """`Retry-After` in whole seconds, at least 1, never earlier than the true time."""
-    return max(1, seconds(decision.retry_after))
+#: Longest wait (seconds) a refused client is told to retry after by default: past it,
+#: `x-should-retry: false` (the SDKs' own backoff would retry far too early).
+SHOULD_RETRY_WITHIN = 60.0
+
+
+def told(decision: Decision, field: RateLimitField) -> float:
+    """Seconds a refused caller is told to wait: the decision's (spread, see
+    `core.spread`), never before the end of a refusing limit's effective window
+    (draft-11, section 6); `math.inf` when it can never be admitted."""
+    wait = decision.retry_after
+    window = field.refused_window(decision.results)
+    return window if window > wait else wait
+
+
+def retry_seconds(wait: float) -> int:
+    """`Retry-After` in whole seconds, at least 1, never earlier than `wait`."""
+    return max(1, seconds(wait))
+
+
+def retry_fields(wait: float, within: float = SHOULD_RETRY_WITHIN) -> Headers:
+    """`Retry-After`, `retry-after-ms` and `x-should-retry` for a wait of `wait` seconds.
+
+    The openai and anthropic SDKs read `retry-after-ms` first (a GCRA wait is
+    often a fraction of a second), and obey `x-should-retry` exactly as
+    `true`/`false`: false past `within` seconds, and with no `Retry-After` at
+    all when the wait is `math.inf` (the request can never be admitted).
+    """
+    if wait == math.inf:
+        return [(b"x-should-retry", b"false")]
+    ms = math.ceil(wait * 1000 - 1e-6)
+    return [
+        (b"retry-after", b"%d" % retry_seconds(wait)),
+        (b"retry-after-ms", b"%d" % (ms if ms > 1 else 1)),
+        (b"x-should-retry", b"false" if wait > within else b"true"),
+    ]
 
 
 def refusal_headers(
-    decision: Decision, policy: bytes, field: RateLimitField | None = None
+    decision: Decision,
+    policy: bytes,
+    field: RateLimitField | None = None,
+    within: float = SHOULD_RETRY_WITHIN,
+    wait: float | None = None,
 ) -> Headers:
-    """Headers every refusal carries, whatever renders its body. A request that can
-    never be admitted (`OVERSIZED`) gets no `Retry-After`: no time would be true."""
-    headers: Headers = []
-    if decision.reason != OVERSIZED:
-        headers.append((b"retry-after", str(retry_after(decision)).encode()))
-    if not should_retry(decision):
-        headers.append((b"x-should-retry", b"false"))
+    """Headers every refusal carries, whatever renders its body (`wait`: `told`'s)."""
+    field = RateLimitField(decision.rule) if field is None else field
+    wait = told(decision, field) if wait is None else wait
+    headers = retry_fields(wait, within if should_retry(decision) else -1.0)
     if policy:
         headers.append((b"ratelimit-policy", policy))
-    field = RateLimitField(decision.rule) if field is None else field
     value = field.render(decision.results)
     if value:
         headers.append((b"ratelimit", value))
@@ -169,25 +225,55 @@ _TITLES = {
 }
 
 
-def problem_body(decision: Decision) -> bytes:
-    """The problem+json body of a refusal."""
+def _in(wait: float) -> str:
+    n = retry_seconds(wait)
+    return f"Retry in {n} second{'' if n == 1 else 's'}."
+
+
+def refusal_message(decision: Decision, wait: float) -> str:
+    """What a refused caller reads, in any body: the operator's words for a block,
+    else which limits refused and when to retry (the `Retry-After` it carries)."""
     if isinstance(decision, BlockedDecision):
-        # An operator's block: their words, or a plain statement of it.
+        return decision.message or "This endpoint is closed by its operator for now."
+    names = ", ".join(decision.violated) or decision.rule.name
+    if wait == math.inf:
+        return (
+            f"This request needs more than {names} can ever hold: "
+            "it is never admitted as sent; do not retry it."
+        )
+    if decision.status == 429:
+        return f"Rate limit reached for {names}. {_in(wait)}"
+    return f"The service is at capacity ({names}). {_in(wait)}"
+
+
+def problem_body(decision: Decision, wait: float | None = None) -> bytes:
+    """The problem+json body of a refusal (`wait`: `told`'s)."""
+    if wait is None:
+        wait = told(decision, RateLimitField(decision.rule))
+    if isinstance(decision, BlockedDecision) or decision.status != 429:
         kind = REDUCED_CAPACITY
-        detail = decision.message or "This endpoint is closed by its operator for now."
-    elif decision.reason == OVERSIZED:
-        kind = QUOTA_EXCEEDED if decision.status == 429 else REDUCED_CAPACITY
-        detail = "This request needs more capacity than the limit has; it is never admitted."
-    elif decision.status == 429:
-        kind, detail = QUOTA_EXCEEDED, f"Retry in {retry_after(decision)} seconds."
     else:
-        kind = REDUCED_CAPACITY
-        detail = f"The service is at capacity. Retry in {retry_after(decision)} seconds."
+        kind = QUOTA_EXCEEDED
     problem = {
         "type": kind,
         "title": _TITLES[kind],
         "status": decision.status,
-        "detail": detail,
+        "detail": refusal_message(decision, wait),
         "violated-policies": decision.violated,
+    }
+    return json.dumps(problem, separators=(",", ":")).encode()
+
+
+#: What a caller refused because the store is unreachable (`fail="closed"`) reads.
+FAILED_CLOSED_MESSAGE = "The rate limiter cannot reach its store; failing closed."
+
+
+def failed_closed_problem() -> bytes:
+    """The problem+json body of a `fail="closed"` refusal (built once per middleware)."""
+    problem = {
+        "type": REDUCED_CAPACITY,
+        "title": _TITLES[REDUCED_CAPACITY],
+        "status": 503,
+        "detail": FAILED_CLOSED_MESSAGE,
     }
     return json.dumps(problem, separators=(",", ":")).encode()
