@@ -125,7 +125,8 @@ async def test_policy_field_describes_the_effective_limit() -> None:
     assert before.headers["ratelimit-policy"] == '"token-bucket";q=1;w=3600'
     assert during.headers["ratelimit-policy"] == '"token-bucket";q=1;w=3600'
     assert during.headers["ratelimit"] == '"token-bucket";r=0;t=3600'
-    assert after.headers["ratelimit"] == '"token-bucket";r=2;t=10800'  # 3 of 5 used
+    # 3 of 5 used: 2 available, and the effective window ends with the next unit back.
+    assert after.headers["ratelimit"] == '"token-bucket";r=2;t=3600'
     await app.aclose()
 
 

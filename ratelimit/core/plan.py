@@ -8,7 +8,7 @@ derived from the old rule outlives it.
 
 The kinds of plan are classes: `Plan`, `OneBucketPlan` (the commonest rule,
 decided without lists or a loop) and `BlockedPlan` (refused without a
-backend call). `reset_after` is the one formula for the headers' reset time.
+backend call). `reset_time` is the one formula for the headers' effective window.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class LimitState(NamedTuple):
     remaining: int = 0
     #: Seconds until this limit could admit the request (0 when it admitted).
     retry_after: float = 0.0
-    #: Seconds until the quota resets (headers' `t`).
+    #: The effective window (headers' `t`): seconds until the available quota grows.
     reset_after: float = 0.0
 
 
@@ -247,21 +247,20 @@ def retry_after(limit: Limit, r: CheckResult) -> float:
 
 
 def reset_time(limit: Limit) -> Callable[[CheckResult], float]:
-    """Headers' `t` for `limit`'s results, compiled once per limit: the time until the
-    quota is back, or, for a bucket with nothing left, until its next unit. The one
-    formula: `LimitState.reset_after` and the `RateLimit` field both use it."""
+    """Headers' `t` for `limit`'s results, compiled once per limit: the effective
+    window of draft-ietf-httpapi-ratelimit-headers-11, the seconds within which
+    the caller can use no more than its available quota (`remaining`), i.e. until
+    that quota next grows: a window's reset, a bucket's next unit (0 when full).
+    The one formula: `LimitState.reset_after` and the `RateLimit` field both use it."""
     if not isinstance(limit, TokenBucket):
         return _reset
-    next_unit = (limit.burst - 1) * limit.interval
+    burst, interval = limit.burst, limit.interval
 
     def bucket_reset(r: CheckResult) -> float:
-        admitted, remaining, retry, reset = r
-        if remaining:
-            return reset
-        if not admitted:
-            return retry
-        t = reset - next_unit  # conditionals, not max(): a fraction of a builtin call
-        return t if t > 0.0 else 0.0
+        # r[3] is the time until the bucket is full; its `remaining` whole units come
+        # back last, so the next unit is (burst - 1 - remaining) units before that.
+        t = r[3] - (burst - 1 - r[1]) * interval
+        return t if t > 0.0 else 0.0  # conditionals, not max(): cheaper than a call
 
     return bucket_reset
 
