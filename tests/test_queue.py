@@ -203,15 +203,23 @@ async def test_a_wait_that_times_out_refuses_and_leaves_the_line() -> None:
     assert (line.waiting(), await in_use(line.engine)) == (0, 1)
 
 
-async def test_the_clients_deadline_header_shortens_the_wait() -> None:
+@pytest.mark.parametrize(
+    "header",
+    [
+        "x_request_timeout",
+        "x_stainless_read_timeout",  # the openai and anthropic SDKs' own read timeout
+    ],
+)
+async def test_the_clients_deadline_header_shortens_the_wait(header: str) -> None:
+    """A client never waits in line past the timeout it advertises."""
     line = Line(engine(timeout=30.0))
     await line.hold()
     started = asyncio.get_running_loop().time()
-    d = await line.engine.decide(line.rule, scope(x_request_timeout="0.05"))
+    d = await line.engine.decide(line.rule, scope(**{header: "0.05"}))
     assert d.reason == "queue_timeout"
     assert asyncio.get_running_loop().time() - started < 2.0
     for bad in ("soon", "-1", "nan", "inf"):  # unreadable: the configured timeout holds
-        task = asyncio.ensure_future(line.engine.decide(line.rule, scope(x_request_timeout=bad)))
+        task = asyncio.ensure_future(line.engine.decide(line.rule, scope(**{header: bad})))
         await until(lambda: line.waiting() == 1)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
