@@ -413,3 +413,27 @@ async def test_the_openai_sdk_does_not_retry_what_can_never_be_admitted() -> Non
         await app.sdk("a", retries=2).images.generate(prompt="cat")
     assert len(app.seen) == 1
     assert app.seen[0]["headers"]["x-should-retry"] == "false"
+
+
+async def test_the_anthropic_sdk_does_not_sleep_through_a_wait_past_should_retry_within() -> None:
+    """The anthropic SDK obeys any `Retry-After` (an hour: it would sleep an hour);
+    `x-should-retry: false` past 60 s makes it raise at once instead."""
+    import anthropic
+
+    app = Recorder(
+        limited(
+            [TokenBucket("1/hour", burst=1, key=keys.GLOBAL)],
+            refusal_body="openai",
+        )
+    )
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://t")
+    await http.post("/v1/images/generations")  # takes the hour's one request
+    client = anthropic.AsyncAnthropic(
+        api_key="sk-ant", base_url="http://t", http_client=http, max_retries=2
+    )
+    with pytest.raises(anthropic.InternalServerError):
+        await asyncio.wait_for(
+            client.post("/v1/images/generations", cast_to=object, body={}), timeout=10
+        )
+    assert [e["status"] for e in app.seen] == [200, 503]
+    assert app.seen[1]["headers"]["retry-after"] == "3600"

@@ -38,6 +38,7 @@ class LimitState(NamedTuple):
     exempt: bool = False
     #: Not decided because an earlier part of the rule already refused.
     skipped: bool = False
+    #: The available quota (headers' `r`): units (free slots) left now.
     remaining: int = 0
     #: Seconds until this limit could admit the request (0 when it admitted).
     retry_after: float = 0.0
