@@ -100,7 +100,8 @@ class Decision:
         self.allowed = allowed
         #: 200 when allowed; 429 (the caller's own quota) or 503 (shared capacity) when refused.
         self.status = status
-        #: Seconds to wait before retrying (0 when allowed).
+        #: Seconds to wait before retrying (0 when allowed), spread among callers refused
+        #: together (see `core.spread`); `math.inf` when a rate limit can never admit it.
         self.retry_after = retry_after
         self.grant = grant
         #: What an admitted decision took from the backend (see `Engine.refund`).
@@ -197,7 +198,8 @@ class FailedDecision(Decision):
 class RateLimited(RateLimitError):
     """`Limiter.acquire` was refused: its block did not run and holds nothing.
 
-    `retry_after` is the seconds to wait before trying again; `decision` says
+    `retry_after` is the seconds to wait before trying again (`math.inf`: never,
+    the cost is more than a rate limit can hold); `decision` says
     which limits refused (`decision.violated`, `decision.states`) and, for a
     request that waited in line, why it left it (`decision.reason`). A refusal
     because the backend failed and the rule fails "closed" has status 503 and
