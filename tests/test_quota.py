@@ -325,7 +325,7 @@ async def test_a_rate_refusal_beside_a_quota_may_be_retried() -> None:
         await c.get("/x")
         refused = await c.get("/x")
     assert refused.status_code == 429
-    assert "x-should-retry" not in refused.headers
+    assert refused.headers["x-should-retry"] == "true"  # a minute's wait: retry then
 
 
 # -- declaring one ---------------------------------------------------------------------------

@@ -10,8 +10,8 @@ limits share a unit, the one with the least available quota speaks (the one
 the caller meets first). The limit is a bucket's burst or a window's amount
 (what the remaining count counts down from); the reset is the time until the
 limit is back to full, in the text OpenAI sends (`20ms`, `1.5s`, `6m0s`).
-Concurrency limits and limits counting a mix of other dimensions are not
-shown: the dialect has no words for them.
+Concurrency limits, calendar quotas and limits counting a mix of other
+dimensions are not shown: the dialect speaks of rates only.
 
 The error body (`RateLimitMiddleware(refusal_body="openai")`) is
 `{"error": {"message", "type", "param", "code"}}`, which the openai SDK turns
@@ -28,7 +28,7 @@ from ..backends.base import CheckResult
 from ..core.decision import Decision
 from ..core.plan import SKIPPED
 from ..policy.costs import REQUESTS
-from ..policy.limits import Concurrency, Limit, TokenBucket, Window
+from ..policy.limits import Limit, TokenBucket, Window
 from ..policy.rules import Rule
 from .responses import FAILED_CLOSED_MESSAGE, Headers, refusal_message
 
@@ -38,8 +38,8 @@ Render = Callable[[Sequence[CheckResult | None]], Headers]
 
 def unit(limit: Limit) -> str | None:
     """The dialect's name for what `limit` counts (see the module docstring); None: not shown."""
-    if isinstance(limit, Concurrency):
-        return None
+    if not isinstance(limit, (TokenBucket, Window)):
+        return None  # concurrency, calendar quotas: the dialect speaks of rates
     names = [name for name, _ in limit.counts]
     if names == [REQUESTS]:
         return "requests"
