@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -176,7 +177,11 @@ async def test_a_request_heavier_than_the_pool_is_refused_at_once(limiter: Limit
             async with limiter.acquire(rule, key="k", cost=cost):
                 pass
         decision = refused.value.decision
-        assert (decision.status, decision.reason, decision.retry_after) == (503, OVERSIZED, 0.0)
+        assert (decision.status, decision.reason, decision.retry_after) == (
+            503,
+            OVERSIZED,
+            math.inf,  # never, as for a cost over a rate limit's capacity
+        )
         assert decision.violated == ["gpus"]
     assert await in_flight(limiter) == await waiting(limiter, "line") == 0
     outcome = {"rule": "images", "limit": "gpus", "outcome": "rejected"}

@@ -428,7 +428,7 @@ def _oversized(plan: Plan, i: int) -> Decision:
     results: list[CheckResult | None] = [SKIPPED] * plan.size
     results[i] = CheckResult(False, 0, 0.0, 0.0)
     status = 503 if plan.limits[i].shared else 429
-    decision = Decision(plan.rule, False, status, 0.0, plan, results)
+    decision = Decision(plan.rule, False, status, math.inf, plan, results)
     decision.reason = OVERSIZED
     return decision
 
