@@ -215,8 +215,8 @@ async def test_top_text_is_an_aligned_table_and_an_unknown_name_is_refused(
     proc = ratelimit("top", "--prefix", PREFIX, "api-key", redis_url=redis_url)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert "1 workers, windows of 5s" in lines[0]
-    assert lines[2] == "api-key: 15 requests over 1 workers (keys)"
+    assert "1 worker, windows of 5s" in lines[0]
+    assert lines[2] == "api-key: 15 requests over 1 worker (keys)"
     assert lines[3].split() == ["CALLER", "COUNT", "±ERROR", "SHARE"]
     assert lines[4].split() == ["alice", "12", "0", "80.0%"]
     assert lines[5].split() == ["bob", "3", "0", "20.0%"]
