@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from ..algorithms import calendar
 from ..backends.base import CheckResult
 from ..core.decision import OVERSIZED, BlockedDecision, Decision
-from ..core.plan import SKIPPED, reset_time
+from ..core.plan import SKIPPED, BlockedPlan, Plan, reset_time
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.quotas import Quota
 from ..policy.rules import Rule
@@ -138,6 +138,46 @@ def _part(i: int, name: str, limit: Limit) -> _Part:
     return render_timed
 
 
+#: A rule's header fields, compiled: the rule, its `RateLimit-Policy` field, its `RateLimit`.
+Compiled = tuple[Rule, tuple[bytes, bytes], RateLimitField]
+
+#: The key of the compiled fields in a plan's `derived`.
+_DERIVED = "asgi.fields"
+
+
+def compiled(plan: Plan, rule: Rule) -> Compiled:
+    """The header fields of `rule`, decided by `plan`'s engine, compiled once per plan.
+
+    The policy describes the plan's rule (the effective rule of that name, as the
+    client was told); the `RateLimit` field comes from the rule that decided (the
+    `local` engine's scaled copies are compiled anew, not kept). An override swaps
+    the plan, and what was compiled from it goes with it, as does a monthly quota's
+    period when it ends.
+    """
+    fields: Compiled | None = plan.derived.get(_DERIVED) if plan.rule is rule else None
+    if fields is not None and 0.0 < fields[2].stale_at <= time.time():
+        fields = None  # a monthly quota's period ended: its `w` changed
+    if fields is None:
+        blocked = isinstance(plan, BlockedPlan)
+        fields = (
+            rule,
+            (b"ratelimit-policy", policy_header(plan.rule, blocked=blocked)),
+            RateLimitField(rule),
+        )
+        if plan.rule is rule:
+            plan.derived[_DERIVED] = fields
+    return fields
+
+
+def admitted_fields(
+    fields: Compiled, results: Sequence[CheckResult | None]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The header fields of an admitted request: none when every limit was exempt
+    (no quota applied to it, so no empty `RateLimit` field)."""
+    value = fields[2].render(results)
+    return (fields[1], (b"ratelimit", value)) if value else ()
+
+
 def retry_after(decision: Decision) -> int:
     """`Retry-After` in whole seconds, at least 1, never earlier than the true time."""
     return max(1, seconds(decision.retry_after))
@@ -191,3 +231,12 @@ def problem_body(decision: Decision) -> bytes:
         "violated-policies": decision.violated,
     }
     return json.dumps(problem, separators=(",", ":")).encode()
+
+
+#: Headers and body of a 503 when the store failed and the rule fails "closed".
+FAILED_CLOSED: tuple[Headers, bytes] = (
+    [(b"retry-after", b"1"), (b"content-type", b"application/problem+json")],
+    b'{"type":"https://iana.org/assignments/http-problem-types#temporary-reduced-capacity",'
+    b'"title":"Request cannot be satisfied due to temporary reduced capacity","status":503,'
+    b'"detail":"The rate limiter cannot reach its store; failing closed."}',
+)
