@@ -355,3 +355,38 @@ def test_importing_ratelimit_does_not_import_fastapi() -> None:
 
     code = "import sys, ratelimit; assert 'fastapi' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_under_uvicorn_a_streamed_route_holds_its_slot_to_the_end_and_not_past_a_hang_up() -> None:
+    """Real sockets: the slot is held while the body streams, freed when it ends, and freed
+    when the client hangs up mid-stream."""
+    import socket
+    import time
+
+    from _servers import uvicorn_app
+
+    def in_flight(url: str) -> int:
+        return int(httpx.get(f"{url}/state", timeout=2).json()["in_flight"])
+
+    def until_free(url: str) -> None:
+        deadline = time.monotonic() + 5
+        while in_flight(url) != 0:
+            assert time.monotonic() < deadline, "the slot was not released"
+            time.sleep(0.05)
+
+    with uvicorn_app("apps.fastapi_stream_app:app") as (url, _):
+        with httpx.stream("GET", f"{url}/stream", timeout=10) as r:
+            assert r.status_code == 200
+            assert r.headers["ratelimit"] == '"concurrency";r=0'
+            assert in_flight(url) == 1
+            busy = httpx.get(f"{url}/stream", timeout=5)
+            assert busy.status_code == 503
+            assert busy.headers["content-type"] == "application/problem+json"
+            r.read()
+        until_free(url)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            assert in_flight(url) == 1
+        until_free(url)

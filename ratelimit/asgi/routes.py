@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -72,6 +73,12 @@ def flatten(routes: Iterable[Any], prefix: str = "") -> list[Leaf]:
     """Every route under `routes` in routing order, mounts and hosts walked into."""
     from starlette.routing import compile_path
 
+    # FastAPI (0.120 and later) keeps an included router as one lazy route; its
+    # `iter_route_contexts` (as its OpenAPI uses) gives each route with its full path
+    # and the router's dependencies.
+    expand = getattr(sys.modules.get("fastapi.routing"), "iter_route_contexts", None)
+    if expand is not None:
+        routes = list(expand(list(routes)))
     leaves: list[Leaf] = []
     for route in routes:
         inner = getattr(route, "routes", None)
