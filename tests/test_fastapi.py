@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -229,6 +233,20 @@ async def test_a_route_and_the_middleware_share_one_redis_limiter(redis_url: str
     # Through the middleware too, the route's rule is decided once per request.
     assert images == [200, 429]
     assert chat == [200, 429]
+    # `ratelimit status` lists it from the worker's report, like the middleware's rule.
+    await asyncio.sleep(0.05)  # the first report
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ratelimit", "status", "--redis", redis_url, "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=30,
+        check=True,
+    )
+    rules = {r["name"]: r for r in json.loads(status.stdout)["rules"]}
+    assert set(rules) == {"v1.chat", "images"}
+    assert rules["images"]["limits"][0]["configured"]["rate"] == "1/minute"
     await limiter.aclose()
 
 
@@ -350,9 +368,6 @@ async def test_a_client_leaving_mid_stream_gives_the_slot_back() -> None:
 
 def test_importing_ratelimit_does_not_import_fastapi() -> None:
     """The face is opt-in: `import ratelimit` works without FastAPI installed."""
-    import subprocess
-    import sys
-
     code = "import sys, ratelimit; assert 'fastapi' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
