@@ -150,6 +150,14 @@ class RateLimit:
                 )
         else:
             limiter.add_rule(Rule(name=name, limits=limits, cost=cost, fail=fail, shadow=shadow))
+        rule = limiter.engine.by_name[name].rule
+        if key is None and rule.reads_body:
+            raise ConfigError(
+                "cost",
+                "a cost and keys that do not read the body here (FastAPI reads it: take the "
+                "value from a dependency, who=Depends(...), cost=lambda body: body.n)",
+                rule.cost,
+            )
         self.limiter = limiter
         self.name = name
         self._key = key
