@@ -244,24 +244,14 @@ class Limiter:
         return await statistics.gather(plan, texts, self.backend)
 
     def add_rule(self, rule: Rule) -> None:
-        """Decide `rule` too: a rule declared beside the code it limits (a FastAPI route's
-        `RateLimit`), added before the limiter starts.
-
-        It shares everything with the others: backend, overrides, metrics, `ratelimit
-        status`. ConfigError once started (the fleet was told the rules) or for a
-        name in use.
-        """
+        """Decide `rule` too (a FastAPI route's `RateLimit`): shares backend, overrides,
+        metrics, `ratelimit status`. ConfigError once started or for a name in use."""
         if not isinstance(rule, Rule):
             raise ConfigError("rule", "a Rule", rule)
         if self.started:
-            raise ConfigError(
-                "rule",
-                f"a rule added before the limiter starts (declare {rule.name!r} at import, "
-                "beside the routes, not in a request or after start-up)",
-                rule.name,
-            )
-        if self.shadow:
-            rule = _in_shadow(rule)
+            expected = "a rule added before the limiter starts (at import, beside the routes)"
+            raise ConfigError("rule", expected, rule.name)
+        rule = _in_shadow(rule) if self.shadow else rule
         self.engine.add(rule)
         self.overrides.add(rule)
         if self.metrics is not None:
