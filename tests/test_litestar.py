@@ -302,7 +302,9 @@ def test_a_real_uvicorn_serves_one_limit_for_the_app() -> None:
         replies = [c.get(ROUTES[i % 4]) for i in range(6)]
     assert [r.status_code for r in replies] == [200] * 3 + [429] * 3
     assert replies[-1].headers["ratelimit-policy"] == '"all";q=3;w=60'
-    assert 0 < int(replies[-1].headers["retry-after"]) <= 60
+    # The window reopens within 60 s; refusals at the same moment are spread over it
+    # (see core.spread): the third is told two more of its 20 s shares later.
+    assert 0 < int(replies[-1].headers["retry-after"]) <= 60 + 2 * 20
 
 
 def test_importing_ratelimit_does_not_import_litestar() -> None:

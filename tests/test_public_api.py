@@ -38,10 +38,11 @@ def test_all_lists_every_public_attribute() -> None:
     }
     # cli: the command; gunicorn: hooks a gunicorn config file imports (ratelimit.gunicorn);
     # litestar: the Litestar plugin (ratelimit.litestar), which imports Litestar;
-    # uvicorn: `python -m ratelimit.uvicorn`; multiproc: the metrics directory helpers of both.
+    # uvicorn: `python -m ratelimit.uvicorn`; multiproc: the metrics directory helpers of both;
+    # fastapi: per-route limits (ratelimit.fastapi), which imports FastAPI.
     public -= {
         *("algorithms", "backends", "policy", "asgi", "annotations", "cli"),
-        *("gunicorn", "litestar", "uvicorn", "multiproc"),
+        *("gunicorn", "litestar", "uvicorn", "multiproc", "fastapi"),
     }
     assert public == set(ratelimit.__all__)
 

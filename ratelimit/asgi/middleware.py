@@ -11,7 +11,6 @@ fails or the task is cancelled.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -24,13 +23,13 @@ from ..core.engine import Engine
 from ..core.limiter import Limiter, build_backend
 from ..core.metrics import DEFAULT_METRICS, DefaultMetrics
 from ..core.observer import Observer
-from ..core.plan import BlockedPlan
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.rules import FailPolicy, Rule
 from ..policy.top import TopCallers
 from . import openai_style, responses
 from .inbox import BodyTooLarge, Inbox
 from .redirects import REDIRECTS, refund_if_slash_redirect
+from .routes import routes_of
 from .unrated import UNRATABLE, too_large
 
 logger = logging.getLogger("ratelimit")
@@ -53,14 +52,6 @@ _DIALECTS: dict[str, Callable[[Rule], Callable[..., responses.Headers] | None]] 
     "openai": openai_style.compile_fields,
 }
 
-#: What `_compile` keeps per rule: the rule, its policy field, its `RateLimit` field
-#: and its dialect fields' renderer (None without a dialect).
-_Compiled = tuple[
-    Rule,
-    tuple[bytes, bytes],
-    responses.RateLimitField,
-    "Callable[..., responses.Headers] | None",
-]
 
 
 class RateLimitMiddleware:
@@ -178,17 +169,21 @@ class RateLimitMiddleware:
         self.should_retry_within = float(should_retry_within)
         content_type, self._body, failed_body = _BODIES[refusal_body]
         self._content_type = (b"content-type", content_type)
-        self._failed_closed: tuple[responses.Headers, bytes] = (
-            [*responses.retry_fields(1.0, self.should_retry_within), self._content_type],
-            failed_body(),
+        self._failed_closed = responses.failed_closed_reply(
+            self.should_retry_within, content_type, failed_body()
         )
-        self._dialect = None if dialect is None else _DIALECTS[dialect]
-        self._derived = self._DERIVED if dialect is None else f"{self._DERIVED}.{dialect}"
+        self._dialect: responses.Dialect | None = (
+            None if dialect is None else (dialect, _DIALECTS[dialect])
+        )
         #: Per rule name: what `_compile` made of it. Keyed by name, one entry each, so
         #: rules replaced later cannot pile up.
-        self._fields: dict[str, _Compiled] = {}
+        self._fields: dict[str, responses.Compiled] = {}
         for r in self.engine.rules:
             self._compile(r)
+        #: True once `start` ran: the limiter started, the app's routes read.
+        self._ready = False
+        #: Whether an exempt route serves a request (None: no route is exempt).
+        self._exempt: Callable[[Scope], bool] | None = None
 
     @classmethod
     def from_config(
@@ -213,11 +208,15 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        if not limiter.started:
-            await limiter.start()
+        if not self._ready:
+            await self.start()
         engine = self.engine
         rule = engine.match(scope)
-        if rule is None:
+        if (
+            rule is None
+            or (scope.get("method") == "OPTIONS" and _preflight(scope))
+            or (self._exempt is not None and self._exempt(scope))
+        ):
             await self.app(scope, receive, send)
             return
         inbox = None
@@ -256,12 +255,7 @@ class RateLimitMiddleware:
             compiled = self._fields.get(rule.name)
             if compiled is None or compiled[0] is not rule or compiled[2].stale_at:
                 compiled = self._compile(rule)
-            _, policy, field, dialect = compiled
-            if dialect is None:
-                fields = (policy, (b"ratelimit", field.render(decision.results)))
-            else:
-                results = decision.results
-                fields = (policy, (b"ratelimit", field.render(results)), *dialect(results))
+            fields = responses.admitted_fields(compiled, decision.results)
         grant = decision.grant
         if grant is None:
             # Taken units come back if the app only redirects to the path with its
@@ -280,42 +274,28 @@ class RateLimitMiddleware:
             if not grant.released:
                 engine.release_soon(grant)
 
-    #: The key of the header fields in a plan's `derived` (see `_compile`).
-    _DERIVED = "asgi.fields"
-
-    def _compile(self, rule: Rule) -> _Compiled:
-        """The header fields of `rule`, compiled once per plan (in the plan's `derived`).
-
-        The policy describes the limiter's effective rule of that name, as the
-        client was told; the `RateLimit` field comes from the rule that decided
-        (the `local` engine's scaled copies are compiled here, not kept). An
-        override swaps the plan, and what was compiled from it goes with it, as does
-        a monthly quota's period when it ends.
-        """
+    def _compile(self, rule: Rule) -> responses.Compiled:
+        """The header fields of `rule`, compiled once per plan (see `responses.compiled`)."""
         plan = self.engine.plan(rule)
-        compiled = plan.derived.get(self._derived) if plan.rule is rule else None
-        if compiled is not None and 0.0 < compiled[2].stale_at <= time.time():
-            compiled = None  # a monthly quota's period ended: its `w` changed
-        if compiled is None:
-            compiled = (
-                rule,
-                (
-                    b"ratelimit-policy",
-                    responses.policy_header(plan.rule, blocked=isinstance(plan, BlockedPlan)),
-                ),
-                responses.RateLimitField(rule),
-                None if self._dialect is None else self._dialect(rule),
-            )
-            if plan.rule is rule:
-                plan.derived[self._derived] = compiled
-        self._fields[rule.name] = compiled
+        compiled = self._fields[rule.name] = responses.compiled(plan, rule, self._dialect)
         return compiled
 
     # -- lifespan ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the limiter's live overrides (see `Limiter.start`); later calls return at once."""
+        """Start the limiter's live overrides (see `Limiter.start`) and read the app's
+        routes (see `routes`); later calls return at once."""
         await self.limiter.start()
+        if self._ready:
+            return
+        self._ready = True
+        try:
+            found = routes_of(self.app, self.engine.rules)
+        except Exception:  # an app's routes we cannot read must not stop it serving
+            logger.exception("ratelimit: could not read the app's routes")
+            found = None
+        if found is not None and found.any_exempt:
+            self._exempt = found.exempt
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         """Wrap a lifespan `receive`: start the limiter at start-up; at shutdown stop the
@@ -328,7 +308,7 @@ class RateLimitMiddleware:
             message = await receive()
             kind = message["type"]
             if kind == "lifespan.startup":
-                await self.limiter.start()
+                await self.start()
             elif kind == "lifespan.shutdown" and self._owned:
                 await self.limiter.stop()
             return message
@@ -468,6 +448,11 @@ def _in_litestar_route(app: object) -> bool:
         return False  # the whole app: one middleware in front of it, lifespan included
     modules = (getattr(app, "__module__", None), *(c.__module__ for c in classes))
     return any(isinstance(m, str) and m.partition(".")[0] == "litestar" for m in modules)
+
+
+def _preflight(scope: Scope) -> bool:
+    """Whether an OPTIONS request is a CORS preflight: it spends no quota."""
+    return any(name == b"access-control-request-method" for name, _ in scope["headers"])
 
 
 def _missing_added(

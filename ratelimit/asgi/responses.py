@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from ..algorithms import calendar
 from ..backends.base import CheckResult
 from ..core.decision import OVERSIZED, BlockedDecision, Decision
-from ..core.plan import SKIPPED, reset_time
+from ..core.plan import SKIPPED, BlockedPlan, Plan, reset_time
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.quotas import Quota
 from ..policy.rules import Rule
@@ -162,6 +162,59 @@ def _part(i: int, name: str, limit: Limit) -> _Part:
     return render_timed
 
 
+#: A rule's extra header fields in a dialect (see `asgi.openai_style`): renders them from
+#: a decision's results; None when the dialect has nothing to say about the rule.
+DialectFields = Callable[[Sequence[CheckResult | None]], "Headers"]
+#: Compiles a rule's dialect fields, by dialect name.
+Dialect = tuple[str, Callable[[Rule], "DialectFields | None"]]
+#: A rule's header fields, compiled: the rule, its `RateLimit-Policy` field, its
+#: `RateLimit` field and its dialect fields (None without a dialect).
+Compiled = tuple[Rule, tuple[bytes, bytes], RateLimitField, "DialectFields | None"]
+
+#: The key of the compiled fields in a plan's `derived` (a dialect's name is appended).
+_DERIVED = "asgi.fields"
+
+
+def compiled(plan: Plan, rule: Rule, dialect: Dialect | None = None) -> Compiled:
+    """The header fields of `rule`, decided by `plan`'s engine, compiled once per plan.
+
+    The policy describes the plan's rule (the effective rule of that name, as the
+    client was told); the `RateLimit` field comes from the rule that decided (the
+    `local` engine's scaled copies are compiled anew, not kept). An override swaps
+    the plan, and what was compiled from it goes with it, as does a monthly quota's
+    period when it ends.
+    """
+    key = _DERIVED if dialect is None else f"{_DERIVED}.{dialect[0]}"
+    fields: Compiled | None = plan.derived.get(key) if plan.rule is rule else None
+    if fields is not None and 0.0 < fields[2].stale_at <= time.time():
+        fields = None  # a monthly quota's period ended: its `w` changed
+    if fields is None:
+        blocked = isinstance(plan, BlockedPlan)
+        fields = (
+            rule,
+            (b"ratelimit-policy", policy_header(plan.rule, blocked=blocked)),
+            RateLimitField(rule),
+            None if dialect is None else dialect[1](rule),
+        )
+        if plan.rule is rule:
+            plan.derived[key] = fields
+    return fields
+
+
+def admitted_fields(
+    fields: Compiled, results: Sequence[CheckResult | None]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The header fields of an admitted request: none when every limit was exempt
+    (no quota applied to it, so no empty `RateLimit` field)."""
+    value = fields[2].render(results)
+    if not value:
+        return ()
+    extra = fields[3]
+    if extra is None:
+        return (fields[1], (b"ratelimit", value))
+    return (fields[1], (b"ratelimit", value), *extra(results))
+
+
 #: Longest wait (seconds) a refused client is told to retry after by default: past it,
 #: `x-should-retry: false` (the SDKs' own backoff would retry far too early).
 SHOULD_RETRY_WITHIN = 60.0
@@ -277,3 +330,13 @@ def failed_closed_problem() -> bytes:
         "detail": FAILED_CLOSED_MESSAGE,
     }
     return json.dumps(problem, separators=(",", ":")).encode()
+
+
+def failed_closed_reply(
+    within: float = SHOULD_RETRY_WITHIN,
+    content_type: bytes = b"application/problem+json",
+    body: bytes | None = None,
+) -> tuple[Headers, bytes]:
+    """Headers and body of a 503 when the store failed and the rule fails "closed"."""
+    headers = [*retry_fields(1.0, within), (b"content-type", content_type)]
+    return headers, failed_closed_problem() if body is None else body

@@ -62,8 +62,12 @@ from .waiting import Lines
 def _matchers(
     plans: Sequence[Plan],
 ) -> tuple[tuple[Callable[[str], bool], frozenset[str] | None, Rule], ...]:
-    """(path matcher, methods, rule) per plan, in order, for `Engine.match`."""
-    return tuple((p.rule.pattern.matches, routed_methods(p.rule.methods), p.rule) for p in plans)
+    """(path matcher, methods, rule) per plan with a path, in order, for `Engine.match`."""
+    return tuple(
+        (p.rule.pattern.matches, routed_methods(p.rule.methods), p.rule)
+        for p in plans
+        if p.rule.pattern is not None
+    )
 
 
 class Engine:
@@ -115,10 +119,25 @@ class Engine:
         self.release_soon = holding.release_soon
         self.aclose = holding.aclose
         self.estimate = self.lines.estimate
-        if any(p.queued for p in plans) and not isinstance(backend, QueueBackend):
+        _check_lines(plans, backend)
+
+    def add(self, rule: Rule) -> None:
+        """Decide `rule` too, after the others (a rule added before start-up, e.g. a
+        route's own limits); ConfigError for a name in use."""
+        if not isinstance(rule, Rule):
+            raise ConfigError("rule", "a Rule", rule)
+        if rule.name in self.by_name:
             raise ConfigError(
-                "backend", "a backend with waiting lines (queue=), e.g. MemoryBackend()", backend
+                "rule.name", f"a name unused by the rules {list(self.by_name)}", rule.name
             )
+        plan = compile_plan(rule)
+        _check_lines([plan], self.backend)
+        # As in `swap_rules`: assigned together, with no await in between.
+        self._plans = (*self._plans, plan)
+        self.by_name = {**self.by_name, rule.name: plan}
+        self._matchers = _matchers(self._plans)
+        self.rules = (*self.rules, rule)
+        self.holding.renew_every = min(self.holding.renew_every, plan.min_lease / 3)
 
     def match(self, scope: Scope) -> Rule | None:
         """The first rule whose path and methods match, or None (the request passes).
@@ -431,6 +450,14 @@ def _oversized(plan: Plan, i: int) -> Decision:
     decision = Decision(plan.rule, False, status, math.inf, plan, results)
     decision.reason = OVERSIZED
     return decision
+
+
+def _check_lines(plans: Sequence[Plan], backend: Backend) -> None:
+    """ConfigError if a plan has a waiting line the backend cannot keep."""
+    if any(p.queued for p in plans) and not isinstance(backend, QueueBackend):
+        raise ConfigError(
+            "backend", "a backend with waiting lines (queue=), e.g. MemoryBackend()", backend
+        )
 
 
 async def _blocked(plan: BlockedPlan) -> Decision:

@@ -243,6 +243,20 @@ class Limiter:
         texts = caller.texts(plan, key, leases_only=True)
         return await statistics.gather(plan, texts, self.backend)
 
+    def add_rule(self, rule: Rule) -> None:
+        """Decide `rule` too (a FastAPI route's `RateLimit`): shares backend, overrides,
+        metrics, `ratelimit status`. ConfigError once started or for a name in use."""
+        if not isinstance(rule, Rule):
+            raise ConfigError("rule", "a Rule", rule)
+        if self.started:
+            expected = "a rule added before the limiter starts (at import, beside the routes)"
+            raise ConfigError("rule", expected, rule.name)
+        rule = _in_shadow(rule) if self.shadow else rule
+        self.engine.add(rule)
+        self.overrides.add(rule)
+        if self.metrics is not None:
+            self.metrics.on_limits(self.engine)
+
     # -- lifetime -------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -129,6 +129,14 @@ class LiveOverrides:
         self._warned: set[tuple[str, str]] = set()
         self._pending: set[asyncio.Task[None]] = set()
 
+    def add(self, rule: Rule) -> None:
+        """Add `rule` after the others, before `start` (the engine adds it too)."""
+        if self._started:
+            raise ConfigError("rule", "a rule added before the overrides start", rule.name)
+        self.rules = (*self.rules, rule)
+        self.resolution = resolve(self.rules, (), 0.0)
+        self._applied_key = (*self._applied_key, ())
+
     # -- reading ------------------------------------------------------------------
 
     @property

@@ -61,9 +61,11 @@ def _covers_methods(earlier: Rule, later: Rule) -> bool:
 def shadowed(rules: list[Rule] | tuple[Rule, ...]) -> list[tuple[Rule, Rule]]:
     """(later, earlier) for each rule an earlier rule certainly leaves without requests."""
     found = []
-    for j, later in enumerate(rules):
-        for earlier in rules[:j]:
-            if _covers_methods(earlier, later) and _covers_path(earlier.path, later.path):
+    # Rules without a path match no request.
+    routed = [(r, r.path) for r in rules if r.path is not None]
+    for j, (later, later_path) in enumerate(routed):
+        for earlier, earlier_path in routed[:j]:
+            if _covers_methods(earlier, later) and _covers_path(earlier_path, later_path):
                 found.append((later, earlier))
                 break
     return found

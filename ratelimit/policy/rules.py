@@ -26,7 +26,10 @@ class Rule:
 
     `path` is exact (`/v1/models`), a prefix glob (`/v1/*`) or a template
     (`/users/{id}`), matched against the path the wrapped app routes (relative
-    to `root_path`). `methods=None` matches every method (and websockets);
+    to `root_path`). A rule without a path (`Rule(name="images", limits=...)`)
+    matches no request: it is decided by name only, by a route's dependency
+    (`ratelimit.fastapi.RateLimit`) or `Limiter.acquire`. `methods=None`
+    matches every method (and websockets);
     `"GET"` also matches HEAD, which routing answers with the GET endpoint.
     `cost` is units taken from each token bucket and window: an int, or a
     callable of the scope (sync or async), or of `(scope, body)` to read the JSON
@@ -55,7 +58,7 @@ class Rule:
 
     def __init__(
         self,
-        path: str,
+        path: str | None = None,
         methods: Iterable[str] | None = None,
         limits: Sequence[Limit] = (),
         cost: Cost | CostFunc = 1,
@@ -66,7 +69,14 @@ class Rule:
         body_limit: int = BODY_LIMIT,
     ) -> None:
         self.path = path
-        self.pattern = PathPattern(path)
+        #: None for a rule decided by name only.
+        self.pattern = None if path is None else PathPattern(path)
+        if path is None and methods is not None:
+            raise ConfigError(
+                "methods", "None for a rule without a path (it is decided by name)", methods
+            )
+        if path is None and name is None:
+            raise ConfigError("name", "a name for a rule without a path", name)
         if methods is None:
             self.methods: frozenset[str] | None = None
         else:
@@ -127,7 +137,10 @@ class Rule:
         self.body_limit = body_limit
         #: Whether the face must read the JSON body before deciding (cost or a key reads it).
         self.reads_body = self.cost_reads_body or any(reads_body(lim.key) for lim in self.limits)
-        self.name = derive_name(path) if name is None else check_name("name", name)
+        if name is None and path is not None:
+            self.name = derive_name(path)
+        else:
+            self.name = check_name("name", name)
         if fail is not None and fail not in FAIL_POLICIES:
             raise ConfigError("fail", '"open", "closed" or "local"', fail)
         self.fail = fail
