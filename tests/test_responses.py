@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit import Concurrency, Rule, TokenBucket, Window, keys
-from ratelimit.asgi.responses import RateLimitField, seconds
+from ratelimit.asgi.responses import RateLimitField, policy_header, seconds
 from ratelimit.backends.base import CheckResult
 from ratelimit.core.decision import Decision
 from ratelimit.core.plan import SKIPPED, Plan
@@ -88,4 +88,30 @@ def test_compiled_field_of_a_scaled_rule_uses_its_own_bucket() -> None:
     assert RateLimitField(rule).render(last) == b'"b";r=0;t=6'
     assert RateLimitField(scaled).render(last) == ratelimit_header(
         Decision(scaled, True, 200, 0.0, Plan(scaled), list(last))
+    )
+
+
+def test_each_dimension_reads_as_its_own_policy_with_its_unit() -> None:
+    """Limits counting tokens or weighted slots say their unit in `qu`; requests stay plain."""
+    key = keys.header("x-api-key")
+    rule = Rule(
+        "/v1/chat",
+        limits=[
+            TokenBucket("60/minute", key=key, name="rpm"),
+            TokenBucket("40000/minute", key=key, name="itpm", counts="input_tokens"),
+            Window(
+                "1000000/hour",
+                key=keys.GLOBAL,
+                name="fleet",
+                counts={"input_tokens": 1, "output_tokens": 4},
+            ),
+            Concurrency(8, name="gpus", counts="gpus"),
+            Concurrency(4, name="streams"),
+        ],
+        cost={"input_tokens": 10, "output_tokens": 5, "gpus": 1},
+    )
+    assert policy_header(rule).decode() == (
+        '"rpm";q=60;w=60, "itpm";q=40000;w=60;qu="input_tokens", '
+        '"fleet";q=1000000;w=3600;qu="input_tokens+4*output_tokens", '
+        '"gpus";q=8;qu="gpus", "streams";q=4;qu="concurrent-requests"'
     )

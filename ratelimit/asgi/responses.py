@@ -20,6 +20,7 @@ from ..algorithms import calendar
 from ..backends.base import CheckResult
 from ..core.decision import OVERSIZED, BlockedDecision, Decision
 from ..core.plan import SKIPPED, BlockedPlan, Plan, reset_time
+from ..policy.costs import BY_REQUESTS, describe
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.quotas import Quota
 from ..policy.rules import Rule
@@ -35,14 +36,19 @@ def policy_item(
 ) -> str:
     """One `RateLimit-Policy` list member for `limit` (quota 0 while an operator blocks it;
     a calendar quota's `w`: the length of its period at unix time `now`, default the
-    current one)."""
+    current one). A limit counting other units than requests names them in `qu`
+    (`qu="input_tokens"`, `qu="input_tokens+4*output_tokens"`; a weighted pool its slots'
+    unit), so each dimension's policy reads on its own."""
     if isinstance(limit, Concurrency):
-        return f'"{name}";q={0 if blocked else limit.limit};qu="concurrent-requests"'
+        unit = describe(limit.counts) if limit.weighted else "concurrent-requests"
+        return f'"{name}";q={0 if blocked else limit.limit};qu="{unit}"'
+    unit = "" if limit.counts is BY_REQUESTS else f';qu="{describe(limit.counts)}"'
     if isinstance(limit, Quota):
         start, end = calendar.bounds(limit.per, time.time() if now is None else now)
-        return f'"{name}";q={0 if blocked else limit.amount};w={end - start}'
+        return f'"{name}";q={0 if blocked else limit.amount};w={end - start}{unit}'
     assert isinstance(limit, (TokenBucket, Window))
-    return f'"{name}";q={0 if blocked else limit.item.amount};w={int(limit.item.get_expiry())}'
+    window = int(limit.item.get_expiry())
+    return f'"{name}";q={0 if blocked else limit.item.amount};w={window}{unit}'
 
 
 def policy_header(rule: Rule, *, blocked: bool = False, now: float | None = None) -> bytes:
