@@ -90,7 +90,7 @@ KEY = StoreKey("d", "w", "0123456789abcdef0123456789abcdef")
 STEPS = st.lists(
     st.tuples(
         st.integers(0, 40_000_000),  # microseconds to advance
-        st.sampled_from(["hit", "hit", "peek", "refund"]),
+        st.sampled_from(["hit", "hit", "peek", "refund", "charge"]),
         st.integers(1, 3),
     ),
     min_size=1,
@@ -108,7 +108,8 @@ STEPS = st.lists(
 async def test_lua_windows_equal_the_pure_algorithms_bit_for_bit(
     redis_url: str, strategy: str, limit: int, period: float, steps: list[tuple[int, str, int]]
 ) -> None:
-    """Same clock, same checks: decide.lua and refund.lua give what algorithms.window gives."""
+    """Same clock, same checks: decide.lua and refund.lua give what algorithms.window gives,
+    refunds and charges (a settlement's debt, past the limit) included."""
     backend = ManualClockRedisBackend(redis_url, prefix="diffwin")
     step, undo, _ = window.STRATEGIES[strategy]
     micros = 1_760_000_000_000_000
@@ -126,6 +127,14 @@ async def test_lua_windows_equal_the_pure_algorithms_bit_for_bit(
                     check = taken.pop(0)
                     await backend.refund([check])
                     state = undo(state, now, check.cost, period, check.receipt[-1])
+                continue
+            if op == "charge":
+                # A settlement's debt: units more for a hit made earlier, past the limit.
+                if taken:
+                    check = taken[0]
+                    await backend.refund([check._replace(cost=-cost)])
+                    state = undo(state, now, -cost, period, check.receipt[-1])
+                    taken[0] = check._replace(cost=check.cost + cost)
                 continue
             c = 0 if op == "peek" else cost
             check = WindowCheck(KEY, limit, period, strategy, c, [])

@@ -71,21 +71,24 @@ def quota(state: QuotaState | None, now: float, cost: int, limit: int, unit: str
     count = state[1] if state is not None and state[0] == start else 0
     left = end - now
     if cost > 0 and count + cost > limit:
-        return WindowResult(False, state, limit - count, left, left)
+        return WindowResult(False, state, max(0, limit - count), left, left)
     if cost > 0:
         count += cost
         state = (start, count)
-    return WindowResult(True, state, limit - count, 0.0, left)
+    return WindowResult(True, state, max(0, limit - count), 0.0, left)
 
 
 def refund_quota(
     state: QuotaState | None, now: float, cost: int, unit: str, at: float
 ) -> QuotaState | None:
-    """Give back `cost` units hit at `at`, if that period is still the current one."""
+    """Give back `cost` units hit at `at`, if that period is still the current one (a
+    negative cost: charge them to the current period)."""
     start, _ = bounds(unit, now)
     if state is None or state[0] != start:
-        return None
-    if at < start:
+        if cost >= 0:
+            return None
+        state = (start, 0)
+    elif at < start and cost >= 0:
         return state  # taken in a period that has ended since
     count = state[1] - cost
     return (start, count) if count > 0 else None

@@ -47,9 +47,14 @@ def gcra(tat: float | None, now: float, cost: int, interval: float, burst: int) 
     return BucketResult._make(gcra_tuple(tat, now, cost, interval, burst))
 
 
-def refund(tat: float, now: float, cost: int, interval: float) -> float | None:
-    """Give back `cost` units taken earlier; None when the bucket is full again."""
-    new_tat = tat - cost * interval
+def refund(tat: float | None, now: float, cost: int, interval: float) -> float | None:
+    """Give back `cost` units taken earlier; None when the bucket is full again.
+
+    A negative cost charges that many units more, past the burst if need be: a
+    settlement's debt, which later requests wait out (see `core.decision`).
+    """
+    base = tat if tat is not None and tat > now else now
+    new_tat = base - cost * interval
     return None if new_tat <= now else new_tat
 
 

@@ -17,7 +17,10 @@ no clock: every function takes `now`):
 `cost` units admits iff the units counted plus `cost` stay within `limit`; a
 refused step changes nothing; `cost=0` peeks. `refund` gives back a hit made
 at time `at` exactly: it takes the units from the window (or log entries)
-that hit went into, or nothing if that window is gone.
+that hit went into, or nothing if that window is gone. A negative refund
+charges units more (a settlement's debt): into the window the hit went into,
+or the current one if that has closed; the count may then pass `limit`
+(`remaining` stays 0 until it is back under).
 
 Floating point: the Lua port (checks.lua) does the same operations in the same
 order, so the two agree bit for bit; no `%` (Lua's and Python's differ).
@@ -65,21 +68,24 @@ def fixed(
         # Refused: wait for this window to end (a fresh window when none is open).
         left = start + period - now
         reset = left if state is not None else 0.0
-        return WindowResult(False, state, limit - count, left, reset)
+        return WindowResult(False, state, max(0, limit - count), left, reset)
     if cost > 0:
         count = count + cost
         state = (start, count)
     reset = start + period - now if state is not None else 0.0
-    return WindowResult(True, state, limit - count, 0.0, reset)
+    return WindowResult(True, state, max(0, limit - count), 0.0, reset)
 
 
 def refund_fixed(
     state: FixedState | None, now: float, cost: int, period: float, at: float
 ) -> FixedState | None:
-    """Give back `cost` units hit at `at`, if that window is still the open one."""
+    """Give back `cost` units hit at `at`, if that window is still the open one (a
+    negative cost: charge them to it, or to the window open now)."""
     if state is None or now >= state[0] + period:
-        return None
-    if at < state[0]:
+        if cost >= 0:
+            return None
+        state = (now, 0)  # a charge opens a window, as a hit would
+    elif at < state[0] and cost >= 0:
         return state  # taken from a window that has closed since
     count = state[1] - cost
     return (state[0], count) if count > 0 else None
@@ -164,7 +170,8 @@ def refund_sliding(
     index = math.floor(now / period)
     previous, current = _roll(state, index)
     hit = math.floor(at / period)
-    if hit == index:
+    if hit == index or cost < 0:
+        # A charge for a window that has rolled out of the sliding period: this one.
         current = max(0, current - cost)
     elif hit == index - 1:
         previous = max(0, previous - cost)
@@ -205,7 +212,7 @@ def moving(
         # (`period`, a hint, as for a full bucket).
         retry = period if cost > limit else log[count + cost - limit - 1] + period - now
         reset = log[0] + period - now if log else 0.0
-        return WindowResult(False, state, limit - count, retry, reset)
+        return WindowResult(False, state, max(0, limit - count), retry, reset)
     if cost > 0:
         log = log + (now,) * cost
         count += cost
@@ -213,19 +220,26 @@ def moving(
     elif not log:
         state = None
     reset = log[0] + period - now if log else 0.0
-    return WindowResult(True, state, limit - count, 0.0, reset)
+    return WindowResult(True, state, max(0, limit - count), 0.0, reset)
 
 
 def refund_moving(
     state: MovingState | None, now: float, cost: int, period: float, at: float
 ) -> MovingState | None:
-    """Remove `cost` entries made at `at` (entries of one time are alike)."""
+    """Remove `cost` entries made at `at` (entries of one time are alike), then, while
+    that hit is still counted, the newest (a settlement's charges, made later); a
+    negative cost adds entries made now."""
     log = list(_live(state, now, period))
+    if cost < 0:
+        return (*log, *(now,) * -cost)
     for _ in range(cost):
         try:
             log.remove(at)
         except ValueError:
-            break
+            if at > now - period and log:
+                log.pop()
+            else:
+                break
     return tuple(log) or None
 
 

@@ -243,25 +243,28 @@ class MemoryBackend:
         return _new(Verdict, (admitted, tuple(results)))
 
     async def refund(self, checks: Sequence[Check]) -> None:
-        """Give back what an admitted `decide` of `checks` took."""
+        """Give back what an admitted `decide` of `checks` took (a negative cost: charge
+        that much more, a settlement's debt)."""
         now = self._clock()
         for check in checks:
             if isinstance(check, BucketCheck):
                 tat = self._buckets.get(check.key)
-                if tat is None:
+                if tat is None and check.cost >= 0:
                     continue
                 new_tat = gcra.refund(tat, now, check.cost, check.interval)
                 if new_tat is None:
-                    del self._buckets[check.key]
+                    self._buckets.pop(check.key, None)
                 else:
-                    self._buckets[check.key] = new_tat
+                    self._store_bucket(check.key, new_tat, now)
             elif isinstance(check, WindowCheck):
                 state = self._window_state(check.key)
-                if state is None or not check.receipt:
+                charge = check.cost < 0
+                if not charge and (state is None or not check.receipt):
                     continue
                 _, undo, idle = _WINDOWS[check.strategy]
                 at = self._when(check.strategy, now)
-                state = undo(state, at, check.cost, check.period, check.receipt[-1])
+                hit = check.receipt[-1] if check.receipt else at
+                state = undo(state, at, check.cost, check.period, hit)
                 idle_at = 0.0 if state is None else idle(state, check.period) - at + now
                 self._store_window(check.key, state, idle_at, now)
             else:

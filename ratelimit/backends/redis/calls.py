@@ -99,7 +99,8 @@ class Calls:
 
     def refund_args(self, checks: Sequence[Check]) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of refund.lua: each lease check brings its line's four keys; a
-        window check that took nothing (no receipt) is left out. No KEYS: nothing to do."""
+        window check that took nothing (no receipt) is left out, unless it charges (a
+        negative cost: a settlement's debt). No KEYS: nothing to do."""
         keys, lines, args = self._checks(checks, 4, refund=True)
         return keys + lines, [self.channel, *args]
 
@@ -138,10 +139,14 @@ class Calls:
                 keys.append(self.keys.bucket(check.key))
                 args += ("t", repr(check.interval), str(check.burst), str(check.cost))
             elif isinstance(check, WindowCheck):
-                if refund and not check.receipt:
-                    continue
+                if refund and not check.receipt and check.cost >= 0:
+                    continue  # took nothing: nothing to give back
                 keys.append(self.keys.window(check.key))
-                first = repr(check.receipt[-1]) if refund else str(check.limit)
+                if refund:
+                    # A charge with no receipt goes to the window open now (any `at`).
+                    first = repr(check.receipt[-1]) if check.receipt else "0"
+                else:
+                    first = str(check.limit)
                 args += (_WINDOW_KINDS[check.strategy], first, repr(check.period), str(check.cost))
             else:
                 keys.append(self.keys.leases(check.key))

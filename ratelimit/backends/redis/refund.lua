@@ -9,7 +9,9 @@
 -- decide that took its units (the reply's stamp); they go back to the window
 -- they went into (window.lua's w_refund).
 -- Bucket checks get `cost` units back, lease checks are released (and their
--- freed slots handed to their line's head, if anyone waits). Buckets run
+-- freed slots handed to their line's head, if anyone waits). A negative cost
+-- charges that many units more, past the limit if need be: a settlement's debt
+-- (the change from a request's reserved cost to its actual one). Buckets run
 -- refund() of ratelimit/algorithms/gcra.py in the same frame as decide.lua
 -- (tat = (sec - now_sec) + offset, now = now_usec / 1e6); a bucket that is full
 -- again is deleted. Returns the number of leases released.
@@ -25,9 +27,15 @@ for i = 1, n do
   if ARGV[j] == 't' then
     local interval, cost = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 3])
     local state = redis.call('GET', key)
-    if state and cost > 0 then
-      local sec, offset = string.match(state, '^(%S+) (%S+)$')
-      local tat = (tonumber(sec) - now_sec) + tonumber(offset)
+    if (state and cost > 0) or cost < 0 then
+      local tat = t
+      if state then
+        local sec, offset = string.match(state, '^(%S+) (%S+)$')
+        tat = (tonumber(sec) - now_sec) + tonumber(offset)
+        if tat < t then
+          tat = t
+        end
+      end
       local new_tat = tat - cost * interval
       if new_tat <= t then
         redis.call('DEL', key)

@@ -43,13 +43,14 @@ local function w_fixed(key, limit, period, cost)
   end
   if cost > 0 and count + cost > limit then
     local left = start + period - now
-    return false, limit - count, left, open and left or 0
+    return false, math.max(0, limit - count), left, open and left or 0
   end
   if cost > 0 then
     count = count + cost
     open = true
   end
-  return true, limit - count, 0, open and (start + period - now) or 0, {start, count}
+  return true, math.max(0, limit - count), 0, open and (start + period - now) or 0,
+    {start, count}
 end
 
 local function w_roll(key, index)
@@ -139,7 +140,7 @@ local function w_moving(key, limit, period, cost)
     if count > 0 then
       reset = tonumber(redis.call('LINDEX', key, -1)) + period - now
     end
-    return false, limit - count, retry, reset
+    return false, math.max(0, limit - count), retry, reset
   end
   if cost > 0 then
     count = count + cost
@@ -148,7 +149,7 @@ local function w_moving(key, limit, period, cost)
     local oldest = redis.call('LINDEX', key, -1)
     reset = (oldest and tonumber(oldest) or now) + period - now
   end
-  return true, limit - count, 0, reset, {}
+  return true, math.max(0, limit - count), 0, reset, {}
 end
 
 -- Days since 1970-01-01 of a Gregorian date, and back (H. Hinnant's algorithms).
@@ -220,12 +221,12 @@ local function w_quota(kind, key, limit, cost)
   local count = w_quota_count(key, start)
   local left = stop - now
   if cost > 0 and count + cost > limit then
-    return false, limit - count, left, left
+    return false, math.max(0, limit - count), left, left
   end
   if cost > 0 then
     count = count + cost
   end
-  return true, limit - count, 0, left, {start, count, stop}
+  return true, math.max(0, limit - count), 0, left, {start, count, stop}
 end
 
 local W_STEPS = {
@@ -256,13 +257,18 @@ local function w_commit(kind, key, period, cost, state)
   end
 end
 
--- Give back `cost` units hit at `at` (a decide's `now`) to the window they went into.
+-- Give back `cost` units hit at `at` (a decide's `now`) to the window they went into;
+-- a negative cost charges them (a settlement's debt): to that window, or to the one
+-- open now if it has closed (refund_* of ratelimit/algorithms/window.py).
 local function w_refund(kind, key, at, period, cost)
   if kind == 'f' then
     local start, count = w_fixed_read(key, period)
+    if start == nil and cost < 0 then
+      start, count = now, 0
+    end
     if start == nil then
       redis.call('DEL', key)
-    elseif at >= start then
+    elseif at >= start or cost < 0 then
       count = count - cost
       if count > 0 then
         set_expiring(key, string.format('%.17g %d', start, count), w_ms(start + period - now))
@@ -274,7 +280,7 @@ local function w_refund(kind, key, at, period, cost)
     local index = math.floor(now / period)
     local previous, current = w_roll(key, index)
     local hit = math.floor(at / period)
-    if hit == index then
+    if hit == index or cost < 0 then
       current = math.max(0, current - cost)
     elseif hit == index - 1 then
       previous = math.max(0, previous - cost)
@@ -288,9 +294,9 @@ local function w_refund(kind, key, at, period, cost)
   elseif kind == 'D' or kind == 'M' then
     local start, stop = w_bounds(kind, now)
     local count = w_quota_count(key, start)
-    if count == 0 then
+    if count == 0 and cost >= 0 then
       redis.call('DEL', key)
-    elseif at >= start then
+    elseif at >= start or cost < 0 then
       count = count - cost
       if count > 0 then
         set_expiring(key, string.format('%d %d', start, count), w_ms(stop - now))
@@ -298,7 +304,18 @@ local function w_refund(kind, key, at, period, cost)
         redis.call('DEL', key)
       end
     end
+  elseif cost < 0 then
+    local stamp = string.format('%.17g', now)
+    for _ = 1, -cost do
+      redis.call('LPUSH', key, stamp)
+    end
+    keep_alive(key, w_ms(period))
   else
-    redis.call('LREM', key, cost, string.format('%.17g', at))
+    local removed = redis.call('LREM', key, cost, string.format('%.17g', at))
+    if at > now - period then
+      for _ = removed + 1, cost do
+        redis.call('LPOP', key)
+      end
+    end
   end
 end
