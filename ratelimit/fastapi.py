@@ -199,6 +199,8 @@ class RateLimit:
         }
         for k, v in headers.items():
             response.headers[k] = v
+        # As the middleware does: the route settles its actual cost on `request.state`.
+        request.state.ratelimit = decision
         try:
             yield Admission(decision, headers)
         except BaseException as exc:

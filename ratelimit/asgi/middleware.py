@@ -234,6 +234,11 @@ class RateLimitMiddleware:
         except CallableError as exc:
             await self._unrated(rule, exc, scope, receive, send)
             return
+        # The request's grant, for the app to settle its actual cost (`request.state`).
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["ratelimit"] = decision
         if decision.__class__ is FailedDecision:
             if decision.allowed:
                 await self.app(scope, receive, send)

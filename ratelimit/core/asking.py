@@ -17,8 +17,9 @@ from .._errors import CallableError
 from .._types import Scope
 from ..policy import keys
 from ..policy.body import body_of
+from ..policy.costs import MAX_COST, Cost, check_taken
 from ..policy.limits import Concurrency
-from ..policy.rules import MAX_COST, Rule
+from ..policy.rules import Rule
 from .plan import Plan
 
 
@@ -85,9 +86,9 @@ def client_timeout(scope: Scope, headers: tuple[keys.header, ...]) -> float | No
     return shortest
 
 
-async def cost(rule: Rule, scope: Scope) -> int:
-    """The rule's cost callable asked for `scope`: an integer from 1 to `MAX_COST`,
-    else CallableError.
+async def cost(rule: Rule, scope: Scope) -> Cost:
+    """The rule's cost callable asked for `scope`: an integer from 1 to `MAX_COST`, or
+    units per dimension (see `policy.costs.check_taken`), else CallableError.
 
     Not 0: a cost of nothing would admit the request without taking from
     any bucket (an exemption is a key function's None). Not past `MAX_COST`: a
@@ -101,12 +102,10 @@ async def cost(rule: Rule, scope: Scope) -> int:
         cost = await value if inspect.isawaitable(value) else value
     except Exception as exc:
         raise CallableError("cost", func, rule.name, "", f"raised {type(exc).__name__}") from exc
-    if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COST:
-        raise CallableError(
-            "cost",
-            func,
-            rule.name,
-            "",
-            f"returned {reprlib.repr(cost)}, not an integer from 1 to 2**53",
-        )
-    return cost
+    if cost.__class__ is int and 1 <= cost <= MAX_COST:
+        return cost
+    try:
+        return check_taken(cost)
+    except ValueError as exc:
+        problem = f"returned {reprlib.repr(cost)}, not {exc}"
+        raise CallableError("cost", func, rule.name, "", problem) from None

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import ConfigError
+from ..policy.costs import Cost, check_taken
 from ..policy.limits import Concurrency
-from ..policy.rules import MAX_COST
 from .plan import Plan
 
 #: A caller's key: one text for every per-caller limit of the rule, or one per limit name.
@@ -55,17 +55,20 @@ def texts(plan: Plan, key: Key, *, leases_only: bool) -> tuple[str | None, ...]:
     return texts
 
 
-def cost(plan: Plan, cost: int | None) -> int:
+def cost(plan: Plan, cost: Cost | None) -> Cost:
     """The cost to take: `cost` checked, or the rule's when it is a constant."""
     if cost is None:
-        if isinstance(plan.rule.cost, int):
-            return plan.rule.cost
+        if plan.static_cost is not None:
+            return plan.static_cost
         raise ConfigError(
             "cost",
-            f"an integer: rule {plan.rule.name!r} takes its cost from a request (a function)",
+            f"a cost: rule {plan.rule.name!r} takes its cost from a request (a function)",
         )
-    if not isinstance(cost, int) or isinstance(cost, bool) or not 1 <= cost <= MAX_COST:
-        raise ConfigError("cost", "an integer from 1 to 2**53 (peek() takes nothing)", cost)
+    try:
+        cost = check_taken(cost)
+        plan.units(cost)
+    except ValueError as exc:
+        raise ConfigError("cost", f"{exc} (peek() takes nothing)", cost) from None
     return cost
 
 

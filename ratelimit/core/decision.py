@@ -14,6 +14,7 @@ from typing import NamedTuple, Protocol
 
 from .._errors import RateLimitError
 from ..backends.base import Check, CheckResult, LeaseCheck
+from ..policy.costs import Cost
 from ..policy.rules import Rule
 from .plan import BLOCK_RETRY_AFTER, SKIPPED, BlockedPlan, LimitState, Plan
 
@@ -47,6 +48,12 @@ OVERSIZED = "oversized"
 Abandon = Callable[[], Awaitable[object]]
 
 
+class Settler(Protocol):
+    """What settles an admitted decision's cost: the engine that decided it."""
+
+    async def settle(self, decision: Decision, actual: Cost) -> bool: ...
+
+
 class Given(NamedTuple):
     """What a caller without a request gives `Engine.decide` instead of a scope's answers
     (see `core.Limiter`): the key functions, cost, priority and deadline are not asked.
@@ -55,8 +62,8 @@ class Given(NamedTuple):
     #: Caller text per limit of the rule (None: exempt). A `keys.GLOBAL` limit keeps
     #: its one key; its text is the fair key of its line, if the limit has `fair_key`.
     keys: tuple[str | None, ...]
-    #: Units taken from each token bucket and window.
-    cost: int
+    #: What the request costs: units of `requests`, or units per dimension.
+    cost: Cost
     #: The class in each waiting line (see `Concurrency.rank`); None: no class.
     priority: object = None
     #: Seconds to wait in line at most (the limit's `timeout` if shorter); None: that.
@@ -72,9 +79,11 @@ class Decision:
 
     __slots__ = (
         "_plan",
+        "_settler",
         "_states",
         "allowed",
         "checks",
+        "cost",
         "grant",
         "line",
         "reason",
@@ -95,6 +104,8 @@ class Decision:
         results: list[CheckResult | None],
         grant: Grant | None = None,
         checks: Sequence[Check] = (),
+        cost: Cost = 1,
+        settler: Settler | None = None,
     ) -> None:
         self.rule = rule
         self.allowed = allowed
@@ -104,8 +115,13 @@ class Decision:
         #: together (see `core.spread`); `math.inf` when a rate limit can never admit it.
         self.retry_after = retry_after
         self.grant = grant
-        #: What an admitted decision took from the backend (see `Engine.refund`).
+        #: What an admitted decision took from the backend, at the units it holds now
+        #: (see `settle`; `Engine.refund`).
         self.checks = checks
+        #: What the request costs as reserved (or last settled): units of `requests`, or
+        #: units per dimension.
+        self.cost = cost
+        self._settler = settler
         #: The backend's answer per limit of the rule; None: exempt; SKIPPED: not decided.
         self.results = results
         self._plan = plan
@@ -118,6 +134,22 @@ class Decision:
         #: QUEUE_TIMEOUT, SHED, ABANDONED), or that it never can be admitted
         #: (OVERSIZED); None otherwise.
         self.reason: str | None = None
+
+    async def settle(self, actual: Cost) -> bool:
+        """Charge what the admitted request really cost: `actual` units of `requests`, or
+        units per dimension (those left out keep what was reserved).
+
+        The difference from what it holds now is given back, or charged past the
+        limits (a debt later requests wait out), in one atomic step per store hash
+        slot on the store's clock; a window's units go to the window they were
+        taken in. May be called again (each call sets the total). Concurrency slots
+        are not changed. False if the backend failed (logged; the reservation
+        stands); True otherwise, also when nothing was reserved (a refusal, an
+        exempt or failed-open request).
+        """
+        if self._settler is None or not self.checks:
+            return True
+        return await self._settler.settle(self, actual)
 
     @property
     def states(self) -> tuple[LimitState, ...]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from ..backends.base import (
     WindowCheck,
     nowait_method,
 )
-from ..policy.costs import Cost, units
+from ..policy.costs import Cost, check_cost, settled
 from ..policy.effective import Resolution
 from ..policy.limits import Concurrency
 from ..policy.overrides import Override
@@ -57,6 +58,8 @@ from .plan import (
 )
 from .spread import Spread
 from .waiting import Lines
+
+logger = logging.getLogger("ratelimit")
 
 
 def _matchers(
@@ -189,14 +192,19 @@ class Engine:
     ) -> Decision:
         """`decide` for any rule: every limit in order, then the line if one refused."""
         rule = plan.rule
-        cost = rule.cost
-        #: A given cost other than the rule's: cached whole bucket checks do not fit.
+        cost = plan.static_cost
+        #: A cost other than the rule's constant one: cached whole bucket checks do not fit.
         recost = False
         if given is not None:
             recost = given.cost != cost
             cost = given.cost
-        elif cost.__class__ is not int:
+        elif cost is None:
+            recost = True
             cost = await asking.cost(rule, scope)
+        #: The units each limit takes, when they differ from limit to limit.
+        taken = plan.static_units if not recost else None
+        if taken is None and (plan.dimensional or cost.__class__ is not int):
+            taken = _units(plan, cost)
         checks: list[Check] = []
         slots: list[int] = []  # index in the rule of each check
         leases: list[LeaseCheck] = []
@@ -226,11 +234,15 @@ class Engine:
                 # Plan.entry inlined for the hit, the common case.
                 entry = cache.get(key) or plan.entry(i, key)
             if step == READY_BUCKET:
-                checks.append(new(BucketCheck, (entry[0], p1, p2, cost)) if recost else entry)
+                if recost:
+                    entry = new(
+                        BucketCheck, (entry[0], p1, p2, cost if taken is None else taken[i])
+                    )
+                checks.append(entry)
             elif step == LEASE:
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
                 if plan.limits[i].weighted:
-                    weight = _weight(plan, i, cost)
+                    weight = taken[i]  # type: ignore[index]  # a weighted limit counts
                     if weight == 0:
                         continue  # holds nothing
                     if weight > p1:
@@ -243,12 +255,14 @@ class Engine:
                 checks.append(lease)
                 leases.append(lease)
             elif step == BUCKET:
-                checks.append(new(BucketCheck, (entry, p1, p2, cost)))
+                checks.append(
+                    new(BucketCheck, (entry, p1, p2, cost if taken is None else taken[i]))
+                )
             elif step == QUEUED_LEASE:
                 limit = plan.limits[i]
                 serial = f"{self._lease_prefix}{next(self._lease_ids)}"
                 if limit.weighted:
-                    weight = _weight(plan, i, cost)
+                    weight = taken[i]  # type: ignore[index]  # a weighted limit counts
                     if weight == 0:
                         continue  # holds nothing
                     if weight > p1:
@@ -275,7 +289,9 @@ class Engine:
                 leases.append(lease)
             else:
                 # A window: built per request, its receipt is this request's own.
-                checks.append(new(WindowCheck, (entry, *p1, cost, [])))
+                checks.append(
+                    new(WindowCheck, (entry, *p1, cost if taken is None else taken[i], []))
+                )
             slots.append(i)
         if oversized >= 0:
             return _oversized(plan, oversized)
@@ -310,7 +326,7 @@ class Engine:
             line_at = -1
         if admitted:
             grant = self.holding.hold(tuple(leases), plan) if leases else None
-            decision = Decision(rule, True, 200, 0.0, plan, results, grant, checks)
+            decision = Decision(rule, True, 200, 0.0, plan, results, grant, checks, cost, self)
             if waited is not None:
                 decision.waited = waited
                 decision.line = plan.names[line_at]
@@ -359,17 +375,57 @@ class Engine:
         check = plan.cache.get(key) or plan.entry(0, key)
         if given is not None and given.cost != check[3]:
             # A given cost other than the rule's: the cached check does not fit.
-            check = new(BucketCheck, (check[0], check[1], check[2], given.cost))
+            check = new(BucketCheck, (check[0], check[1], check[2], _units(plan, given.cost)[0]))
         one = (check,)
         nowait = self._decide_nowait
         verdict = nowait(one) if nowait is not None else await self.backend.decide(one)
         result = verdict.results[0]
         if verdict.admitted:
-            return Decision(rule, True, 200, 0.0, plan, [result], None, one)
+            cost = plan.static_cost if given is None else given.cost
+            return Decision(rule, True, 200, 0.0, plan, [result], None, one, cost, self)  # type: ignore[arg-type]
         status = 503 if plan.limits[0].shared else 429
         results: list[CheckResult | None] = [result]
         wait = result.retry_after if rule.shadow else self.spread.refused(plan, results, one, (0,))
         return Decision(rule, False, status, wait, plan, results)
+
+    async def settle(self, decision: Decision, actual: Cost) -> bool:
+        """Settle `decision` at `actual` (see `Decision.settle`): one backend call that
+        gives back (or charges) each bucket and window the difference from what it holds.
+
+        The decision's checks take their new units before the call, so a settle
+        made meanwhile counts from them; a failed call puts them back.
+        """
+        plan = decision._plan
+        try:
+            cost = settled(decision.cost, check_cost(actual))
+            taken = plan.units(cost)
+        except ValueError as exc:
+            raise ConfigError("actual", str(exc), actual) from None
+        before, reserved = decision.checks, decision.cost
+        held: list[Check] = []
+        changes: list[Check] = []
+        for check in before:
+            if isinstance(check, (BucketCheck, WindowCheck)):
+                units = taken[plan.positions[check.key.limit]]
+                if units != check.cost:
+                    # `refund` gives back a check's cost: the excess reserved; a shortfall
+                    # is negative, a charge.
+                    changes.append(check._replace(cost=check.cost - units))
+                    check = check._replace(cost=units)
+            held.append(check)
+        decision.checks, decision.cost = tuple(held), cost
+        if not changes:
+            return True
+        try:
+            await self.backend.refund(changes)
+        except Exception:
+            logger.warning(
+                "settling rule %r failed; its reservation stands", plan.rule.name, exc_info=True
+            )
+            if decision.checks == tuple(held):
+                decision.checks, decision.cost = before, reserved
+            return False
+        return True
 
     async def refund(self, decision: Decision) -> None:
         """Give back the token-bucket and window units an admitted `decision` took, once.
@@ -432,13 +488,14 @@ class Engine:
         return {p.rule.name: p.block for p in self._plans if isinstance(p, BlockedPlan)}
 
 
-def _weight(plan: Plan, i: int, cost: Cost) -> int:
-    """Slots of weighted limit `i` a request costing `cost` holds (see `policy.costs`)."""
+def _units(plan: Plan, cost: Cost) -> tuple[int, ...]:
+    """Units each limit of `plan` takes of `cost` (a weighted pool's: slots held); a
+    counted dimension the cost lacks is the cost function's error, never free."""
     try:
-        return units(plan.limits[i].counts, cost)
+        return plan.units(cost)
     except ValueError as exc:
         rule = plan.rule
-        raise CallableError("cost", rule.cost, rule.name, plan.names[i], str(exc)) from None
+        raise CallableError("cost", rule.cost, rule.name, "", str(exc)) from None
 
 
 def _oversized(plan: Plan, i: int) -> Decision:

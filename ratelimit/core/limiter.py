@@ -34,6 +34,7 @@ from ..backends.memory import MemoryBackend
 from ..backends.stores import override_store, top_store
 from ..core.top import publisher_for
 from ..policy.config import ConfigSource, Settings, load_config
+from ..policy.costs import Cost
 from ..policy.effective import Resolution
 from ..policy.limits import TokenBucket
 from ..policy.overlap import shadowed
@@ -170,7 +171,7 @@ class Limiter:
         rule: str,
         key: Key = None,
         *,
-        cost: int | None = None,
+        cost: Cost | None = None,
         priority: object = None,
         timeout: float | None = None,
     ) -> Acquisition:
@@ -188,7 +189,7 @@ class Limiter:
         """
         return Acquisition(partial(self._decide, rule, key, cost, priority, timeout, peek=None))
 
-    async def check(self, rule: str, key: Key = None, *, cost: int | None = None) -> Decision:
+    async def check(self, rule: str, key: Key = None, *, cost: Cost | None = None) -> Decision:
         """Decide `rule` for `key` now and return the decision; it consumes when allowed.
 
         For rules of rate limits (token buckets, windows), like `limits`' `hit()`:
@@ -199,7 +200,7 @@ class Limiter:
         _, decision = await self._decide(rule, key, cost, None, None, peek=False)
         return decision
 
-    async def peek(self, rule: str, key: Key = None, *, cost: int | None = None) -> Decision:
+    async def peek(self, rule: str, key: Key = None, *, cost: Cost | None = None) -> Decision:
         """Whether `check` would admit now, consuming nothing (like `limits`' `test()`).
 
         The backend decides with cost 0, which takes nothing and writes nothing,
@@ -213,12 +214,13 @@ class Limiter:
         if zero.__class__ is not Decision:
             return zero  # a block or a fail policy answered: nothing to compute
         plan = self.engine.plan(zero.rule)
-        units = caller.cost(plan, cost)
+        taken = plan.units(caller.cost(plan, cost))
         results = list(zero.results)
         allowed, status, wait = True, 503, 0.0
         for i, (limit, r) in enumerate(zip(plan.limits, results, strict=True)):
             if r is None or r is SKIPPED:
                 continue
+            units = taken[i]
             if isinstance(limit, TokenBucket):
                 would = gcra(r.reset_after, 0.0, units, limit.interval, limit.burst)
                 admitted, retry = would.admitted, would.retry_after
@@ -406,7 +408,7 @@ class Limiter:
         self,
         name: str,
         key: Key,
-        cost: int | None,
+        cost: Cost | None,
         priority: object,
         timeout: float | None,
         *,
@@ -433,6 +435,7 @@ class Limiter:
             if isinstance(key, str)
             else caller.texts(plan, key, leases_only=False)
         )
+        units: Cost
         if peek:
             units = 0
         elif cost is None and plan.static_cost is not None:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 from .._types import Scope
 from ..backends.base import BucketCheck, CheckResult, StoreKey
 from ..policy import keys
+from ..policy.costs import BY_REQUESTS, Cost, Counted, units
 from ..policy.keys import digest
 from ..policy.limits import Concurrency, Limit, TokenBucket, Window
 from ..policy.overrides import Override
@@ -72,18 +73,22 @@ class Plan:
 
     __slots__ = (
         "caches",
+        "counts",
         "derived",
+        "dimensional",
         "fixed",
         "kinds",
         "limits",
         "min_lease",
         "names",
         "params",
+        "positions",
         "queued",
         "rule",
         "size",
         "specs",
         "static_cost",
+        "static_units",
     )
 
     def __init__(self, rule: Rule) -> None:
@@ -91,14 +96,25 @@ class Plan:
         self.limits = rule.limits
         self.size = len(rule.limits)
         self.names = tuple(rule.limit_names())
+        #: Limit name -> index (a check's store key names its limit).
+        self.positions = {name: i for i, name in enumerate(self.names)}
         self.kinds = tuple(_kind(lim) for lim in rule.limits)
         #: (interval, burst) of a bucket, (limit, lease ttl) of a concurrency limit,
         #: ((limit, period, strategy), None) of a window (a quota: its calendar unit as
         #: the strategy, its longest period).
         self.params = tuple(_params(lim) for lim in rule.limits)
-        #: The rule's cost when it is a constant: bucket checks are then the same for
-        #: every request of one caller, and are built once and cached.
-        self.static_cost = rule.cost if rule.cost.__class__ is int else None
+        #: What each limit counts (see `policy.costs`).
+        self.counts: tuple[Counted, ...] = tuple(lim.counts for lim in rule.limits)
+        #: Whether a limit counts other than requests: each limit's units are then
+        #: computed from the cost (see `units`); else every limit takes the int cost.
+        self.dimensional = any(c is not BY_REQUESTS for c in self.counts)
+        #: The rule's cost when it is a constant (an int or a mapping), and the units
+        #: each limit takes of it: bucket checks are then the same for every request
+        #: of one caller, and are built once and cached.
+        self.static_cost: Cost | None = None if callable(rule.cost) else rule.cost
+        self.static_units: tuple[int, ...] | None = (
+            None if self.static_cost is None else self.units(self.static_cost)
+        )
         #: Per limit, caller text -> entry (see `entry`); cleared whole when full.
         self.caches: tuple[dict[str, Any], ...] = tuple({} for _ in rule.limits)
         #: The entry of a limit on `keys.GLOBAL`, fixed once; None for per-caller limits.
@@ -120,6 +136,12 @@ class Plan:
         #: middleware's header fields); dropped with the plan when an override swaps it.
         self.derived: dict[str, Any] = {}
 
+    def units(self, cost: Cost) -> tuple[int, ...]:
+        """Units each limit takes of `cost` (ValueError: a counted dimension is missing)."""
+        if cost.__class__ is int and (not self.dimensional or not cost):
+            return (cost,) * self.size  # (0: a peek)
+        return tuple(units(c, cost) for c in self.counts)
+
     def _step(self, i: int) -> int:
         """What the per-request loop does for limit `i` with its entry."""
         kind = self.kinds[i]
@@ -131,10 +153,10 @@ class Plan:
         return kind
 
     def _entry(self, i: int, skey: StoreKey) -> Any:
-        cost = self.static_cost
-        if cost is not None and self.kinds[i] == BUCKET:
+        taken = self.static_units
+        if taken is not None and self.kinds[i] == BUCKET:
             interval, burst = self.params[i]
-            return new(BucketCheck, (skey, interval, burst, cost))
+            return new(BucketCheck, (skey, interval, burst, taken[i]))
         return skey
 
     def entry(self, i: int, text: str) -> Any:
@@ -212,6 +234,7 @@ def compile_plan(rule: Rule, block: Override | None = None) -> Plan:
         if (
             isinstance(limit, TokenBucket)
             and rule.cost.__class__ is int
+            and limit.counts is BY_REQUESTS
             and limit.key is not keys.GLOBAL
             and not limit.key_is_async
         ):

@@ -65,7 +65,7 @@ def check_cost(value: object) -> Cost:
 
     Raises ValueError saying what was expected; the callers name the source.
     """
-    if isinstance(value, int) and _is_units(value):
+    if isinstance(value, int) and not isinstance(value, bool) and _is_units(value):
         return value
     if isinstance(value, Mapping) and value:
         for name, units in value.items():
@@ -79,6 +79,31 @@ def check_cost(value: object) -> Cost:
     raise ValueError(
         "an integer from 0 to 2**53, or a mapping of dimension -> such an integer"
     )
+
+
+def check_taken(value: object) -> Cost:
+    """A request's cost (from a cost function or a caller), validated: an int of at
+    least 1, or a mapping whose `requests`, if given, is at least 1. Never nothing:
+    a cost of nothing would admit a request taking from no limit (an exemption is
+    a key function's None). ValueError says what was expected."""
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+        raise ValueError("an integer from 1 to 2**53, or a mapping of dimension -> units")
+    cost = check_cost(value)
+    if not isinstance(cost, int) and cost.get(REQUESTS, 1) < 1:
+        raise ValueError(f"at least 1 {REQUESTS!r} (a cost of none is free)")
+    return cost
+
+
+def settled(reserved: Cost, actual: Cost) -> Cost:
+    """The cost a request settles at: `actual`'s dimensions, and `reserved`'s for those
+    it leaves out (an int is units of `requests`)."""
+    if isinstance(actual, int):
+        if isinstance(reserved, int):
+            return actual
+        return {**reserved, REQUESTS: actual}
+    if isinstance(reserved, int):
+        return {REQUESTS: reserved, **actual}
+    return {**reserved, **actual}
 
 
 def units(counts: Counted, cost: Cost) -> int:
