@@ -163,6 +163,9 @@ class Backend(Protocol):
 
         A window's units go back to the window they were counted in (see
         `WindowCheck.receipt`); if that window has closed, there is nothing to undo.
+        A negative cost charges that many units more, past the limit if need be (a
+        settlement's debt, see `core.settling`): to the window the units were
+        counted in, or the one open now.
         """
         ...
 

@@ -37,12 +37,12 @@ from .base import (
     WindowCheck,
 )
 from .memory_stores import MemoryAdmin
+from .memory_tables import LeaseTable, Line
 from .stores import MemoryOverrideStore
 
 #: Builds a NamedTuple from a tuple in C: half the cost of calling the class,
 #: whose generated `__new__` is a Python function (these run per request).
 _new = tuple.__new__
-_INF = float("inf")
 
 #: Buckets examined per sweep step, one step every `_SWEEP_EVERY` writes: two looks per
 #: write, so full buckets are dropped faster than new keys arrive.
@@ -54,43 +54,6 @@ _WAIT_POLL = 1.0
 #: Every window strategy: the rolling ones on the monotonic clock, the calendar ones
 #: (`algorithms.calendar`) on the wall clock.
 _WINDOWS = {**window.STRATEGIES, **calendar.STRATEGIES}
-
-
-class _LeaseTable(dict[str, float]):
-    """Lease id -> expiry, remembering a lower bound of its earliest expiry.
-
-    Renewals only push expiries later, so `earliest` may be stale but never
-    too late: while `now < earliest` no lease can be dead and pruning is
-    skipped. That keeps a decision O(1) with thousands of slots in flight.
-    """
-
-    __slots__ = ("earliest",)
-
-    def __init__(self) -> None:
-        # dict.__new__ already made the empty dict: no super().__init__() call needed.
-        self.earliest = _INF
-
-    def prune(self, now: float) -> None:
-        if now >= self.earliest:
-            leases.prune(self, now)
-            self.earliest = min(self.values(), default=_INF)
-
-    def add(self, lease_id: str, expiry: float) -> None:
-        self[lease_id] = expiry
-        if expiry < self.earliest:
-            self.earliest = expiry
-
-
-class _Line:
-    """The waiting line in front of one key's slots, with what a hand-off needs."""
-
-    __slots__ = ("guaranteed", "limit", "state", "ttl")
-
-    def __init__(self, limit: int, ttl: float, guaranteed: dict[int, int]) -> None:
-        self.state = queue.QueueState()
-        self.limit = limit
-        self.ttl = ttl
-        self.guaranteed = guaranteed
 
 
 class MemoryBackend:
@@ -115,9 +78,9 @@ class MemoryBackend:
         #: key after many deletions at its front walks their empty slots (O(deleted)),
         #: which made each decision of a key flood 6-25x dearer.
         self._buckets: OrderedDict[StoreKey, float] = OrderedDict()
-        self._leases: dict[StoreKey, _LeaseTable] = {}
+        self._leases: dict[StoreKey, LeaseTable] = {}
         #: Non-empty waiting lines; a key with a line admits nobody past it.
-        self._lines: dict[StoreKey, _Line] = {}
+        self._lines: dict[StoreKey, Line] = {}
         #: Appointments per key (see `algorithms.queue.Book`); dropped when empty.
         self._books: dict[StoreKey, queue.Book] = {}
         #: Ticket id -> the future its waiter awaits: "granted" or "shed".
@@ -235,8 +198,8 @@ class MemoryBackend:
             for lease in new_leases:
                 table = self._leases.get(lease.key)
                 if table is None:
-                    table = self._leases[lease.key] = _LeaseTable()
-                # _LeaseTable.add, inlined: once per admitted request holding a slot.
+                    table = self._leases[lease.key] = LeaseTable()
+                # LeaseTable.add, inlined: once per admitted request holding a slot.
                 expiry = table[lease.lease_id] = now + lease.ttl
                 if expiry < table.earliest:
                     table.earliest = expiry
@@ -318,7 +281,7 @@ class MemoryBackend:
         guaranteed = dict(queue_check.guaranteed)
         fresh = line is None
         if line is None:
-            line = _Line(lease.limit, lease.ttl, guaranteed)
+            line = Line(lease.limit, lease.ttl, guaranteed)
         else:
             line.limit, line.ttl, line.guaranteed = lease.limit, lease.ttl, guaranteed
         now = self._clock()
@@ -418,7 +381,7 @@ class MemoryBackend:
             table.prune(now)
         for waiter in queue.hand_off(line.state, table or (), line.limit, line.guaranteed):
             if table is None:
-                table = self._leases[key] = _LeaseTable()
+                table = self._leases[key] = LeaseTable()
             table.add(waiter.ticket, now + line.ttl)
             self._settle(waiter.ticket, "granted")
         if not line.state:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import logging
 import math
 import os
 import time
@@ -34,13 +33,13 @@ from ..backends.base import (
     WindowCheck,
     nowait_method,
 )
-from ..policy.costs import Cost, check_cost, settled
+from ..policy.costs import Cost
 from ..policy.effective import Resolution
 from ..policy.limits import Concurrency
 from ..policy.overrides import Override
 from ..policy.paths import route_path
 from ..policy.rules import Rule, routed_methods
-from . import asking
+from . import asking, settling
 from .decision import OVERSIZED, Abandon, BlockedDecision, Decision, EngineObserver, Given
 from .holding import Holding
 from .plan import (
@@ -58,8 +57,6 @@ from .plan import (
 )
 from .spread import Spread
 from .waiting import Lines
-
-logger = logging.getLogger("ratelimit")
 
 
 def _matchers(
@@ -389,43 +386,8 @@ class Engine:
         return Decision(rule, False, status, wait, plan, results)
 
     async def settle(self, decision: Decision, actual: Cost) -> bool:
-        """Settle `decision` at `actual` (see `Decision.settle`): one backend call that
-        gives back (or charges) each bucket and window the difference from what it holds.
-
-        The decision's checks take their new units before the call, so a settle
-        made meanwhile counts from them; a failed call puts them back.
-        """
-        plan = decision._plan
-        try:
-            cost = settled(decision.cost, check_cost(actual))
-            taken = plan.units(cost)
-        except ValueError as exc:
-            raise ConfigError("actual", str(exc), actual) from None
-        before, reserved = decision.checks, decision.cost
-        held: list[Check] = []
-        changes: list[Check] = []
-        for check in before:
-            if isinstance(check, (BucketCheck, WindowCheck)):
-                units = taken[plan.positions[check.key.limit]]
-                if units != check.cost:
-                    # `refund` gives back a check's cost: the excess reserved; a shortfall
-                    # is negative, a charge.
-                    changes.append(check._replace(cost=check.cost - units))
-                    check = check._replace(cost=units)
-            held.append(check)
-        decision.checks, decision.cost = tuple(held), cost
-        if not changes:
-            return True
-        try:
-            await self.backend.refund(changes)
-        except Exception:
-            logger.warning(
-                "settling rule %r failed; its reservation stands", plan.rule.name, exc_info=True
-            )
-            if decision.checks == tuple(held):
-                decision.checks, decision.cost = before, reserved
-            return False
-        return True
+        """Settle `decision`, which this engine admitted, at `actual` (see `settling`)."""
+        return await settling.settle(self.backend, decision, actual)
 
     async def refund(self, decision: Decision) -> None:
         """Give back the token-bucket and window units an admitted `decision` took, once.

@@ -28,7 +28,6 @@ from typing import Any
 
 from .._errors import CallableError, ConfigError
 from .._types import Scope
-from ..algorithms.gcra import gcra
 from ..backends.base import Backend
 from ..backends.memory import MemoryBackend
 from ..backends.stores import override_store, top_store
@@ -36,7 +35,6 @@ from ..core.top import publisher_for
 from ..policy.config import ConfigSource, Settings, load_config
 from ..policy.costs import Cost
 from ..policy.effective import Resolution
-from ..policy.limits import TokenBucket
 from ..policy.overlap import shadowed
 from ..policy.rules import FAIL_POLICIES, FailPolicy, Rule
 from ..policy.top import TopCallers
@@ -49,7 +47,8 @@ from .engine import Engine
 from .live import LiveOverrides
 from .metrics import DEFAULT_METRICS, DefaultMetrics, Metrics
 from .observer import Observer
-from .plan import SKIPPED, Plan, new
+from .peek import would
+from .plan import Plan, new
 from .statistics import LimitStatistics
 from .workers import WORKERS_CHECK_DELAY, warn_if_workers
 
@@ -214,27 +213,7 @@ class Limiter:
         if zero.__class__ is not Decision:
             return zero  # a block or a fail policy answered: nothing to compute
         plan = self.engine.plan(zero.rule)
-        taken = plan.units(caller.cost(plan, cost))
-        results = list(zero.results)
-        allowed, status, wait = True, 503, 0.0
-        for i, (limit, r) in enumerate(zip(plan.limits, results, strict=True)):
-            if r is None or r is SKIPPED:
-                continue
-            units = taken[i]
-            if isinstance(limit, TokenBucket):
-                would = gcra(r.reset_after, 0.0, units, limit.interval, limit.burst)
-                admitted, retry = would.admitted, would.retry_after
-            else:
-                admitted = r.remaining >= units
-                retry = 0.0 if admitted else r.reset_after
-            results[i] = r._replace(admitted=admitted, retry_after=retry)
-            if not admitted:
-                allowed = False
-                status = 503 if limit.shared and status == 503 else 429
-                wait = max(wait, retry)
-        if allowed:
-            return Decision(plan.rule, True, 200, 0.0, plan, results)
-        return Decision(plan.rule, False, status, wait, plan, results)
+        return would(plan, zero, plan.units(caller.cost(plan, cost)))
 
     async def statistics(self, rule: str, key: Key = None) -> tuple[LimitStatistics, ...]:
         """How full each concurrency limit of `rule` is now, for `key` (per-caller limits).

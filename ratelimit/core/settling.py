@@ -1,0 +1,68 @@
+"""Settling an admitted request at its actual cost (see `Decision.settle`).
+
+At admission a request reserves its estimated cost in every bucket and window
+of its rule; `settle` moves each to the units the actual cost gives it: the
+excess goes back, a shortfall is charged past the limit (a debt later
+requests wait out). One `Backend.refund` call carries every change (a
+negative cost charges), one script call per hash slot on Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .._errors import ConfigError
+from ..backends.base import Backend, BucketCheck, Check, WindowCheck
+from ..policy.costs import Cost, check_cost, settled
+from .decision import Decision
+
+logger = logging.getLogger("ratelimit")
+
+
+def changes(decision: Decision, actual: Cost) -> tuple[tuple[Check, ...], list[Check], Cost]:
+    """What settling `decision` at `actual` takes: its checks at their new units, the
+    changes to send (each check's cost the units to give back), and the settled cost.
+
+    ConfigError for an `actual` that is not a cost, or lacks a dimension counted
+    that was not reserved either.
+    """
+    plan = decision._plan
+    try:
+        cost = settled(decision.cost, check_cost(actual))
+        taken = plan.units(cost)
+    except ValueError as exc:
+        raise ConfigError("actual", str(exc), actual) from None
+    held: list[Check] = []
+    sent: list[Check] = []
+    for check in decision.checks:
+        if isinstance(check, (BucketCheck, WindowCheck)):
+            units = taken[plan.positions[check.key.limit]]
+            if units != check.cost:
+                sent.append(check._replace(cost=check.cost - units))
+                check = check._replace(cost=units)
+        held.append(check)
+    return tuple(held), sent, cost
+
+
+async def settle(backend: Backend, decision: Decision, actual: Cost) -> bool:
+    """Settle `decision` at `actual` in `backend`; False (logged) if the backend failed.
+
+    The decision takes its new units before the call, so a settle made meanwhile
+    counts from them; a failed call puts back what it had, unless another settle
+    changed it since.
+    """
+    before, reserved = decision.checks, decision.cost
+    held, sent, cost = changes(decision, actual)
+    decision.checks, decision.cost = held, cost
+    if not sent:
+        return True
+    try:
+        await backend.refund(sent)
+    except Exception:
+        logger.warning(
+            "settling rule %r failed; its reservation stands", decision.rule.name, exc_info=True
+        )
+        if decision.checks is held:
+            decision.checks, decision.cost = before, reserved
+        return False
+    return True
