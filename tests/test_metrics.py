@@ -24,6 +24,7 @@ from ratelimit import (
     BackendError,
     Concurrency,
     ConfigError,
+    Limiter,
     MemoryBackend,
     Metrics,
     RateLimitMiddleware,
@@ -476,6 +477,13 @@ async def busy_registry() -> CollectorRegistry:
         backend=FailingBackend(), metrics=metrics, fail="closed",
     )  # fmt: skip
     await drive(failing, "/free", 2)
+    tokens = Limiter(
+        [Rule(name="tokens", limits=[Window("99/minute", counts="tokens")], cost={"tokens": 9})],
+        metrics=metrics,
+    )
+    async with tokens.acquire("tokens", "caller") as decision:
+        await decision.settle({"tokens": 4})
+    await tokens.aclose()
     return registry
 
 
@@ -496,6 +504,7 @@ async def test_exposition_parses_with_the_expected_names_and_types() -> None:
         "ratelimit_limit_rate_per_second": ("gauge", {"rule", "limit"}),
         "ratelimit_queue_depth": ("gauge", {"rule", "limit"}),
         "ratelimit_queue_wait_seconds": ("histogram", {"rule", "limit", "outcome", "le"}),
+        "ratelimit_settled_units": ("counter", {"rule", "limit", "change"}),
         "ratelimit_backend_errors": ("counter", {"operation"}),
     }
     assert set(families) == set(expected)

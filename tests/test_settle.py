@@ -424,3 +424,28 @@ def test_a_fastapi_route_settles_through_its_admission() -> None:
         assert [client.post("/images").status_code for _ in range(7)] == [200] * 7
         assert client.post("/images").status_code == 503  # a fleet-wide (shared) limit
 
+
+
+async def test_metrics_count_the_units_settlements_gave_back_and_charged() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from ratelimit import Metrics
+
+    registry = CollectorRegistry()
+    limiter = Limiter(
+        [chat_rule(Window("1000/hour", key=keys.GLOBAL, name="out", counts="output_tokens"))],
+        backend=MemoryBackend(),
+        metrics=Metrics(registry),
+    )
+    async with limiter.acquire("chat", cost={"output_tokens": 300}) as first:
+        await first.settle({"output_tokens": 120})
+    async with limiter.acquire("chat", cost={"output_tokens": 100}) as second:
+        await second.settle({"output_tokens": 150})
+    await second.settle({"output_tokens": 140})
+
+    def settled(change: str) -> float | None:
+        labels = {"rule": "chat", "limit": "out", "change": change}
+        return registry.get_sample_value("ratelimit_settled_units_total", labels)
+
+    assert (settled("refunded"), settled("charged")) == (180 + 10, 50)
+    await limiter.aclose()

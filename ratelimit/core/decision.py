@@ -207,6 +207,10 @@ class EngineObserver(Protocol):
         """A request joined (+1) or left (-1) the line of `limit` of `rule`."""
         ...
 
+    def on_settle(self, rule: str, limit: str, units: int) -> None:
+        """A settlement charged `units` more (negative: gave them back) to `limit` of `rule`."""
+        ...
+
 
 #: `Decision.reason` of a decision the rule's fail policy made (the backend failed).
 FAILED_OPEN, FAILED_CLOSED = "failed_open", "failed_closed"

@@ -217,6 +217,13 @@ class Metrics:
             buckets=tuple(b for b in bounds if b >= 0.001) or bounds,
             registry=None,
         )
+        self.settled = Counter(
+            "settled_units_total",
+            "Units settlements gave back (refunded) or charged past the estimate (charged).",
+            ["rule", "limit", "change"],
+            namespace=ns,
+            registry=None,
+        )
         self.backend_errors = Counter(
             "backend_errors_total",
             "Backend calls that failed, by operation.",
@@ -238,6 +245,7 @@ class Metrics:
             self.limit_rate,
             self.queue_depth,
             self.queue_wait,
+            self.settled,
             self.backend_errors,
         )
         self._register()
@@ -438,6 +446,13 @@ class Metrics:
     def on_queue(self, rule: str, limit: str, delta: int) -> None:
         """A request of this process joined (+1) or left (-1) a limit's line."""
         self.queue_depth.labels(rule, limit).inc(delta)
+
+    def on_settle(self, rule: str, limit: str, units: int) -> None:
+        """A settlement moved `units` of a limit (see `core.settling`)."""
+        if units > 0:
+            self.settled.labels(rule, limit, "charged").inc(units)
+        elif units < 0:
+            self.settled.labels(rule, limit, "refunded").inc(-units)
 
     def on_failure(self, rule: Rule, policy: str, exc: BaseException) -> None:
         """The backend failed deciding for `rule`; `policy` ("open"/"closed"/"local") applies.

@@ -38,6 +38,10 @@ class Observer(EngineObserver, Protocol):
         """A request joined (+1) or left (-1) the line of `limit` of `rule`."""
         ...
 
+    def on_settle(self, rule: str, limit: str, units: int) -> None:
+        """A settlement charged `units` more (negative: gave them back) to `limit` of `rule`."""
+        ...
+
     def on_failure(self, rule: Rule, policy: str, exc: BaseException) -> None:
         """The backend failed deciding for `rule`; `policy` ("open", "closed", "local") applies."""
         ...

@@ -14,7 +14,7 @@ import logging
 from .._errors import ConfigError
 from ..backends.base import Backend, BucketCheck, Check, WindowCheck
 from ..policy.costs import Cost, check_cost, settled
-from .decision import Decision
+from .decision import Decision, EngineObserver
 
 logger = logging.getLogger("ratelimit")
 
@@ -44,8 +44,11 @@ def changes(decision: Decision, actual: Cost) -> tuple[tuple[Check, ...], list[C
     return tuple(held), sent, cost
 
 
-async def settle(backend: Backend, decision: Decision, actual: Cost) -> bool:
+async def settle(
+    backend: Backend, decision: Decision, actual: Cost, observer: EngineObserver | None = None
+) -> bool:
     """Settle `decision` at `actual` in `backend`; False (logged) if the backend failed.
+    `observer` is told each limit's change once the store took it.
 
     The decision takes its new units before the call, so a settle made meanwhile
     counts from them; a failed call puts back what it had, unless another settle
@@ -65,4 +68,7 @@ async def settle(backend: Backend, decision: Decision, actual: Cost) -> bool:
         if decision.checks is held:
             decision.checks, decision.cost = before, reserved
         return False
+    if observer is not None:
+        for check in sent:
+            observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
     return True
