@@ -127,6 +127,25 @@ def test_check_prints_the_rules_as_understood(config: str) -> None:
     assert chat["shadow"] is True
 
 
+def test_check_shows_what_each_limit_counts_when_not_requests(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.toml"
+    path.write_text(
+        '[[rules]]\nname = "chat"\npath = "/v1/chat"\n'
+        "cost = {input_tokens = 10, output_tokens = 100}\n"
+        '[[rules.limits]]\ntype = "token_bucket"\nrate = "8000/minute"\n'
+        'counts = "output_tokens"\n'
+        '[[rules.limits]]\ntype = "window"\nrate = "5000/hour"\n'
+        "counts = {input_tokens = 1, output_tokens = 4}\n"
+    )
+    r = ratelimit("check", str(path))
+    assert r.code == 0, r.err
+    assert "8000/minute b8000 output_tokens" in r.out
+    assert "5000/hour input_tokens+4*output_tokens" in r.out
+    limits = ratelimit("check", str(path), "--json").json()["rules"][0]["limits"]
+    counted = [lim.get("counts") for lim in limits]
+    assert counted == ["output_tokens", "input_tokens+4*output_tokens"]
+
+
 def test_check_of_a_bad_file_exits_1_naming_the_field(tmp_path: Path) -> None:
     """A bad config is refused with exit code 1 and the field path, on stderr and in JSON."""
     path = tmp_path / "bad.toml"

@@ -119,7 +119,12 @@ def plural(count: int, noun: str) -> str:
 
 def limit_numbers(desc: Mapping[str, Any]) -> str:
     """A described limit in a few characters: `5/minute b5`, `1 slot`, `8 slots q64`,
-    `1000/day (UTC)`."""
+    `1000/day (UTC)`, and what it counts if not requests: `8000/minute b8000 output_tokens`."""
+    counts = f" {desc['counts']}" if desc.get("counts") else ""
+    return _numbers(desc) + counts
+
+
+def _numbers(desc: Mapping[str, Any]) -> str:
     if desc.get("kind") == "concurrency":
         text = plural(desc["limit"], "slot")
         if desc.get("queue"):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import ConfigError
+from .costs import BY_REQUESTS, describe
 from .limits import Concurrency, Limit, TokenBucket, Window, parse_rate_string
 from .overrides import _FITS, _SET_FIELDS, Override
 from .quotas import Quota
@@ -267,11 +268,19 @@ def _names(names: Iterable[str]) -> str:
 
 
 def describe_limit(limit: Limit) -> dict[str, Any]:
-    """A limit's numbers as plain data, for status tables, reports and `--json`.
+    """A limit's numbers as plain data, for status tables, reports and `--json`, with
+    what it counts (`counts`) when that is not requests.
 
     Rates are given per the configured period from the limit's actual
     interval, so a halved "5/minute" reads "2.5/minute".
     """
+    described = _numbers(limit)
+    if limit.counts is not BY_REQUESTS:
+        described["counts"] = describe(limit.counts)
+    return described
+
+
+def _numbers(limit: Limit) -> dict[str, Any]:
     if isinstance(limit, Concurrency):
         return {
             "kind": limit.kind,
