@@ -237,8 +237,9 @@ class RateLimitMiddleware:
         # The request's grant, for the app to settle its actual cost (`request.state`).
         state = scope.get("state")
         if state is None:
-            state = scope["state"] = {}
-        state["ratelimit"] = decision
+            scope["state"] = {"ratelimit": decision}
+        else:
+            state["ratelimit"] = decision
         if decision.__class__ is FailedDecision:
             if decision.allowed:
                 await self.app(scope, receive, send)
