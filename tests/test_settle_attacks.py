@@ -1,0 +1,66 @@
+"""Settling under attack: actual costs at the edges of what is valid, settlements a
+cancellation interrupts, and stores that must agree with each other.
+
+Each test pins a way a settlement once lost or leaked units, or hung the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from ratelimit import Limiter, MemoryBackend, RedisBackend, Rule, TokenBucket, keys
+from ratelimit.backends.base import Backend
+from ratelimit.policy.costs import MAX_COST
+
+Factory = Callable[[], Backend]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_backend(request: pytest.FixtureRequest) -> Factory:
+    if request.param == "memory":
+        return MemoryBackend
+    url = request.getfixturevalue("redis_url")
+    return lambda: RedisBackend(url)
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[Limiter]]:
+    made: list[Limiter] = []
+    yield made
+    for limiter in made:
+        await limiter.aclose()
+        await limiter.backend.aclose()
+
+
+async def limiter_of(
+    make_backend: Factory, closing: list[Limiter], *limits: Any, cost: Any
+) -> Limiter:
+    limiter = Limiter([Rule(name="chat", limits=list(limits), cost=cost)], backend=make_backend(),
+                      metrics=None)  # fmt: skip
+    await limiter.start()
+    closing.append(limiter)
+    return limiter
+
+
+@pytest.mark.parametrize("actual", [10**12, MAX_COST])
+async def test_a_debt_far_past_any_expiry_redis_takes_is_still_charged(
+    make_backend: Factory, closing: list[Limiter], actual: int
+) -> None:
+    """A bucket's debt of `actual` units at one per 8640 s is due in up to 10**20 s: its
+    key's expiry once reached Redis as "7.8e+23" ms, which it refuses, and the whole
+    charge was dropped (memory took it)."""
+    limiter = await limiter_of(
+        make_backend, closing,
+        TokenBucket("10/day", burst=10, key=keys.GLOBAL, counts="output_tokens"),
+        cost={"output_tokens": 5},
+    )  # fmt: skip
+    decision = await limiter.check("chat")
+    assert decision.allowed
+    assert await decision.settle({"output_tokens": actual})
+    refused = await limiter.check("chat", cost={"output_tokens": 1})
+    assert not refused.allowed
+    # Due when the debt (actual - 10 units past a full bucket, then 1 more) is paid off.
+    assert refused.states[0].retry_after == pytest.approx((actual - 9) * 8640.0, rel=1e-9)
