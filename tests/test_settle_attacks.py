@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ratelimit import Limiter, MemoryBackend, RedisBackend, Rule, TokenBucket, keys
+from ratelimit import Limiter, MemoryBackend, RedisBackend, Rule, TokenBucket, Window, keys
 from ratelimit.backends.base import Backend
 from ratelimit.policy.costs import MAX_COST
 
@@ -64,3 +64,27 @@ async def test_a_debt_far_past_any_expiry_redis_takes_is_still_charged(
     assert not refused.allowed
     # Due when the debt (actual - 10 units past a full bucket, then 1 more) is paid off.
     assert refused.states[0].retry_after == pytest.approx((actual - 9) * 8640.0, rel=1e-9)
+
+
+async def test_a_moving_window_is_charged_at_most_its_limit_past_what_a_request_holds(
+    make_backend: Factory, closing: list[Limiter]
+) -> None:
+    """A moving window keeps an entry per unit: a debt of 10**8 units once pushed 10**8
+    entries one by one in one script (Redis blocked for 40 s; 2**53 never ends). Charged
+    its limit, it refuses everything for the period, as the larger debt would."""
+    limiter = await limiter_of(
+        make_backend, closing,
+        Window("1000/hour", strategy="moving", key=keys.GLOBAL, counts="output_tokens"),
+        cost={"output_tokens": 10},
+    )  # fmt: skip
+    decision = await limiter.check("chat")
+    assert await decision.settle({"output_tokens": 10**6})
+    (check,) = decision.checks
+    assert check.cost == 10 + 1000  # what the store holds for it: at most the limit more
+    refused = await limiter.check("chat", cost={"output_tokens": 1})
+    assert not refused.allowed
+    assert refused.states[0].remaining == 0
+    assert refused.states[0].retry_after == pytest.approx(3600.0, abs=1.0)
+    # Settling down counts from what it holds: back to nothing.
+    assert await decision.settle({"output_tokens": 0})
+    assert (await limiter.check("chat", cost={"output_tokens": 1000})).allowed
