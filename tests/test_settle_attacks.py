@@ -6,12 +6,23 @@ Each test pins a way a settlement once lost or leaked units, or hung the store.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from asgi_helpers import Exchange, http_scope
 
-from ratelimit import Limiter, MemoryBackend, RedisBackend, Rule, TokenBucket, Window, keys
+from ratelimit import (
+    Limiter,
+    MemoryBackend,
+    RateLimitMiddleware,
+    RedisBackend,
+    Rule,
+    TokenBucket,
+    Window,
+    keys,
+)
 from ratelimit.backends.base import Backend
 from ratelimit.policy.costs import MAX_COST
 
@@ -88,3 +99,64 @@ async def test_a_moving_window_is_charged_at_most_its_limit_past_what_a_request_
     # Settling down counts from what it holds: back to nothing.
     assert await decision.settle({"output_tokens": 0})
     assert (await limiter.check("chat", cost={"output_tokens": 1000})).allowed
+
+
+@pytest.mark.parametrize("where", ["memory", "redis", "redis-cluster"])
+async def test_a_stream_settling_in_its_finally_settles_when_the_client_disconnects(
+    request: pytest.FixtureRequest, closing: list[Limiter], where: str
+) -> None:
+    """The documented endpoint settles in its stream's `finally`, "also when the client
+    goes away". Then Starlette cancels the stream's task group, and anyio cancels every
+    await in the `finally`: the settlement was cancelled with it after its first call, so
+    on a cluster the fleet-wide slot kept the whole reservation while the decision counted
+    it settled. The settlement lands on every slot; the cancellation goes on."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    produced = 0
+    streaming = asyncio.Event()
+
+    async def generate(request: Request) -> StreamingResponse:
+        grant = request.state.ratelimit
+
+        async def tokens() -> AsyncIterator[bytes]:
+            nonlocal produced
+            try:
+                for _ in range(1000):
+                    produced += 1
+                    yield b"tok "
+                    if produced == 5:
+                        streaming.set()
+                    await asyncio.sleep(0.005)
+            finally:
+                await grant.settle({"output_tokens": produced})
+
+        return StreamingResponse(tokens())
+
+    # A per-caller and a fleet-wide limit: two hash slots, two calls, on a cluster.
+    rule = Rule("/generate", limits=[
+        Window("1000/hour", key=keys.client_ip(), name="caller", counts="output_tokens"),
+        Window("1000/hour", key=keys.GLOBAL, name="fleet", counts="output_tokens"),
+    ], cost=lambda scope: {"output_tokens": 500})  # fmt: skip
+    backend: Backend = MemoryBackend()
+    if where == "redis":
+        backend = RedisBackend(request.getfixturevalue("redis_url"))
+    elif where == "redis-cluster":
+        backend = RedisBackend(request.getfixturevalue("redis_cluster_url"), cluster=True)
+    limiter = Limiter([rule], backend=backend, metrics=None)
+    await limiter.start()
+    closing.append(limiter)
+    app = Starlette(routes=[Route("/generate", generate, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    exchange = Exchange(app, http_scope("/generate", "POST"))
+    task = exchange.start()
+    await streaming.wait()
+    exchange.disconnect()
+    await asyncio.wait_for(task, 5)
+    await asyncio.gather(*limiter.engine.holding.background)
+    assert exchange.status == 200
+    assert 5 <= produced < 1000
+    peek = await limiter.peek("generate", "127.0.0.1", cost={"output_tokens": 1})
+    assert [s.remaining for s in peek.states] == [1000 - produced] * 2

@@ -9,7 +9,9 @@ negative cost charges), one script call per hash slot on Redis.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 from .._errors import ConfigError
 from ..backends.base import Backend, BucketCheck, Check, WindowCheck
@@ -52,30 +54,47 @@ def changes(decision: Decision, actual: Cost) -> tuple[tuple[Check, ...], list[C
 
 
 async def settle(
-    backend: Backend, decision: Decision, actual: Cost, observer: EngineObserver | None = None
+    backend: Backend,
+    decision: Decision,
+    actual: Cost,
+    observer: EngineObserver | None = None,
+    running: set[asyncio.Task[Any]] | None = None,
 ) -> bool:
     """Settle `decision` at `actual` in `backend`; False (logged) if the backend failed.
     `observer` is told each limit's change once the store took it.
 
     The decision takes its new units before the call, so a settle made meanwhile
     counts from them; a failed call puts back what it had, unless another settle
-    changed it since.
+    changed it since. The call is shielded: a request cancelled as it settles (its
+    client left mid-stream, and anyio cancels every await of the app's `finally`)
+    still has its settlement reach the store, then the cancellation goes on.
+    `running` keeps the call's task until it ends (the engine's background work).
     """
     before, reserved = decision.checks, decision.cost
     held, sent, cost = changes(decision, actual)
     decision.checks, decision.cost = held, cost
     if not sent:
         return True
-    try:
-        await backend.refund(sent)
-    except Exception:
-        logger.warning(
-            "settling rule %r failed; its reservation stands", decision.rule.name, exc_info=True
-        )
-        if decision.checks is held:
-            decision.checks, decision.cost = before, reserved
-        return False
-    if observer is not None:
-        for check in sent:
-            observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
-    return True
+
+    async def send() -> bool:
+        try:
+            await backend.refund(sent)
+        except Exception:
+            logger.warning(
+                "settling rule %r failed; its reservation stands",
+                decision.rule.name,
+                exc_info=True,
+            )
+            if decision.checks is held:
+                decision.checks, decision.cost = before, reserved
+            return False
+        if observer is not None:
+            for check in sent:
+                observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
+        return True
+
+    task = asyncio.ensure_future(send())
+    if running is not None:
+        running.add(task)
+        task.add_done_callback(running.discard)
+    return await asyncio.shield(task)
