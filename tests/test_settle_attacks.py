@@ -7,6 +7,7 @@ Each test pins a way a settlement once lost or leaked units, or hung the store.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ from ratelimit import (
 )
 from ratelimit.backends.base import Backend
 from ratelimit.policy.costs import MAX_COST
+from ratelimit.policy.effective import resolve
+from ratelimit.policy.overrides import Override
 
 Factory = Callable[[], Backend]
 
@@ -160,3 +163,27 @@ async def test_a_stream_settling_in_its_finally_settles_when_the_client_disconne
     assert 5 <= produced < 1000
     peek = await limiter.peek("generate", "127.0.0.1", cost={"output_tokens": 1})
     assert [s.remaining for s in peek.states] == [1000 - produced] * 2
+
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        TokenBucket("1000/hour", key=keys.GLOBAL, name="fleet", counts="output_tokens"),
+        Window("1000/hour", key=keys.GLOBAL, name="fleet", counts="output_tokens"),
+    ],
+    ids=["bucket", "window"],
+)
+async def test_an_override_of_a_token_limits_rate_still_counts_tokens(
+    make_backend: Factory, closing: list[Limiter], limit: Any
+) -> None:
+    """An operator halves a token limit's rate in a surge. The override rebuilt the
+    limit without its `counts`, so it counted requests: 500 tokens an hour became 500
+    requests of any size (a request of 400 tokens took 1)."""
+    limiter = await limiter_of(make_backend, closing, limit, cost={"output_tokens": 400})
+    override = Override("chat", "fleet", rate="500/hour", expires_at=None)
+    limiter._apply_overrides(resolve(limiter.engine.rules, [override], time.time()))
+    assert (await limiter.check("chat")).allowed
+    refused = await limiter.check("chat")
+    assert not refused.allowed
+    assert refused.states[0].remaining == 100
