@@ -187,3 +187,27 @@ async def test_an_override_of_a_token_limits_rate_still_counts_tokens(
     refused = await limiter.check("chat")
     assert not refused.allowed
     assert refused.states[0].remaining == 100
+
+
+@pytest.mark.parametrize("rate", ["1000/minute", "1000/day"], ids=["tightened", "loosened"])
+async def test_a_settlement_after_an_override_changed_the_period_keeps_the_window_counted(
+    make_backend: Factory, closing: list[Limiter], rate: str
+) -> None:
+    """An operator changes a window's rate while a stream runs. Its settlement gave its
+    units back on the window's old period, which read the window the new rule counts
+    in as another one: the sliding window's state was rewritten for the old period, and
+    every unit the requests since the override took was forgotten (free admissions)."""
+    limiter = await limiter_of(
+        make_backend, closing,
+        Window("1000/hour", strategy="sliding", key=keys.GLOBAL, name="fleet",
+               counts="output_tokens"),
+        cost={"output_tokens": 100},
+    )  # fmt: skip
+    streaming = await limiter.check("chat")
+    assert streaming.allowed
+    override = Override("chat", "fleet", rate=rate, expires_at=None)
+    limiter._apply_overrides(resolve(limiter.engine.rules, [override], time.time()))
+    assert (await limiter.check("chat", cost={"output_tokens": 900})).allowed
+    assert await streaming.settle({"output_tokens": 0})
+    peek = await limiter.peek("chat", cost={"output_tokens": 1})
+    assert peek.states[0].remaining == 100
