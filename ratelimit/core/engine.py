@@ -387,7 +387,10 @@ class Engine:
 
     async def settle(self, decision: Decision, actual: Cost) -> bool:
         """Settle `decision`, which this engine admitted, at `actual` (see `settling`)."""
-        return await settling.settle(self.backend, decision, actual, self.observer)
+        current = self.by_name.get(decision.rule.name)
+        return await settling.settle(
+            self.backend, decision, actual, self.observer, self.holding.background, current
+        )
 
     async def refund(self, decision: Decision) -> None:
         """Give back the token-bucket and window units an admitted `decision` took, once.

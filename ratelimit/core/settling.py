@@ -9,22 +9,41 @@ negative cost charges), one script call per hash slot on Redis.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 from .._errors import ConfigError
 from ..backends.base import Backend, BucketCheck, Check, WindowCheck
 from ..policy.costs import Cost, check_cost, settled
+from ..policy.limits import Window
+from ..policy.quotas import Quota
 from .decision import Decision, EngineObserver
+from .plan import Plan
 
 logger = logging.getLogger("ratelimit")
 
 
-def changes(decision: Decision, actual: Cost) -> tuple[tuple[Check, ...], list[Check], Cost]:
+def changes(
+    decision: Decision, actual: Cost, current: Plan | None = None
+) -> tuple[tuple[Check, ...], list[Check], Cost]:
     """What settling `decision` at `actual` takes: its checks at their new units, the
     changes to send (each check's cost the units to give back), and the settled cost.
 
+    `current` is the rule's plan in force now, if an override swapped the one that
+    decided: a window's change is sent with its period and kind, as the decisions
+    made since read the window (on the old period, a sliding window's state was
+    rewritten for another index, and a fixed one read as closed was deleted, each
+    forgetting every unit taken since). A bucket's keeps the interval its units were
+    taken at: that is the time they hold.
+
     ConfigError for an `actual` that is not a cost, or lacks a dimension counted
     that was not reserved either.
+
+    A moving window is charged at most its `limit` more than the request holds: it
+    keeps one entry per unit, all of one charge at one instant, so a charge of its
+    limit refuses everything for a whole period, as any larger one would; a larger
+    one only cost the store time and memory (10**8 units held Redis for 40 s).
     """
     plan = decision._plan
     try:
@@ -37,38 +56,76 @@ def changes(decision: Decision, actual: Cost) -> tuple[tuple[Check, ...], list[C
     for check in decision.checks:
         if isinstance(check, (BucketCheck, WindowCheck)):
             units = taken[plan.positions[check.key.limit]]
+            if isinstance(check, WindowCheck) and check.strategy == "moving":
+                units = min(units, check.cost + check.limit)
             if units != check.cost:
-                sent.append(check._replace(cost=check.cost - units))
+                change: Check | None = check._replace(cost=check.cost - units)
+                if isinstance(change, WindowCheck) and current is not None:
+                    change = _as_now(change, current)
+                if change is not None:
+                    sent.append(change)
                 check = check._replace(cost=units)
         held.append(check)
     return tuple(held), sent, cost
 
 
+def _as_now(check: WindowCheck, current: Plan) -> WindowCheck | None:
+    """`check` with the period and kind its limit has in `current` (if it still has it);
+    None for units to give back to a sliding window whose period changed: its counts
+    are by period index, so the new period counted afresh, without them."""
+    i = current.positions.get(check.key.limit)
+    if i is None or not isinstance(current.limits[i], (Window, Quota)):
+        return check
+    _, period, strategy = current.params[i][0]
+    if strategy == "sliding" and period != check.period and check.cost > 0:
+        return None
+    return check._replace(period=period, strategy=strategy)
+
+
 async def settle(
-    backend: Backend, decision: Decision, actual: Cost, observer: EngineObserver | None = None
+    backend: Backend,
+    decision: Decision,
+    actual: Cost,
+    observer: EngineObserver | None = None,
+    running: set[asyncio.Task[Any]] | None = None,
+    current: Plan | None = None,
 ) -> bool:
     """Settle `decision` at `actual` in `backend`; False (logged) if the backend failed.
-    `observer` is told each limit's change once the store took it.
+    `observer` is told each limit's change once the store took it; `current` is the
+    rule's plan in force now (see `changes`).
 
     The decision takes its new units before the call, so a settle made meanwhile
     counts from them; a failed call puts back what it had, unless another settle
-    changed it since.
+    changed it since. The call is shielded: a request cancelled as it settles (its
+    client left mid-stream, and anyio cancels every await of the app's `finally`)
+    still has its settlement reach the store, then the cancellation goes on.
+    `running` keeps the call's task until it ends (the engine's background work).
     """
     before, reserved = decision.checks, decision.cost
-    held, sent, cost = changes(decision, actual)
+    held, sent, cost = changes(decision, actual, current)
     decision.checks, decision.cost = held, cost
     if not sent:
         return True
-    try:
-        await backend.refund(sent)
-    except Exception:
-        logger.warning(
-            "settling rule %r failed; its reservation stands", decision.rule.name, exc_info=True
-        )
-        if decision.checks is held:
-            decision.checks, decision.cost = before, reserved
-        return False
-    if observer is not None:
-        for check in sent:
-            observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
-    return True
+
+    async def send() -> bool:
+        try:
+            await backend.refund(sent)
+        except Exception:
+            logger.warning(
+                "settling rule %r failed; its reservation stands",
+                decision.rule.name,
+                exc_info=True,
+            )
+            if decision.checks is held:
+                decision.checks, decision.cost = before, reserved
+            return False
+        if observer is not None:
+            for check in sent:
+                observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
+        return True
+
+    task = asyncio.ensure_future(send())
+    if running is not None:
+        running.add(task)
+        task.add_done_callback(running.discard)
+    return await asyncio.shield(task)

@@ -152,14 +152,20 @@ def _apply(limit: Limit, o: Override, *, strict: bool) -> Limit:
             burst = limit.burst
             if o.rate is not None:
                 burst = min(burst, int(parse_rate_string("rate", o.rate).amount))
-        return TokenBucket(rate, burst=burst, key=limit.key, name=limit.name, shared=limit.shared)
-    if isinstance(limit, Window):
+        changed: Limit = TokenBucket(
+            rate, burst=burst, key=limit.key, name=limit.name, shared=limit.shared
+        )
+    elif isinstance(limit, Window):
         assert o.rate is not None
-        return Window(
+        changed = Window(
             o.rate, strategy=limit.strategy, key=limit.key, name=limit.name, shared=limit.shared
         )
-    assert isinstance(limit, Concurrency)
-    return _concurrency(limit, o.slots, o.queue, o.timeout)
+    else:
+        assert isinstance(limit, Concurrency)
+        return _concurrency(limit, o.slots, o.queue, o.timeout)
+    # What it counts carries over: a token limit given a new rate must not count requests.
+    changed.counts = limit.counts
+    return changed
 
 
 def _concurrency(

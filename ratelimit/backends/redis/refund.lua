@@ -17,6 +17,10 @@
 -- again is deleted. Returns the number of leases released.
 
 local t = now_usec / 1000000
+-- The longest a bucket in debt lives (ms, about 285,000 years): its tat may be far
+-- off (2**53 units of a daily rate: 10**23 ms), but Redis takes an expiry only as an
+-- integer under 2**63, and a Lua number from 1e17 on reaches it in exponent notation.
+local MAX_TTL_MS = 2 ^ 53
 local released = 0
 local n = (#ARGV - 1) / 4
 local line = n
@@ -43,6 +47,8 @@ for i = 1, n do
         local ms = math.ceil((new_tat - t) * 1000)
         if ms < 1 then
           ms = 1
+        elseif ms > MAX_TTL_MS then
+          ms = MAX_TTL_MS
         end
         set_expiring(key, string.format('%d %.17g', now_sec, new_tat), ms)
       end
