@@ -239,7 +239,8 @@ class Engine:
             elif step == LEASE:
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
                 if plan.limits[i].weighted:
-                    weight = taken[i]  # type: ignore[index]  # a weighted limit counts
+                    # No units per limit: the cost is an int, every limit counts requests.
+                    weight: int = cost if taken is None else taken[i]  # type: ignore[assignment]
                     if weight == 0:
                         continue  # holds nothing
                     if weight > p1:
@@ -259,7 +260,7 @@ class Engine:
                 limit = plan.limits[i]
                 serial = f"{self._lease_prefix}{next(self._lease_ids)}"
                 if limit.weighted:
-                    weight = taken[i]  # type: ignore[index]  # a weighted limit counts
+                    weight = cost if taken is None else taken[i]  # type: ignore[assignment]
                     if weight == 0:
                         continue  # holds nothing
                     if weight > p1:

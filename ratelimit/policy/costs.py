@@ -57,7 +57,8 @@ def counted(field: str, counts: object) -> Counted:
         if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= MAX_COST:
             raise ConfigError(f"{field}.{name}", "a positive integer weight", weight)
         out.append((name, weight))
-    return tuple(out)
+    # The default by another name is the default: the hot path tells it by identity.
+    return BY_REQUESTS if tuple(out) == BY_REQUESTS else tuple(out)
 
 
 def check_cost(value: object) -> Cost:
