@@ -61,10 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run
 
         try:
-            lines = asyncio.run(run(duration=args.duration, backend=backend))
+            played = asyncio.run(run(duration=args.duration, backend=backend))
         except KeyboardInterrupt:
             return 130
-        print("\n".join(lines))
+        print("\n".join(played.lines))
         return 0
     import uvicorn
 

@@ -9,7 +9,7 @@ hang-ups) with small limits, so a short run shows every path:
   reservations in flight reach it, yet it gets far more replies than its
   budget holds at 1024 each, because each reply's unused tokens are refunded
   when its stream ends;
-- `sk-impatient` reads 12 tokens of each reply and hangs up: charged for
+- `sk-impatient` reads 5 tokens of each reply and hangs up: charged for
   what was generated, not for its `max_tokens`.
 
 Every caller is the official `openai` SDK with retries off: a refusal is
@@ -51,7 +51,7 @@ class Caller:
 CALLERS = (
     Caller("sk-steady", 2, 200),
     Caller("sk-greedy", 8, None),
-    Caller("sk-impatient", 3, 400, hang_up_after=12),
+    Caller("sk-impatient", 3, 400, hang_up_after=5),
 )
 
 
@@ -144,10 +144,19 @@ def report(
     return rows
 
 
+@dataclass
+class Played:
+    """A demo run: what each caller saw, the server's ledger, and the report."""
+
+    tallies: dict[str, Tally]
+    ledger: list[Record]
+    lines: list[str]
+
+
 async def run(
     *, duration: float = 20.0, backend: Backend | None = None, limits: Limits = DEMO_LIMITS
-) -> list[str]:
-    """Serve the API, play the callers for `duration` seconds, return the report's lines."""
+) -> Played:
+    """Serve the API, play the callers for `duration` seconds, report what happened."""
     app = create_app(limits=limits, backend=backend)
     port = _free_port()
     server = uvicorn.Server(
@@ -182,4 +191,4 @@ async def run(
         server.should_exit = True
         await serving
     ledger = app.state.completions.ledger
-    return report(tallies, ledger, limits, time.monotonic() - started)
+    return Played(tallies, ledger, report(tallies, ledger, limits, time.monotonic() - started))
