@@ -27,6 +27,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,8 @@ PREFILL_PER_SECOND = 5000.0
 DEFAULT_MAX_TOKENS = 1024
 #: The most `max_tokens` may ask for (the simulated model's output window).
 MAX_OUTPUT_TOKENS = 4096
+#: Accounts the endpoint keeps (the oldest are dropped: a server runs for long).
+LEDGER_SIZE = 100_000
 
 #: Chooses how long the reply to `messages` would be (the model's own choice).
 ReplyLength = Callable[[Sequence[Mapping[str, Any]]], int]
@@ -186,7 +189,7 @@ class Completion:
             logger.warning("settling %s failed; its reservation stands", self.id)
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+def _error(status: int, message: str, kind: str) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return JSONResponse(body, status_code=status)
 
@@ -217,8 +220,8 @@ class ChatCompletions:
     def __init__(self, tokens_per_second: float, reply_tokens: ReplyLength) -> None:
         self.interval = 1.0 / tokens_per_second
         self.reply_tokens = reply_tokens
-        #: Every admitted request's account, in arrival order (the demo reads it).
-        self.ledger: list[Record] = []
+        #: The latest admitted requests' accounts, in arrival order (the demo reads them).
+        self.ledger: deque[Record] = deque(maxlen=LEDGER_SIZE)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -239,8 +242,11 @@ class ChatCompletions:
             # Nothing was generated: the request counts, its tokens are given back.
             completion = Completion(record, decision, [], 0, 1)
             await completion.settle("error")
-            status, kind = (401, "authentication_error") if key is None else (400, None)
-            await _error(status, parsed, kind or "invalid_request_error")(scope, receive, send)
+            if key is None:
+                status, kind = 401, "authentication_error"
+            else:
+                status, kind = 400, "invalid_request_error"
+            await _error(status, parsed, kind)(scope, receive, send)
             return
         messages, max_tokens, stream, include_usage = parsed
         length = min(max(1, self.reply_tokens(messages)), max_tokens)

@@ -190,5 +190,5 @@ async def run(
     finally:
         server.should_exit = True
         await serving
-    ledger = app.state.completions.ledger
+    ledger = list(app.state.completions.ledger)
     return Played(tallies, ledger, report(tallies, ledger, limits, time.monotonic() - started))
