@@ -61,7 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run
 
         try:
-            played = asyncio.run(run(duration=args.duration, backend=backend))
+            played = asyncio.run(
+                run(
+                    duration=args.duration,
+                    backend=backend,
+                    tokens_per_second=args.tokens_per_second,
+                )
+            )
         except KeyboardInterrupt:
             return 130
         print("\n".join(played.lines))

@@ -32,7 +32,7 @@ import uvicorn
 
 from ratelimit import Backend
 
-from .app import DEFAULT_MAX_TOKENS, MODEL, Limits, Record, create_app
+from .app import DEFAULT_MAX_TOKENS, MODEL, TOKENS_PER_SECOND, Limits, Record, create_app
 
 #: The demo's limits: small, so that 20 seconds show refusals.
 DEMO_LIMITS = Limits(requests=120, input_tokens=20_000, output_tokens=6_000, fleet_tokens=60_000)
@@ -154,10 +154,14 @@ class Played:
 
 
 async def run(
-    *, duration: float = 20.0, backend: Backend | None = None, limits: Limits = DEMO_LIMITS
+    *,
+    duration: float = 20.0,
+    backend: Backend | None = None,
+    limits: Limits = DEMO_LIMITS,
+    tokens_per_second: float = TOKENS_PER_SECOND,
 ) -> Played:
     """Serve the API, play the callers for `duration` seconds, report what happened."""
-    app = create_app(limits=limits, backend=backend)
+    app = create_app(limits=limits, backend=backend, tokens_per_second=tokens_per_second)
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
