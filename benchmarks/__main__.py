@@ -307,6 +307,25 @@ def run_weighted_slots(run: Run) -> None:
     run.sections["weighted_slots"] = body + f"\n- Command: `{command}`"
 
 
+def run_token_accuracy(run: Run) -> None:
+    """64 callers on one key: tokens admitted against the limit, reserve-then-settle
+    against charging after the response (`limits`), on the suite's redis-server."""
+    args = ["--quick"] if run.quick else []
+    if run.redis is not None:
+        args += ["--redis", f"redis://127.0.0.1:{run.redis[0]}/0"]
+    body = _bench_module(run, "token_accuracy", args)
+    command = f"python3 -m benchmarks --only token_accuracy{_argv(run)}"
+    run.sections["token_accuracy"] = body + f"\n- Command: `{command}`"
+    run.summary.append(
+        (
+            "Token limit, 64 concurrent callers of one key: admitted tokens over the limit",
+            "see the token_accuracy section",
+            "limits, charged after the response: see the token_accuracy section",
+            "-",
+        )
+    )
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         "accuracy",
@@ -371,6 +390,15 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "~3 s",
         False,
         run_weighted_slots,
+    ),
+    Benchmark(
+        "token_accuracy",
+        "64 callers, one key: tokens admitted vs the limit, reserve-then-settle vs charged "
+        "after (limits); settle's cost",
+        "~1.5 min",
+        "~20 s",
+        True,
+        run_token_accuracy,
     ),
 )
 BY_NAME = {b.name: b for b in BENCHMARKS}

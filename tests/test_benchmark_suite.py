@@ -33,6 +33,7 @@ def test_list_names_every_benchmark_and_runs_none() -> None:
         "queue_handoff",
         "key_flood",
         "weighted_slots",
+        "token_accuracy",
     ]
 
 
