@@ -225,8 +225,8 @@ class QueueBackend(Backend, Protocol):
 class NowaitBackend(Backend, Protocol):
     """Optional: a backend whose state lives in this process can answer without waiting.
 
-    `decide_nowait` and `release_nowait` must behave exactly as `decide` and
-    `release` (which then simply return them); the engine calls them directly
+    `decide_nowait`, `release_nowait` and `refund_nowait` must behave exactly as
+    `decide`, `release` and `refund` (which then simply return them); the engine calls them directly
     and saves a coroutine per request. Remote backends leave them out.
     """
 
@@ -236,6 +236,10 @@ class NowaitBackend(Backend, Protocol):
 
     def release_nowait(self, lease: LeaseCheck) -> bool:
         """`release`, answered synchronously."""
+        ...
+
+    def refund_nowait(self, checks: Sequence[Check]) -> None:
+        """`refund`, done synchronously (a settlement then needs no task of its own)."""
         ...
 
 

@@ -208,6 +208,10 @@ class MemoryBackend:
     async def refund(self, checks: Sequence[Check]) -> None:
         """Give back what an admitted `decide` of `checks` took (a negative cost: charge
         that much more, a settlement's debt)."""
+        self.refund_nowait(checks)
+
+    def refund_nowait(self, checks: Sequence[Check]) -> None:
+        """`refund` without the coroutine (see `NowaitBackend`)."""
         now = self._clock()
         for check in checks:
             if isinstance(check, BucketCheck):
@@ -231,7 +235,7 @@ class MemoryBackend:
                 idle_at = 0.0 if state is None else idle(state, check.period) - at + now
                 self._store_window(check.key, state, idle_at, now)
             else:
-                await self.release(check)
+                self.release_nowait(check)
 
     async def renew(self, leases_: Sequence[LeaseCheck]) -> list[bool]:
         """Extend each live lease to now + its ttl."""

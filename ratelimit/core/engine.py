@@ -112,6 +112,8 @@ class Engine:
         self.holding = holding = Holding(backend, observer)
         holding.renew_every = min((p.min_lease for p in plans), default=math.inf) / 3
         self.lines = Lines(holding, observer)
+        #: Sends admitted requests' settlements (see `Decision.settle`).
+        self.settlements = settling.Settlements(backend, observer, holding.background)
         #: When refused callers are told to come back (see `Spread`).
         self.spread = Spread(holding, getattr(backend, "clock", None) or time.monotonic)
         self.release = holding.release
@@ -388,9 +390,8 @@ class Engine:
 
     async def settle(self, decision: Decision, actual: Cost) -> bool:
         """Settle `decision`, which this engine admitted, at `actual` (see `settling`)."""
-        current = self.by_name.get(decision.rule.name)
-        return await settling.settle(
-            self.backend, decision, actual, self.observer, self.holding.background, current
+        return await self.settlements.settle(
+            decision, actual, self.by_name.get(decision.rule.name)
         )
 
     async def refund(self, decision: Decision) -> None:

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from .._errors import ConfigError
-from ..backends.base import Backend, BucketCheck, Check, WindowCheck
+from ..backends.base import Backend, BucketCheck, Check, WindowCheck, nowait_method
 from ..policy.costs import Cost, check_cost, settled
 from ..policy.limits import Window
 from ..policy.quotas import Quota
@@ -82,50 +82,71 @@ def _as_now(check: WindowCheck, current: Plan) -> WindowCheck | None:
     return check._replace(period=period, strategy=strategy)
 
 
-async def settle(
-    backend: Backend,
-    decision: Decision,
-    actual: Cost,
-    observer: EngineObserver | None = None,
-    running: set[asyncio.Task[Any]] | None = None,
-    current: Plan | None = None,
-) -> bool:
-    """Settle `decision` at `actual` in `backend`; False (logged) if the backend failed.
-    `observer` is told each limit's change once the store took it; `current` is the
-    rule's plan in force now (see `changes`).
+class Settlements:
+    """Sends settlements to one backend (an engine's): each in one `refund` call,
+    shielded from the caller's cancellation, its outcome told to `observer`."""
 
-    The decision takes its new units before the call, so a settle made meanwhile
-    counts from them; a failed call puts back what it had, unless another settle
-    changed it since. The call is shielded: a request cancelled as it settles (its
-    client left mid-stream, and anyio cancels every await of the app's `finally`)
-    still has its settlement reach the store, then the cancellation goes on.
-    `running` keeps the call's task until it ends (the engine's background work).
-    """
-    before, reserved = decision.checks, decision.cost
-    held, sent, cost = changes(decision, actual, current)
-    decision.checks, decision.cost = held, cost
-    if not sent:
-        return True
+    def __init__(
+        self,
+        backend: Backend,
+        observer: EngineObserver | None,
+        running: set[asyncio.Task[Any]],
+    ) -> None:
+        self.backend = backend
+        self.observer = observer
+        #: Settlements in flight (the engine's background work: `aclose` awaits them).
+        self.running = running
+        #: The backend's synchronous refund, if it has one (see `NowaitBackend`).
+        self._nowait = nowait_method(backend, "refund")
 
-    async def send() -> bool:
-        try:
-            await backend.refund(sent)
-        except Exception:
-            logger.warning(
-                "settling rule %r failed; its reservation stands",
-                decision.rule.name,
-                exc_info=True,
-            )
-            if decision.checks is held:
-                decision.checks, decision.cost = before, reserved
-            return False
-        if observer is not None:
-            for check in sent:
-                observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
-        return True
+    async def settle(self, decision: Decision, actual: Cost, current: Plan | None) -> bool:
+        """Settle `decision` at `actual`; False (logged) if the backend failed. `current`
+        is the rule's plan in force now (see `changes`).
 
-    task = asyncio.ensure_future(send())
-    if running is not None:
-        running.add(task)
-        task.add_done_callback(running.discard)
-    return await asyncio.shield(task)
+        The decision takes its new units before the call, so a settle made meanwhile
+        counts from them; a failed call puts back what it had, unless another settle
+        changed it since. A remote store's call is shielded: a request cancelled as
+        it settles (its client left mid-stream, and anyio cancels every await of the
+        app's `finally`) still has its settlement reach the store, then the
+        cancellation goes on. An in-process store answers without suspending, so
+        nothing can cancel it.
+        """
+        before, reserved = decision.checks, decision.cost
+        held, sent, cost = changes(decision, actual, current)
+        decision.checks, decision.cost = held, cost
+        if not sent:
+            return True
+
+        def landed(error: Exception | None) -> bool:
+            if error is not None:
+                logger.warning(
+                    "settling rule %r failed; its reservation stands",
+                    decision.rule.name,
+                    exc_info=error,
+                )
+                if decision.checks is held:
+                    decision.checks, decision.cost = before, reserved
+                return False
+            if self.observer is not None:
+                for check in sent:
+                    self.observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
+            return True
+
+        if self._nowait is not None:
+            try:
+                self._nowait(sent)
+            except Exception as exc:
+                return landed(exc)
+            return landed(None)
+
+        async def send() -> bool:
+            try:
+                await self.backend.refund(sent)
+            except Exception as exc:
+                return landed(exc)
+            return landed(None)
+
+        task = asyncio.ensure_future(send())
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        return await asyncio.shield(task)
