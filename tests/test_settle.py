@@ -171,8 +171,13 @@ async def test_dimensions_left_out_of_the_actual_cost_keep_their_reservation(
         assert await decision.settle({"output_tokens": 50})
     states = (await limiter.peek("chat", cost={"input_tokens": 0, "output_tokens": 0})).states
     assert [s.remaining for s in states] == [900, 950, 5000 - 100 - 4 * 50, 9]
-    # An int is units of requests: the request counted twice now.
-    assert await decision.settle(2)
+    # Requests are a dimension like any other: the request counted twice now.
+    assert await decision.settle({"requests": 2})
+    states = (await limiter.peek("chat", cost={"input_tokens": 0, "output_tokens": 0})).states
+    assert [s.remaining for s in states] == [900, 950, 4700, 8]
+    # A bare int for a cost per dimension is refused (812 tokens would settle requests).
+    with pytest.raises(ConfigError, match="per dimension"):
+        await decision.settle(812)
     states = (await limiter.peek("chat", cost={"input_tokens": 0, "output_tokens": 0})).states
     assert [s.remaining for s in states] == [900, 950, 4700, 8]
 

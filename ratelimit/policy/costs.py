@@ -97,11 +97,15 @@ def check_taken(value: object) -> Cost:
 
 def settled(reserved: Cost, actual: Cost) -> Cost:
     """The cost a request settles at: `actual`'s dimensions, and `reserved`'s for those
-    it leaves out (an int is units of `requests`)."""
+    it leaves out. An int settles an int cost; a cost per dimension is settled per
+    dimension (ValueError for an int: 812 meant as tokens would settle requests)."""
     if isinstance(actual, int):
         if isinstance(reserved, int):
             return actual
-        return {**reserved, REQUESTS: actual}
+        raise ValueError(
+            f"units per dimension like {{{', '.join(f'{k!r}: ...' for k in reserved)}}} "
+            "(the request's cost is per dimension)"
+        )
     if isinstance(reserved, int):
         return {REQUESTS: reserved, **actual}
     return {**reserved, **actual}
