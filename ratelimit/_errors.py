@@ -53,6 +53,10 @@ class ConfigError(RateLimitError, ValueError):
 class BackendError(RateLimitError):
     """The backend could not answer; the driver's exception is kept as `__cause__`."""
 
+    #: For a `refund` made of one call per Redis hash slot: the indices of the checks
+    #: whose slots took it, though another failed (a settlement keeps those).
+    applied: tuple[int, ...] = ()
+
 
 class BackendUnavailable(BackendError):
     """The circuit breaker is open: the backend was not called at all."""

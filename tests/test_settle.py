@@ -30,7 +30,7 @@ from ratelimit import (
     Window,
     keys,
 )
-from ratelimit.backends.base import Backend
+from ratelimit.backends.base import Backend, StoreKey
 
 #: Output tokens per day: one unit back every 86.4 s, so a test sees no refill.
 DAILY = "1000/day"
@@ -268,8 +268,9 @@ async def test_a_settle_the_store_cannot_take_leaves_the_reservation_and_says_so
     async with limiter.acquire("chat", cost={"output_tokens": 300}) as decision:
         assert not await decision.settle({"output_tokens": 100})
     assert "settling rule 'chat' failed" in caplog.text
-    assert decision.cost == {"output_tokens": 300}  # a later settle counts from this
     assert await remaining(limiter) == 700
+    # The decision holds what the store holds: settling again sends the whole change.
+    assert [c.cost for c in decision.checks] == [300]  # type: ignore[union-attr]
 
 
 async def test_a_refused_decision_has_nothing_to_settle(
@@ -454,3 +455,33 @@ async def test_metrics_count_the_units_settlements_gave_back_and_charged() -> No
 
     assert (settled("refunded"), settled("charged")) == (180 + 10, 50)
     await limiter.aclose()
+
+
+@pytest.mark.redis
+async def test_a_settle_that_lands_in_one_hash_slot_but_not_another_is_not_sent_twice(
+    redis_url: str,
+) -> None:
+    """Per-key and fleet-wide limits live in two hash slots (two calls): when the fleet's
+    call fails, the per-key change has landed, and settling again sends only the rest."""
+    backend = RedisBackend(redis_url, split_by_slot=True)
+    limiter = Limiter(
+        [chat_rule(Window("1000/hour", name="key", counts="output_tokens"),
+                   Window("1000/hour", key=keys.GLOBAL, name="fleet", counts="output_tokens"))],
+        backend=backend,
+        metrics=None,
+    )  # fmt: skip
+    fleet = backend.keys.window(StoreKey("chat", "fleet", "*"))
+    try:
+        async with limiter.acquire("chat", "alice", cost={"output_tokens": 300}) as decision:
+            pass
+        await backend.client.delete(fleet)
+        await backend.client.hset(fleet, "x", "1")  # the fleet's script call now fails
+        assert not await decision.settle({"output_tokens": 100})
+        await backend.client.delete(fleet)
+        assert await decision.settle({"output_tokens": 100})
+        zero = {"input_tokens": 0, "output_tokens": 0}
+        states = (await limiter.peek("chat", "alice", cost=zero)).states
+        assert [s.remaining for s in states] == [900, 1000]
+    finally:
+        await limiter.aclose()
+        await backend.aclose()

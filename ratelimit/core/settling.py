@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Any
 
-from .._errors import ConfigError
+from .._errors import BackendError, ConfigError
 from ..backends.base import Backend, BucketCheck, Check, WindowCheck, nowait_method
 from ..policy.costs import Cost, check_cost, settled
 from ..policy.limits import Window
@@ -26,9 +26,10 @@ logger = logging.getLogger("ratelimit")
 
 def changes(
     decision: Decision, actual: Cost, current: Plan | None = None
-) -> tuple[tuple[Check, ...], list[Check], Cost]:
+) -> tuple[tuple[Check, ...], list[Check], list[int], Cost]:
     """What settling `decision` at `actual` takes: its checks at their new units, the
-    changes to send (each check's cost the units to give back), and the settled cost.
+    changes to send (each check's cost the units to give back), the index among the
+    checks of each change, and the settled cost.
 
     `current` is the rule's plan in force now, if an override swapped the one that
     decided: a window's change is sent with its period and kind, as the decisions
@@ -53,6 +54,7 @@ def changes(
         raise ConfigError("actual", str(exc), actual) from None
     held: list[Check] = []
     sent: list[Check] = []
+    where: list[int] = []
     for check in decision.checks:
         if isinstance(check, (BucketCheck, WindowCheck)):
             units = taken[plan.positions[check.key.limit]]
@@ -64,9 +66,10 @@ def changes(
                     change = _as_now(change, current)
                 if change is not None:
                     sent.append(change)
+                    where.append(len(held))
                 check = check._replace(cost=units)
         held.append(check)
-    return tuple(held), sent, cost
+    return tuple(held), sent, where, cost
 
 
 def _as_now(check: WindowCheck, current: Plan) -> WindowCheck | None:
@@ -104,33 +107,41 @@ class Settlements:
         is the rule's plan in force now (see `changes`).
 
         The decision takes its new units before the call, so a settle made meanwhile
-        counts from them; a failed call puts back what it had, unless another settle
-        changed it since. A remote store's call is shielded: a request cancelled as
+        counts from them; the checks whose change the store did not take (all, or
+        those of the hash slots that failed: `BackendError.applied`) get back what
+        they had, unless another settle changed them since, so settling again sends
+        exactly what is missing. A remote store's call is shielded: a request cancelled as
         it settles (its client left mid-stream, and anyio cancels every await of the
         app's `finally`) still has its settlement reach the store, then the
         cancellation goes on. An in-process store answers without suspending, so
         nothing can cancel it.
         """
-        before, reserved = decision.checks, decision.cost
-        held, sent, cost = changes(decision, actual, current)
+        before = decision.checks
+        held, sent, where, cost = changes(decision, actual, current)
         decision.checks, decision.cost = held, cost
         if not sent:
             return True
 
         def landed(error: Exception | None) -> bool:
+            applied = range(len(sent))
             if error is not None:
                 logger.warning(
-                    "settling rule %r failed; its reservation stands",
+                    "settling rule %r failed; the reservation stands where it did not land",
                     decision.rule.name,
                     exc_info=error,
                 )
+                applied = error.applied if isinstance(error, BackendError) else ()  # type: ignore[assignment]
                 if decision.checks is held:
-                    decision.checks, decision.cost = before, reserved
-                return False
+                    kept = list(held)
+                    for k, i in enumerate(where):
+                        if k not in applied:
+                            kept[i] = before[i]
+                    decision.checks = tuple(kept)
             if self.observer is not None:
-                for check in sent:
+                for k in applied:
+                    check = sent[k]
                     self.observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
-            return True
+            return error is None
 
         if self._nowait is not None:
             try:

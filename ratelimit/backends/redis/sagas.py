@@ -63,11 +63,25 @@ class Slots:
         return _verdict(True, results)
 
     async def refund(self, checks: Sequence[Check], groups: Groups) -> None:
-        """Give back what admitted calls of `groups` took, one refund.lua call per slot."""
+        """Give back what admitted calls of `groups` took, one refund.lua call per slot.
+
+        Every slot is tried; if one fails, its error is raised after the others,
+        with the indices of the checks whose slots took it (`BackendError.applied`).
+        """
+        applied: list[int] = []
+        failed: BackendError | None = None
         for group in groups:
             keys, args = self.calls.refund_args([checks[i] for i in group])
             if keys:
-                await self.guard.call(self.calls.scripts.refund, keys, args)
+                try:
+                    await self.guard.call(self.calls.scripts.refund, keys, args)
+                except BackendError as exc:
+                    failed = failed or exc
+                    continue
+            applied += group
+        if failed is not None:
+            failed.applied = tuple(sorted(applied))
+            raise failed
 
     async def refund_quietly(self, checks: Sequence[Check], groups: Groups) -> None:
         """Best effort: undo slots already admitted when a later slot failed to answer.
