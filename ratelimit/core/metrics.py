@@ -5,12 +5,12 @@ prometheus_client's global registry (never at import), and every later one
 shares that set, so app factories called once per test never collide.
 `Metrics(registry)` puts them on another registry; `metrics=None` (or
 `metrics = false` in a config file) turns them off. Labels are only `rule`,
-`limit`, `outcome` and `operation` — never the caller's key — so cardinality
-stays at rules x limits x outcomes however many callers there are.
+`limit`, `outcome`, `change` and `operation` — never the caller's key — so
+cardinality stays at rules x limits x outcomes however many callers there are.
 
 The series (decisions by outcome, decision time, near-limit admissions, slots
-in flight, effective limits and rates, queue depth and wait, backend errors,
-breaker state) and what each counts are listed in docs/operations/metrics.md;
+in flight, effective limits and rates, queue depth and wait, settled units,
+backend errors, breaker state) and what each counts are listed in docs/operations/metrics.md;
 each series' help text below says it in a line.
 
 Multi-process mode: see `asgi.exposition`.
