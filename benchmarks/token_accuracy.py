@@ -411,11 +411,12 @@ def notes(rows: list[Row]) -> list[str]:
         "Reserving the estimate admits only what fits, and settling gives back what a reply "
         "did not use. With estimates that are upper bounds this library "
         + (
-            "never passed the limit"
+            f"never passed the limit (at worst {worst_bounded:+.2%}: less than one estimate "
+            "is left unused)"
             if worst_bounded <= 0
             else f"passed the limit by up to {worst_bounded:+.2%} (**a bug**)"
         )
-        + f" (at worst {worst_bounded:+.2%}: less than one estimate is left unused). With "
+        + ". With "
         f"estimates that miss, it passed the limit by up to {worst_missing:+.2%}: more than "
         f"the largest single miss ({single:,} tokens), because the misses of the requests in "
         "flight together add up. A refund is taken at once by the next caller while a debt "

@@ -166,8 +166,9 @@ async def test_keys_given_by_the_caller_are_checked() -> None:
             await limiter.check("chat", key={"nope": "alice"})
         with pytest.raises(ConfigError, match=r"^rule: expected the name of a rule"):
             await limiter.check("nope", key="alice")
-        with pytest.raises(ConfigError, match=r"^cost: expected an integer from 1 to 2\*\*53"):
-            await limiter.check("chat", key="alice", cost=0)
+        for bad in (0, -1, 2**53 + 1):  # the range a cost must be in, whatever was wrong
+            with pytest.raises(ConfigError, match=r"^cost: expected an integer from 1 to 2\*\*53"):
+                await limiter.check("chat", key="alice", cost=bad)
         for _ in range(3):
             assert (await limiter.check("chat", key={"token-bucket": "alice"})).allowed
         assert not (await limiter.check("chat", key="alice")).allowed  # one key, two spellings

@@ -280,10 +280,13 @@ async def test_a_refused_decision_has_nothing_to_settle(
         make_backend, Window("10/hour", key=keys.GLOBAL, counts="output_tokens")
     )
     closing.append(limiter)
-    refused = await limiter.check("chat", cost={"output_tokens": 11})
+    assert (await limiter.check("chat", cost={"output_tokens": 8})).allowed
+    refused = await limiter.check("chat", cost={"output_tokens": 3})
     assert not refused.allowed
-    assert await refused.settle({"output_tokens": 5})
-    assert await remaining(limiter) == 10
+    # Settled, it would give back its 3 (or charge 5 more): the window keeps the 8.
+    assert await refused.settle({"output_tokens": 0})
+    assert await refused.settle({"output_tokens": 8})
+    assert await remaining(limiter) == 2
 
 
 # -- one script call per hash slot ------------------------------------------------------

@@ -10,10 +10,13 @@ hang-ups) with small limits, so a short run shows every path:
   budget holds at 1024 each, because each reply's unused tokens are refunded
   when its stream ends;
 - `sk-impatient` reads 5 tokens of each reply and hangs up: charged for
-  what was generated, not for its `max_tokens`.
+  what was generated, not for its `max_tokens`; asking again at once, it
+  meets its requests-per-minute limit (`rpm`) instead.
 
 Every caller is the official `openai` SDK with retries off: a refusal is
-counted, then the caller waits the `retry-after-ms` it was told.
+counted, then the caller waits the `retry-after-ms` it was told. No request
+starts after `duration`; the streams in flight then run to their end, so a
+run takes a few seconds more.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import httpx2
 import openai
 import uvicorn
 
@@ -75,7 +77,7 @@ async def _stream(client: openai.AsyncOpenAI, caller: Caller, n: int, tally: Tal
             messages=[{"role": "user", "content": question}],
             stream=True,
             stream_options={"include_usage": True},
-            max_tokens=openai.omit if caller.max_tokens is None else caller.max_tokens,
+            max_tokens=caller.max_tokens,  # None (null): the default, reserved as such
         )
     except openai.APIStatusError as exc:
         found = _NAMES.search(str(exc.message))
@@ -177,14 +179,13 @@ async def run(
             loops = []
             counter = [0]
             for caller in CALLERS:
-                http = await stack.enter_async_context(
-                    httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=32))
-                )
-                client = openai.AsyncOpenAI(
-                    api_key=caller.key,
-                    base_url=f"http://127.0.0.1:{port}/v1",
-                    http_client=http,
-                    max_retries=0,
+                client = await stack.enter_async_context(
+                    openai.AsyncOpenAI(
+                        api_key=caller.key,
+                        base_url=f"http://127.0.0.1:{port}/v1",
+                        timeout=60,
+                        max_retries=0,
+                    )
                 )
                 loops += [
                     _loop(client, caller, tallies[caller.key], until, counter)

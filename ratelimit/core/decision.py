@@ -137,15 +137,17 @@ class Decision:
 
     async def settle(self, actual: Cost) -> bool:
         """Charge what the admitted request really cost: `actual` units of `requests`, or
-        units per dimension (those left out keep what was reserved).
+        units per dimension (those left out keep what was reserved). A cost given per
+        dimension is settled per dimension: an int is then a ConfigError, as is an
+        `actual` that is not a cost.
 
         The difference from what it holds now is given back, or charged past the
         limits (a debt later requests wait out), in one atomic step per store hash
         slot on the store's clock; a window's units go to the window they were
         taken in. May be called again (each call sets the total). Concurrency slots
         are not changed. False if the backend failed (logged; the reservation
-        stands); True otherwise, also when nothing was reserved (a refusal, an
-        exempt or failed-open request).
+        stands where the call did not land); True otherwise, also when nothing was
+        reserved (a refusal, an exempt or failed-open request).
         """
         if self._settler is None or not self.checks:
             return True

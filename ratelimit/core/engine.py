@@ -200,9 +200,9 @@ class Engine:
         elif cost is None:
             recost = True
             cost = await asking.cost(rule, scope)
-        #: The units each limit takes, when they differ from limit to limit.
-        taken = plan.static_units if not recost else None
-        if taken is None and (plan.dimensional or cost.__class__ is not int):
+        #: The units each limit takes of the cost.
+        taken = plan.static_units
+        if recost or taken is None:
             taken = _units(plan, cost)
         checks: list[Check] = []
         slots: list[int] = []  # index in the rule of each check
@@ -234,15 +234,12 @@ class Engine:
                 entry = cache.get(key) or plan.entry(i, key)
             if step == READY_BUCKET:
                 if recost:
-                    entry = new(
-                        BucketCheck, (entry[0], p1, p2, cost if taken is None else taken[i])
-                    )
+                    entry = new(BucketCheck, (entry[0], p1, p2, taken[i]))
                 checks.append(entry)
             elif step == LEASE:
                 lease_id = f"{self._lease_prefix}{next(self._lease_ids)}"
                 if plan.limits[i].weighted:
-                    # No units per limit: the cost is an int, every limit counts requests.
-                    weight: int = cost if taken is None else taken[i]  # type: ignore[assignment]
+                    weight = taken[i]
                     if weight == 0:
                         continue  # holds nothing
                     if weight > p1:
@@ -255,14 +252,12 @@ class Engine:
                 checks.append(lease)
                 leases.append(lease)
             elif step == BUCKET:
-                checks.append(
-                    new(BucketCheck, (entry, p1, p2, cost if taken is None else taken[i]))
-                )
+                checks.append(new(BucketCheck, (entry, p1, p2, taken[i])))
             elif step == QUEUED_LEASE:
                 limit = plan.limits[i]
                 serial = f"{self._lease_prefix}{next(self._lease_ids)}"
                 if limit.weighted:
-                    weight = cost if taken is None else taken[i]  # type: ignore[assignment]
+                    weight = taken[i]
                     if weight == 0:
                         continue  # holds nothing
                     if weight > p1:
@@ -289,9 +284,7 @@ class Engine:
                 leases.append(lease)
             else:
                 # A window: built per request, its receipt is this request's own.
-                checks.append(
-                    new(WindowCheck, (entry, *p1, cost if taken is None else taken[i], []))
-                )
+                checks.append(new(WindowCheck, (entry, *p1, taken[i], [])))
             slots.append(i)
         if oversized >= 0:
             return _oversized(plan, oversized)
@@ -381,8 +374,9 @@ class Engine:
         verdict = nowait(one) if nowait is not None else await self.backend.decide(one)
         result = verdict.results[0]
         if verdict.admitted:
-            cost = plan.static_cost if given is None else given.cost
-            return Decision(rule, True, 200, 0.0, plan, [result], None, one, cost, self)  # type: ignore[arg-type]
+            # The rule's constant cost is the units its one bucket (counting requests) takes.
+            cost: Cost = check[3] if given is None else given.cost
+            return Decision(rule, True, 200, 0.0, plan, [result], None, one, cost, self)
         status = 503 if plan.limits[0].shared else 429
         results: list[CheckResult | None] = [result]
         wait = result.retry_after if rule.shadow else self.spread.refused(plan, results, one, (0,))

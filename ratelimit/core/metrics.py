@@ -5,12 +5,12 @@ prometheus_client's global registry (never at import), and every later one
 shares that set, so app factories called once per test never collide.
 `Metrics(registry)` puts them on another registry; `metrics=None` (or
 `metrics = false` in a config file) turns them off. Labels are only `rule`,
-`limit`, `outcome` and `operation` — never the caller's key — so cardinality
-stays at rules x limits x outcomes however many callers there are.
+`limit`, `outcome`, `change` and `operation` — never the caller's key — so
+cardinality stays at rules x limits x outcomes however many callers there are.
 
 The series (decisions by outcome, decision time, near-limit admissions, slots
-in flight, effective limits and rates, queue depth and wait, backend errors,
-breaker state) and what each counts are listed in docs/operations/metrics.md;
+in flight, effective limits and rates, queue depth and wait, settled units,
+backend errors, breaker state) and what each counts are listed in docs/operations/metrics.md;
 each series' help text below says it in a line.
 
 Multi-process mode: see `asgi.exposition`.
@@ -255,6 +255,7 @@ class Metrics:
         self._seconds_children: dict[str, Histogram] = {}
         self._near_children: dict[tuple[str, str], Counter] = {}
         self._in_flight_children: dict[tuple[str, str], Gauge] = {}
+        self._settled_children: dict[tuple[str, str, str], Counter] = {}
         #: Limits of observed engines: only their grants are released through our hook.
         self._watched: set[Limit] = set()
         #: ids of the watched breakers, and of those not closed now.
@@ -449,10 +450,12 @@ class Metrics:
 
     def on_settle(self, rule: str, limit: str, units: int) -> None:
         """A settlement moved `units` of a limit (see `core.settling`)."""
-        if units > 0:
-            self.settled.labels(rule, limit, "charged").inc(units)
-        elif units < 0:
-            self.settled.labels(rule, limit, "refunded").inc(-units)
+        if units:
+            key = (rule, limit, "charged" if units > 0 else "refunded")
+            child = self._settled_children.get(key)
+            if child is None:
+                child = self._settled_children[key] = self.settled.labels(*key)
+            child.inc(abs(units))
 
     def on_failure(self, rule: Rule, policy: str, exc: BaseException) -> None:
         """The backend failed deciding for `rule`; `policy` ("open"/"closed"/"local") applies.

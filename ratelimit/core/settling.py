@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeAlias
 
 from .._errors import BackendError, ConfigError
 from ..backends.base import Backend, BucketCheck, Check, WindowCheck, nowait_method
@@ -24,9 +25,13 @@ from .plan import Plan
 logger = logging.getLogger("ratelimit")
 
 
+#: What a settlement changes: the units of a bucket or a window (never a lease).
+Change: TypeAlias = "BucketCheck | WindowCheck"
+
+
 def changes(
     decision: Decision, actual: Cost, current: Plan | None = None
-) -> tuple[tuple[Check, ...], list[Check], list[int], Cost]:
+) -> tuple[tuple[Check, ...], list[Change], list[int], Cost]:
     """What settling `decision` at `actual` takes: its checks at their new units, the
     changes to send (each check's cost the units to give back), the index among the
     checks of each change, and the settled cost.
@@ -53,7 +58,7 @@ def changes(
     except ValueError as exc:
         raise ConfigError("actual", str(exc), actual) from None
     held: list[Check] = []
-    sent: list[Check] = []
+    sent: list[Change] = []
     where: list[int] = []
     for check in decision.checks:
         if isinstance(check, (BucketCheck, WindowCheck)):
@@ -61,7 +66,7 @@ def changes(
             if isinstance(check, WindowCheck) and check.strategy == "moving":
                 units = min(units, check.cost + check.limit)
             if units != check.cost:
-                change: Check | None = check._replace(cost=check.cost - units)
+                change: Change | None = check._replace(cost=check.cost - units)
                 if isinstance(change, WindowCheck) and current is not None:
                     change = _as_now(change, current)
                 if change is not None:
@@ -86,8 +91,9 @@ def _as_now(check: WindowCheck, current: Plan) -> WindowCheck | None:
 
 
 class Settlements:
-    """Sends settlements to one backend (an engine's): each in one `refund` call,
-    shielded from the caller's cancellation, its outcome told to `observer`."""
+    """Sends settlements to one backend (an engine's): each in one `refund` call (done
+    synchronously by an in-process store; a remote store's in a task of its own,
+    shielded from the caller's cancellation), its outcome told to `observer`."""
 
     def __init__(
         self,
@@ -123,14 +129,14 @@ class Settlements:
             return True
 
         def landed(error: Exception | None) -> bool:
-            applied = range(len(sent))
+            applied: Sequence[int] = range(len(sent))
             if error is not None:
                 logger.warning(
                     "settling rule %r failed; the reservation stands where it did not land",
                     decision.rule.name,
                     exc_info=error,
                 )
-                applied = error.applied if isinstance(error, BackendError) else ()  # type: ignore[assignment]
+                applied = error.applied if isinstance(error, BackendError) else ()
                 if decision.checks is held:
                     kept = list(held)
                     for k, i in enumerate(where):
@@ -140,7 +146,7 @@ class Settlements:
             if self.observer is not None:
                 for k in applied:
                     check = sent[k]
-                    self.observer.on_settle(check.key.rule, check.key.limit, -check.cost)  # type: ignore[union-attr]
+                    self.observer.on_settle(check.key.rule, check.key.limit, -check.cost)
             return error is None
 
         if self._nowait is not None:

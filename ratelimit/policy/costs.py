@@ -87,7 +87,7 @@ def check_taken(value: object) -> Cost:
     least 1, or a mapping whose `requests`, if given, is at least 1. Never nothing:
     a cost of nothing would admit a request taking from no limit (an exemption is
     a key function's None). ValueError says what was expected."""
-    if isinstance(value, int) and not isinstance(value, bool) and value == 0:
+    if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= MAX_COST:
         raise ValueError("an integer from 1 to 2**53, or a mapping of dimension -> units")
     cost = check_cost(value)
     if not isinstance(cost, int) and cost.get(REQUESTS, 1) < 1:
