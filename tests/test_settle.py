@@ -251,6 +251,15 @@ async def test_a_cost_missing_a_counted_dimension_is_an_error_never_free(
     assert await remaining(limiter) == 95  # the bad settles changed nothing
 
 
+def test_a_rule_whose_constant_cost_lacks_a_counted_dimension_says_how_to_fix_it() -> None:
+    """The default cost (1 request) prices no token: refused at start-up, naming the limit's
+    field and the cost to give."""
+    with pytest.raises(ConfigError) as refused:
+        Rule(name="chat", limits=[TokenBucket("100/minute", counts="output_tokens")])
+    assert refused.value.field == "limits[0].counts"
+    assert 'cost={"output_tokens": 1}' in str(refused.value)
+
+
 class FailingRefunds(MemoryBackend):
     """A store that decides but cannot take a settlement (its connection just died)."""
 

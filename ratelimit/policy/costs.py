@@ -140,8 +140,14 @@ def describe(counts: Counted) -> str:
 
 
 def check_static(field: str, counts: Counted, cost: Cost) -> None:
-    """A constant cost must price what a limit counts (else every request is refused)."""
+    """A constant cost must price what a limit counts (else every request is refused);
+    the error says how, since the default cost of 1 request prices no other dimension."""
     try:
         units(counts, cost)
     except ValueError as exc:
-        raise ConfigError(field, str(exc), cost) from None
+        example = ", ".join(f'"{name}": 1' for name, _ in counts)
+        hint = (
+            f"{exc}; give the rule a cost that has it, e.g. cost={{{example}}} (a cost "
+            "function's, or acquire(cost=...)'s, replaces it per request)"
+        )
+        raise ConfigError(field, hint, cost) from None
