@@ -204,15 +204,13 @@ async def events_until(exchange: Exchange, tokens: int) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_a_client_that_hangs_up_mid_stream_is_charged_what_was_generated(
-    backend: Backend,
-) -> None:
-    """A stream of max_tokens=900 from a budget of 1000, cut after 5 tokens: the endpoint
-    settles the tokens generated, so another 900 fits at once."""
+def long_stream(backend: Backend) -> tuple[Starlette, dict[str, Any], bytes]:
+    """The app with a 1000-token output budget, and a streaming request reserving 900 of
+    it whose reply would run 10,000 tokens at 10 ms each: cut short, it lands mid-reply."""
     app = create_app(
         limits=Limits(output_tokens=1000),
         backend=backend,
-        tokens_per_second=100.0,  # 10 ms per token: the hang-up lands mid-reply
+        tokens_per_second=100.0,
         reply_tokens=lambda messages: 10_000,
     )
     body = json.dumps(
@@ -223,6 +221,15 @@ async def test_a_client_that_hangs_up_mid_stream_is_charged_what_was_generated(
         "POST",
         headers=[(b"authorization", b"Bearer sk-alice"), (b"content-type", b"application/json")],
     )
+    return app, scope, body
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_charged_what_was_generated(
+    backend: Backend,
+) -> None:
+    """A stream of max_tokens=900 from a budget of 1000, cut after 5 tokens: the endpoint
+    settles the tokens generated, so another 900 fits at once."""
+    app, scope, body = long_stream(backend)
     exchange = Exchange(app, scope, body)
     task = exchange.start()
     await asyncio.wait_for(events_until(exchange, 5), timeout=10)
@@ -253,20 +260,7 @@ def with_time_limit(app: Starlette, seconds: float) -> Any:
 async def test_a_stream_cut_by_a_time_out_still_settles(backend: Backend) -> None:
     """A time-out cancels the request mid-stream: the endpoint's settle is shielded from
     the cancelled scope, reaches the store, and charges what was generated."""
-    app = create_app(
-        limits=Limits(output_tokens=1000),
-        backend=backend,
-        tokens_per_second=100.0,
-        reply_tokens=lambda messages: 10_000,
-    )
-    body = json.dumps(
-        {"model": "sim-chat-1", "messages": QUESTION, "max_tokens": 900, "stream": True}
-    ).encode()
-    scope = http_scope(
-        "/v1/chat/completions",
-        "POST",
-        headers=[(b"authorization", b"Bearer sk-alice"), (b"content-type", b"application/json")],
-    )
+    app, scope, body = long_stream(backend)
     exchange = Exchange(with_time_limit(app, 0.1), scope, body)
     await asyncio.wait_for(exchange.start(), timeout=10)
     [record] = app.state.completions.ledger

@@ -11,11 +11,12 @@ one script call per hash slot, and settle in one more.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis
+from _limiters import Factory
 from _servers import RedisClusterServers, command
 
 from ratelimit import (
@@ -30,21 +31,12 @@ from ratelimit import (
     Window,
     keys,
 )
-from ratelimit.backends.base import Backend, StoreKey
+from ratelimit.backends.base import StoreKey
 
 #: Output tokens per day: one unit back every 86.4 s, so a test sees no refill.
 DAILY = "1000/day"
 INTERVAL = 86.4
 
-Factory = Callable[[], Backend]
-
-
-@pytest.fixture(params=["memory", "redis"])
-def make_backend(request: pytest.FixtureRequest) -> Factory:
-    if request.param == "memory":
-        return MemoryBackend
-    url = request.getfixturevalue("redis_url")
-    return lambda: RedisBackend(url)
 
 
 def chat_rule(*limits: Any, cost: Any = None) -> Rule:
@@ -61,13 +53,6 @@ async def limiter_of(make_backend: Factory, *limits: Any, cost: Any = None) -> L
     return limiter
 
 
-@pytest.fixture
-async def closing() -> AsyncIterator[list[Limiter]]:
-    made: list[Limiter] = []
-    yield made
-    for limiter in made:
-        await limiter.aclose()
-        await limiter.backend.aclose()
 
 
 async def remaining(limiter: Limiter, key: str = "k") -> int:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from _limiters import Factory
 from asgi_helpers import Exchange, http_scope
 
 from ratelimit import (
@@ -28,25 +29,6 @@ from ratelimit.backends.base import Backend
 from ratelimit.policy.costs import MAX_COST
 from ratelimit.policy.effective import resolve
 from ratelimit.policy.overrides import Override
-
-Factory = Callable[[], Backend]
-
-
-@pytest.fixture(params=["memory", "redis"])
-def make_backend(request: pytest.FixtureRequest) -> Factory:
-    if request.param == "memory":
-        return MemoryBackend
-    url = request.getfixturevalue("redis_url")
-    return lambda: RedisBackend(url)
-
-
-@pytest.fixture
-async def closing() -> AsyncIterator[list[Limiter]]:
-    made: list[Limiter] = []
-    yield made
-    for limiter in made:
-        await limiter.aclose()
-        await limiter.backend.aclose()
 
 
 async def limiter_of(
